@@ -1,0 +1,152 @@
+"""The two encodings of /v1/score: JSON for humans, msgpack with packed little-endian arrays for trainers.
+
+Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int}]}
+Binary response: {"api_version", "fingerprint": {...},
+                  "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
+                  "top_k": bin<int32[items]>, "top_k_ids": bin<int32[sum(lengths*top_k)]>,
+                  "top_k_logprobs": bin<float32[sum(lengths*top_k)]>}
+Arrays of all items are concatenated, so a response costs a handful of msgpack objects however many items it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+from pydantic import ValidationError
+
+from proto.errors import ApiError, field_path
+from proto.schemas import API_VERSION, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
+
+_I4 = np.dtype("<i4")
+_F4 = np.dtype("<f4")
+
+
+@dataclass
+class ScoredSpan:
+    """Teacher scores of one item's response span; top_k arrays have shape (len(logprobs), k) or are None."""
+
+    logprobs: np.ndarray
+    top_k_ids: np.ndarray | None = None
+    top_k_logprobs: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return 0 if self.top_k_ids is None else int(self.top_k_ids.shape[1])
+
+
+def media_type(header: str | None) -> str:
+    """The bare media type of a Content-Type header, lower-cased; JSON when absent."""
+    if not header:
+        return JSON
+    return header.split(";", 1)[0].strip().lower()
+
+
+def wants_msgpack(accept: str | None) -> bool:
+    return bool(accept) and any(media_type(part) in MSGPACK_ALIASES for part in accept.split(","))
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return ApiError(400, "malformed_body", f"body is not valid JSON: {err['msg']}")
+    field = field_path(err["loc"]) or None
+    return ApiError(422, "invalid_field", f"{field or 'body'}: {err['msg']}", field)
+
+
+def _unpack_ids(raw: object, where: str) -> object:
+    if not isinstance(raw, bytes):
+        return raw
+    if len(raw) % 4:
+        raise ApiError(422, "invalid_field", f"{where}: packed int32 array has {len(raw)} bytes", where)
+    return np.frombuffer(raw, dtype=_I4).tolist()
+
+
+def decode_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
+    kind = media_type(content_type)
+    try:
+        if kind == JSON:
+            return ScoreRequest.model_validate_json(body)
+        if kind not in MSGPACK_ALIASES:
+            raise ApiError(415, "unsupported_media_type", f"Content-Type must be {JSON} or {MSGPACK}, got {kind!r}")
+        try:
+            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+            raise ApiError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
+        items = obj.get("items") if isinstance(obj, dict) else None
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                if isinstance(item, dict) and "input_ids" in item:
+                    item["input_ids"] = _unpack_ids(item["input_ids"], f"items[{i}].input_ids")
+        return ScoreRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def encode_score_request(items: Sequence[ScoreItem], binary: bool) -> bytes:
+    if not binary:
+        return ScoreRequest(items=list(items)).model_dump_json().encode()
+    packed = [
+        {"input_ids": np.asarray(it.input_ids, dtype=_I4).tobytes(), "response_start": it.response_start,
+         "top_k": it.top_k}
+        for it in items
+    ]
+    return msgpack.packb({"items": packed})
+
+
+def _concat(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
+    return np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False).tobytes() if arrays else b""
+
+
+def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan], binary: bool) -> bytes:
+    if binary:
+        topped = [s for s in spans if s.k]
+        return msgpack.packb({
+            "api_version": API_VERSION,
+            "fingerprint": fingerprint.model_dump(),
+            "lengths": np.array([len(s.logprobs) for s in spans], dtype=_I4).tobytes(),
+            "logprobs": _concat([s.logprobs for s in spans], _F4),
+            "top_k": np.array([s.k for s in spans], dtype=_I4).tobytes(),
+            "top_k_ids": _concat([s.top_k_ids for s in topped], _I4),
+            "top_k_logprobs": _concat([s.top_k_logprobs for s in topped], _F4),
+        })
+    results = []
+    for s in spans:
+        result: dict = {"logprobs": s.logprobs.tolist()}
+        if s.k:
+            result["top_k_ids"] = s.top_k_ids.tolist()
+            result["top_k_logprobs"] = s.top_k_logprobs.tolist()
+        results.append(result)
+    return json.dumps(
+        {"api_version": API_VERSION, "fingerprint": fingerprint.model_dump(), "results": results},
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_score_response(body: bytes, content_type: str | None) -> tuple[Fingerprint, list[ScoredSpan]]:
+    """Client side: spans are read-only views into the response buffer (no per-value Python objects)."""
+    if media_type(content_type) in MSGPACK_ALIASES:
+        obj = msgpack.unpackb(body, raw=False)
+        lengths = np.frombuffer(obj["lengths"], dtype=_I4)
+        ks = np.frombuffer(obj["top_k"], dtype=_I4)
+        logprobs = np.split(np.frombuffer(obj["logprobs"], dtype=_F4), np.cumsum(lengths)[:-1])
+        sizes = lengths * ks
+        ids = np.split(np.frombuffer(obj["top_k_ids"], dtype=_I4), np.cumsum(sizes)[:-1])
+        lps = np.split(np.frombuffer(obj["top_k_logprobs"], dtype=_F4), np.cumsum(sizes)[:-1])
+        spans = [
+            ScoredSpan(lp, i.reshape(n, k), t.reshape(n, k)) if k else ScoredSpan(lp)
+            for lp, i, t, n, k in zip(logprobs, ids, lps, lengths.tolist(), ks.tolist(), strict=True)
+        ]
+        return Fingerprint.model_validate(obj["fingerprint"]), spans
+    obj = json.loads(body)
+    spans = []
+    for r in obj["results"]:
+        if r.get("top_k_ids"):
+            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=_F4), np.array(r["top_k_ids"], dtype=_I4),
+                                    np.array(r["top_k_logprobs"], dtype=_F4)))
+        else:
+            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=_F4)))
+    return Fingerprint.model_validate(obj["fingerprint"]), spans

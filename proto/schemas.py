@@ -1,0 +1,90 @@
+"""Request and response models of the teacher scoring API (v1).
+
+These pydantic models are the JSON form of the contract and the source of the OpenAPI schema; the binary form
+(proto.codec) carries the same fields with arrays packed as little-endian bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+API_VERSION = "v1"
+JSON = "application/json"
+MSGPACK = "application/x-msgpack"
+MSGPACK_ALIASES = frozenset({MSGPACK, "application/msgpack", "application/vnd.msgpack"})
+SCORING_MODE = "prefill-raw-logprobs"
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+class ScoreItem(BaseModel):
+    """One sequence to score: the prompt followed by the student's response, exactly as the student tokenized it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_ids: list[TokenId] = Field(min_length=2, description="Prompt + response token ids.")
+    response_start: StrictInt = Field(
+        ge=1, le=2**31 - 1, description="Index of the first response token; 1 <= response_start < len(input_ids)."
+    )
+    top_k: StrictInt = Field(
+        default=0, ge=0, le=2**31 - 1, description="Also return the teacher's k most likely tokens per position (0 = none)."
+    )
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class Fingerprint(BaseModel):
+    """Identity of a teacher's scores: two teachers with equal digests return equal scores for equal input."""
+
+    model: str
+    revision: str = Field(description="sha256 of the model config and weights.")
+    tokenizer: str = Field(description="sha256 of vocab, special tokens and chat template.")
+    dtype: str
+    backend: str
+    scoring_mode: str = SCORING_MODE
+    digest: str = Field(description="sha256 over all fields above; the score cache keys on it.")
+
+
+class ScoreResult(BaseModel):
+    logprobs: list[float] = Field(
+        description="Value j is log p(input_ids[response_start+j] | input_ids[:response_start+j])."
+    )
+    top_k_ids: list[list[int]] | None = Field(default=None, description="Per response position, k ids, most likely first.")
+    top_k_logprobs: list[list[float]] | None = None
+
+
+class ScoreResponse(BaseModel):
+    api_version: str = API_VERSION
+    fingerprint: Fingerprint
+    results: list[ScoreResult]
+
+
+class TeacherInfo(BaseModel):
+    api_version: str = API_VERSION
+    model: str
+    revision: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_length: int = Field(description="Longest input_ids accepted.")
+    max_top_k: int
+    dtype: str
+    backend: str
+    domains: list[str]
+    fingerprint: Fingerprint
+    limits: dict[str, int] = Field(description="Request limits enforced by this server.")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

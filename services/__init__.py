@@ -1,0 +1,1 @@
+"""HTTP services: domain teachers that score token sequences, and the student's rollout server."""

@@ -1,0 +1,1 @@
+"""The student's rollout service (sampling with log-probs, weight updates); built in the trainer issue."""

@@ -1,0 +1,1 @@
+"""The teacher scoring service: FastAPI routes (app.py) over a Scorer backend (backends/), fed by a micro-batcher."""

@@ -1,0 +1,84 @@
+"""transformers backend: batched, right-padded prefill; logits only for response positions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from proto.codec import ScoredSpan
+from proto.schemas import ScoreItem
+from services.teacher_server.backends.common import describe
+from services.teacher_server.scorer import ScorerInfo
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group indices (sorted by length) so each group's padded size, rows x longest, stays within budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class HFScorer:
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
+                 max_length: int | None = None, max_top_k: int = 20, forward_tokens: int = 16384) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = resolve_device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_TORCH_DTYPES[dtype]).to(self.device)
+        self.model.eval()
+        limit = self.model.config.max_position_embeddings
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self._info = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit), max_top_k)
+        self.forward_tokens = forward_tokens
+
+    def info(self) -> ScorerInfo:
+        return self._info
+
+    @torch.inference_mode()
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
+        out: list[ScoredSpan | None] = [None] * len(items)
+        for group in pack_by_padded_tokens([len(it.input_ids) for it in items], self.forward_tokens):
+            for i, span in zip(group, self._score_group([items[i] for i in group]), strict=True):
+                out[i] = span
+        return out  # type: ignore[return-value]
+
+    def _score_group(self, items: list[ScoreItem]) -> list[ScoredSpan]:
+        width = max(len(it.input_ids) for it in items)
+        ids = torch.zeros((len(items), width), dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids)
+            mask[row, : len(it.input_ids)] = 1
+        first = min(it.response_start for it in items) - 1
+        keep = torch.arange(first, width - 1, device=self.device)
+        logits = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep
+        ).logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        targets = ids[:, first + 1 :].to(self.device)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        spans = []
+        for row, it in enumerate(items):
+            lo, hi = it.response_start - 1 - first, len(it.input_ids) - 1 - first
+            span = ScoredSpan(picked[row, lo:hi].cpu().numpy())
+            if it.top_k:
+                vals, idx = logits[row, lo:hi].topk(it.top_k, dim=-1)
+                span.top_k_ids = idx.to(torch.int32).cpu().numpy()
+                span.top_k_logprobs = (vals - lse[row, lo:hi, None]).cpu().numpy()
+            spans.append(span)
+        return spans

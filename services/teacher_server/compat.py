@@ -1,0 +1,280 @@
+"""Scoring-only compatibility with clients people already run, translated onto the same TeacherService.
+
+- SGLang native `POST /generate` with `max_new_tokens = 0`, as slime/miles/the Uni-OPD release call their teachers:
+  `meta_info.input_token_logprobs` is a list of `[logprob, token_id, null]` from `logprob_start_len` on; the entry of
+  token 0 has logprob null (nothing precedes it). `logprob_start_len = -1` (SGLang's default) means the last token.
+- vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
+  `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`).
+  Nothing is generated: `text` is empty. Token strings are `token_id:N`, vLLM's `--return-tokens-as-token-ids` form.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from proto.codec import ScoredSpan
+from proto.errors import ApiError
+from proto.schemas import ScoreItem, TokenId
+
+_PROBLEMS = (400, 401, 413, 422, 429, 503)
+
+
+def _lists(ids: list[int] | list[list[int]]) -> tuple[list[list[int]], bool]:
+    if ids and isinstance(ids[0], list):
+        return ids, True  # type: ignore[return-value]
+    return [ids], False  # type: ignore[list-item]
+
+
+def _per_sequence(value: Any, n: int, name: str) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ApiError(400, "invalid_field", f"{name} has {len(value)} entries for {n} sequences", name)
+        return value
+    return [value] * n
+
+
+def _reject_extras(extra: dict[str, Any] | None, allowed: set[str]) -> None:
+    for name in sorted(set(extra or {}) - allowed):
+        raise ApiError(400, "unsupported", f"{name!r} is not supported: this teacher only scores token ids", name)
+
+
+def _token(tok: int) -> str:
+    return f"token_id:{tok}"
+
+
+# ---- SGLang /generate -------------------------------------------------------------------------------------------
+
+class SGLangGenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_ids: list[TokenId] | list[list[TokenId]] = Field(description="One sequence, or a batch of sequences.")
+    return_logprob: StrictBool | list[StrictBool] = False
+    logprob_start_len: StrictInt | list[StrictInt] = -1
+    top_logprobs_num: StrictInt | list[StrictInt] = 0
+    sampling_params: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    stream: StrictBool = False
+
+
+class SGLangMetaInfo(BaseModel):
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: dict[str, Any]
+    input_token_logprobs: list[tuple[float | None, int, None]]
+    output_token_logprobs: list[Any]
+    input_top_logprobs: list[list[tuple[float, int, None]] | None] | None = None
+    output_top_logprobs: list[Any] | None = None
+
+
+class SGLangGenerateResponse(BaseModel):
+    text: str
+    output_ids: list[int]
+    meta_info: SGLangMetaInfo
+
+
+_SGLANG_EXTRAS = {"rid", "return_text_in_logprobs"}
+
+
+def _sglang_item(ids: list[int], start: int, top: int, params: dict, i: int) -> tuple[ScoreItem, bool]:
+    """The ScoreItem for one sequence, and whether its first entry is token 0 (which has no logprob)."""
+    where = f"sampling_params[{i}]" if i >= 0 else "sampling_params"
+    if params.get("max_new_tokens", 128) != 0:
+        raise ApiError(400, "unsupported", "sampling_params.max_new_tokens must be 0: this teacher only scores",
+                       f"{where}.max_new_tokens")
+    n = len(ids)
+    if n < 2:
+        raise ApiError(422, "invalid_field", "input_ids needs at least 2 tokens to score", "input_ids")
+    begin = n - 1 if start == -1 else start
+    if not 0 <= begin < n:
+        raise ApiError(422, "invalid_field", f"logprob_start_len must be -1 or in [0, {n})", "logprob_start_len")
+    if not 0 <= top:
+        raise ApiError(422, "invalid_field", "top_logprobs_num must be >= 0", "top_logprobs_num")
+    return ScoreItem(input_ids=ids, response_start=max(begin, 1), top_k=top), begin == 0
+
+
+def _sglang_output(item: ScoreItem, span: ScoredSpan, with_first: bool, rid: str) -> dict:
+    ids = item.input_ids
+    positions = range(item.response_start, len(ids))
+    token_lps = [[lp, ids[p], None] for p, lp in zip(positions, span.logprobs.tolist(), strict=True)]
+    tops = None
+    if span.k:
+        tops = [[[lp, tok, None] for tok, lp in zip(row_ids, row_lps, strict=True)]
+                for row_ids, row_lps in zip(span.top_k_ids.tolist(), span.top_k_logprobs.tolist(), strict=True)]
+    if with_first:
+        token_lps.insert(0, [None, ids[0], None])
+        if tops is not None:
+            tops.insert(0, None)
+    meta = {"id": rid, "prompt_tokens": len(ids), "completion_tokens": 0, "cached_tokens": 0,
+            "finish_reason": {"type": "length", "length": 0}, "input_token_logprobs": token_lps,
+            "output_token_logprobs": [], "input_top_logprobs": tops, "output_top_logprobs": [] if tops else None}
+    return {"text": "", "output_ids": [], "meta_info": meta}
+
+
+# ---- OpenAI-style /v1/completions (vLLM dialect) ----------------------------------------------------------------
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: list[TokenId] | list[list[TokenId]] | str = Field(description="Token ids (one list or a batch).")
+    model: str | None = None
+    max_tokens: StrictInt | None = 16
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    prompt_logprobs: StrictInt | None = None
+    n: StrictInt = 1
+    stream: StrictBool = False
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None
+    finish_reason: str
+    stop_reason: None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+_OPENAI_EXTRAS = {"user", "seed", "top_k", "min_p", "stop", "stop_token_ids", "skip_special_tokens",
+                  "return_tokens_as_token_ids", "frequency_penalty", "presence_penalty", "repetition_penalty"}
+
+
+def _check_completion(req: CompletionRequest) -> int:
+    """Validate the scoring subset; returns the top-k to ask the scorer for."""
+    _reject_extras(req.model_extra, _OPENAI_EXTRAS)
+    if isinstance(req.prompt, str):
+        raise ApiError(400, "unsupported", "prompt must be token ids; text prompts are not supported", "prompt")
+    if req.max_tokens not in (0, 1):
+        raise ApiError(400, "unsupported", "max_tokens must be 0 or 1: this teacher only scores", "max_tokens")
+    if req.stream:
+        raise ApiError(400, "unsupported", "stream is not supported", "stream")
+    if req.n != 1:
+        raise ApiError(400, "unsupported", "n must be 1", "n")
+    if req.prompt_logprobs is None and not (req.echo and req.logprobs is not None):
+        raise ApiError(400, "unsupported", "set prompt_logprobs, or echo with logprobs: this teacher only scores",
+                       "prompt_logprobs")
+    for name in ("prompt_logprobs", "logprobs"):
+        value = getattr(req, name)
+        if value is not None and value < 0:
+            raise ApiError(422, "invalid_field", f"{name} must be >= 0", name)
+    return max(req.prompt_logprobs or 0, req.logprobs or 0)
+
+
+def _prompt_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> list[dict | None]:
+    ids = item.input_ids
+    out: list[dict | None] = [None]
+    tops = span.top_k_ids.tolist() if span.k else [[]] * len(span.logprobs)
+    top_lps = span.top_k_logprobs.tolist() if span.k else [[]] * len(span.logprobs)
+    for j, lp in enumerate(span.logprobs.tolist()):
+        tok = ids[j + 1]
+        row = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": _token(t)}
+               for r, (t, v) in enumerate(zip(tops[j][:k], top_lps[j][:k], strict=True))}
+        rank = tops[j].index(tok) + 1 if tok in tops[j] else None
+        row[str(tok)] = {"logprob": lp, "rank": rank, "decoded_token": _token(tok)}
+        out.append(row)
+    return out
+
+
+def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
+    tokens = [_token(t) for t in item.input_ids]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    top = None
+    if k:
+        top = [None] + [{_token(t): v for t, v in zip(ids[:k], lps[:k], strict=True)}
+                        for ids, lps in zip(span.top_k_ids.tolist(), span.top_k_logprobs.tolist(), strict=True)]
+    return {"tokens": tokens, "token_logprobs": [None, *span.logprobs.tolist()], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def compat_router(service) -> APIRouter:
+    from services.teacher_server.app import error_responses
+
+    router = APIRouter(tags=["compatibility"])
+
+    @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
+                                         **error_responses(*_PROBLEMS)})
+    async def generate(req: SGLangGenerateRequest) -> Any:
+        _reject_extras(req.model_extra, _SGLANG_EXTRAS)
+        if req.stream:
+            raise ApiError(400, "unsupported", "stream is not supported", "stream")
+        seqs, batched = _lists(req.input_ids)
+        n = len(seqs)
+        if not n:
+            raise ApiError(422, "invalid_field", "input_ids is empty", "input_ids")
+        wants = _per_sequence(req.return_logprob, n, "return_logprob")
+        if not all(wants):
+            raise ApiError(400, "unsupported", "return_logprob must be true: this teacher only scores",
+                           "return_logprob")
+        starts = _per_sequence(req.logprob_start_len, n, "logprob_start_len")
+        tops = _per_sequence(req.top_logprobs_num, n, "top_logprobs_num")
+        params = _per_sequence(req.sampling_params, n, "sampling_params")
+        built = [_sglang_item(ids, s, t, p, i if batched else -1)
+                 for i, (ids, s, t, p) in enumerate(zip(seqs, starts, tops, params, strict=True))]
+        spans = await service.score([item for item, _ in built])
+        rid = str((req.model_extra or {}).get("rid") or uuid.uuid4().hex)
+        outs = [_sglang_output(item, span, first, rid) for (item, first), span in zip(built, spans, strict=True)]
+        return outs if batched else outs[0]
+
+    @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
+    async def completions(req: CompletionRequest) -> Any:
+        k = _check_completion(req)
+        seqs, _ = _lists(req.prompt)  # type: ignore[arg-type]
+        if not seqs:
+            raise ApiError(422, "invalid_field", "prompt is empty", "prompt")
+        if any(len(s) < 2 for s in seqs):
+            raise ApiError(422, "invalid_field", "every prompt needs at least 2 tokens to score", "prompt")
+        items = [ScoreItem(input_ids=s, response_start=1, top_k=k) for s in seqs]
+        spans = await service.score(items)
+        choices = []
+        for i, (item, span) in enumerate(zip(items, spans, strict=True)):
+            choices.append({
+                "index": i, "text": "", "finish_reason": "length", "stop_reason": None,
+                "logprobs": _legacy_logprobs(item, span, req.logprobs or 0) if req.echo and req.logprobs is not None
+                else None,
+                "prompt_logprobs": _prompt_logprobs(item, span, req.prompt_logprobs or 0)
+                if req.prompt_logprobs is not None else None,
+            })
+        tokens = sum(len(s) for s in seqs)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": service.info().model, "choices": choices,
+                "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+
+    return router

@@ -1,0 +1,30 @@
+"""The scorer protocol every teacher backend implements; routes and the batcher only ever see this."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proto.codec import ScoredSpan
+from proto.schemas import ScoreItem
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    model: str
+    revision: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_length: int
+    max_top_k: int
+    dtype: str
+    backend: str
+
+
+class Scorer(Protocol):
+    def info(self) -> ScorerInfo: ...
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
+        """Teacher log-probs of each item's response span; items are already validated against info()."""
+        ...

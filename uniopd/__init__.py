@@ -1,0 +1,1 @@
+"""uniopd: teacher-as-a-service on-policy distillation. The CLI lives in uniopd.cli."""

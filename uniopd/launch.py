@@ -1,0 +1,73 @@
+"""Start uniopd servers as child processes and wait until they are ready (used by the demo, tests and benches)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+def start_teacher(model_dir: str | Path, backend: str = "hf", args: list[str] | None = None,
+                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
+    """`uniopd teacher serve` on a free loopback port; returns once /readyz answers 200."""
+    port = free_port()
+    log_path = Path(log_dir or "/tmp") / f"uniopd-teacher-{backend}-{port}.log"
+    cmd = [sys.executable, "-m", "uniopd", "teacher", "serve", "--model", str(model_dir), "--backend", backend,
+           "--host", "127.0.0.1", "--port", str(port), *(args or [])]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"teacher exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            resp = httpx.get(f"{server.url}/readyz", timeout=2)
+        except httpx.HTTPError:
+            resp = None
+        if resp is not None and resp.status_code == 200:
+            return server
+        if resp is not None and resp.json().get("error", {}).get("code") == "load_failed":
+            server.stop()
+            raise RuntimeError(f"teacher failed to load its model: {resp.json()['error']['message']}")
+        time.sleep(0.2)
+    server.stop()
+    raise TimeoutError(f"teacher not ready after {timeout}s:\n{server.log()[-4000:]}")

@@ -1,0 +1,123 @@
+"""Tiny causal LMs and a shared byte-level BPE tokenizer, built offline and deterministically.
+
+Nothing can be downloaded from a model hub here, so tests and the demo build their models from a seed.
+head_dim is 32 because vLLM's CPU attention rejects smaller heads.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+Arch = Literal["qwen3", "llama"]
+ARCHES: tuple[Arch, ...] = ("qwen3", "llama")
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the a an is of to and in that it for on with as was at by be this are from or have not what which "
+    "answer question compute sum product total each number result so therefore step first then finally "
+    "def return if else for while range len print lambda list int str true false none import "
+    "apples pens books coins cars has buys sells gives more less than twice half left remaining"
+).split()
+
+
+def synthetic_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
+    """Arithmetic, prose and code-like lines, so BPE learns merges the synthetic domains will use."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        kind = rng.randrange(3)
+        if kind == 0:
+            a, b = rng.randrange(1000), rng.randrange(1000)
+            op = rng.choice("+-*")
+            out.append(f"{a} {op} {b} = {eval(f'{a}{op}{b}')}")
+        elif kind == 1:
+            out.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randrange(4, 16))).capitalize() + ".")
+        else:
+            name = rng.choice(["f", "g", "solve", "add", "rev"])
+            out.append(f"def {name}(x):\n    return x {rng.choice('+-*')} {rng.randrange(100)}")
+    return out
+
+
+def build_tokenizer(seed: int = 0):
+    """Train a byte-level BPE on the synthetic corpus; the result is identical for identical seeds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _config(arch: Arch, vocab_size: int, eos_id: int, hidden: int, layers: int):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=max(1, hidden // 64),
+        head_dim=32,
+        max_position_embeddings=1024,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def build_tiny_model(
+    out: Path, arch: Arch = "qwen3", seed: int = 0, hidden: int = 128, layers: int = 4
+) -> Path:
+    """Write a random tiny causal LM with the shared tokenizer to `out` in HF format (fp32 safetensors).
+
+    The large init range makes the random model's next-token distribution far from uniform, so scores differ
+    visibly between positions and top-k ordering is meaningful in tests.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHES:
+        raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, hidden, layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -22,10 +22,20 @@ class ApiError(Exception):
         return ErrorBody(error=ErrorDetail(code=self.code, message=self.message, field=self.field)).model_dump()
 
 
+_TYPE_TAGS = {"list", "dict", "int", "str", "bool", "float", "bytes", "none"}
+
+
+def _is_type_tag(part: str) -> bool:
+    """Union members appear in pydantic locations as tags like `list[int]` or `Model`; they are not fields."""
+    return part[:1].isupper() or "[" in part or part.split("-")[0] in _TYPE_TAGS
+
+
 def field_path(loc: tuple) -> str:
     """Render a pydantic error location as `items[3].input_ids[7]`."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and _is_type_tag(part):
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

@@ -20,7 +20,7 @@ def model_revision(model_dir: str | Path) -> str:
     """sha256 over config.json and every weight file (name and content), in name order."""
     root = Path(model_dir)
     h = hashlib.sha256()
-    files = [root / "config.json"] + sorted(p for p in root.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    files = [root / "config.json", *sorted(p for p in root.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))]
     for path in files:
         h.update(path.name.encode() + b"\0")
         with path.open("rb") as f:

@@ -29,7 +29,7 @@ class ScoreItem(BaseModel):
         ge=1, le=2**31 - 1, description="Index of the first response token; 1 <= response_start < len(input_ids)."
     )
     top_k: StrictInt = Field(
-        default=0, ge=0, le=2**31 - 1, description="Also return the teacher's k most likely tokens per position (0 = none)."
+        default=0, ge=0, le=2**31 - 1, description="Also return the teacher's k most likely tokens per position."
     )
 
 
@@ -55,7 +55,7 @@ class ScoreResult(BaseModel):
     logprobs: list[float] = Field(
         description="Value j is log p(input_ids[response_start+j] | input_ids[:response_start+j])."
     )
-    top_k_ids: list[list[int]] | None = Field(default=None, description="Per response position, k ids, most likely first.")
+    top_k_ids: list[list[int]] | None = Field(default=None, description="Per response position, k ids, best first.")
     top_k_logprobs: list[list[float]] | None = None
 
 

@@ -210,13 +210,26 @@ def test_sglang_generate_batch_start_and_top(teacher, reference):
 @pytest.mark.parametrize(("payload", "field"), [
     ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 8}},
      "sampling_params.max_new_tokens"),
-    ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {}}, "sampling_params.max_new_tokens"),
     ({"input_ids": [1, 2, 3], "return_logprob": False, "sampling_params": {"max_new_tokens": 0}}, "return_logprob"),
     ({"text": "hi", "input_ids": [1, 2], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}}, "text"),
 ])
 def test_sglang_generate_rejects_generation(teacher, payload, field):
     resp = post(teacher, "/generate", json=payload)
     assert resp.status_code == 400 and resp.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {}}, "sampling_params.max_new_tokens"),
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3, "sampling_params": {"max_new_tokens": 0}},
+     "logprob_start_len"),
+    ({"input_ids": [[1, 2, 3], [4]], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}},
+     "input_ids[1]"),
+    ({"input_ids": [1, 2, 3], "return_logprob": [True, True], "sampling_params": {"max_new_tokens": 0}},
+     "return_logprob"),
+])
+def test_sglang_generate_invalid_fields(teacher, payload, field):
+    resp = post(teacher, "/generate", json=payload)
+    assert resp.status_code in (400, 422) and resp.json()["error"]["field"] == field, resp.text
 
 
 def test_openai_completions_prompt_logprobs(teacher, reference):
@@ -241,13 +254,16 @@ def test_openai_completions_echo_logprobs(teacher, reference):
     np.testing.assert_allclose(lp["token_logprobs"][1:], reference.span(ids, 1), atol=TOL)
 
 
-@pytest.mark.parametrize(("payload", "field"), [
-    ({"prompt": [1, 2, 3], "max_tokens": 16, "prompt_logprobs": 0}, "max_tokens"),
-    ({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 0}, "prompt"),
-    ({"prompt": [1, 2, 3], "max_tokens": 1}, "prompt_logprobs"),
-    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "stream": True}, "stream"),
-    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "suffix": "x"}, "suffix"),
+@pytest.mark.parametrize(("payload", "status", "field"), [
+    ({"prompt": [1, 2, 3], "max_tokens": 16, "prompt_logprobs": 0}, 400, "max_tokens"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1}, 400, "prompt_logprobs"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "stream": True}, 400, "stream"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "suffix": "x"}, 400, "suffix"),
+    ({"prompt": [[1, 2, 3]], "max_tokens": 0, "prompt_logprobs": 0, "n": 2}, 400, "n"),
+    ({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt"),
+    ({"prompt": [[1, 2, 3], [7]], "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt[1]"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": -1}, 422, "prompt_logprobs"),
 ])
-def test_openai_completions_rejects_generation(teacher, payload, field):
+def test_openai_completions_rejects_generation(teacher, payload, status, field):
     resp = post(teacher, "/v1/completions", json=payload)
-    assert resp.status_code == 400 and resp.json()["error"]["field"] == field
+    assert resp.status_code == status and resp.json()["error"]["field"] == field, resp.text

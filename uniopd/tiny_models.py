@@ -23,11 +23,13 @@ CHAT_TEMPLATE = (
 )
 
 _WORDS = (
-    "the a an is of to and in that it for on with as was at by be this are from or have not what which "
-    "answer question compute sum product total each number result so therefore step first then finally "
-    "def return if else for while range len print lambda list int str true false none import "
-    "apples pens books coins cars has buys sells gives more less than twice half left remaining"
-).split()
+    "the", "a", "an", "is", "of", "to", "and", "in", "that", "it", "for", "on", "with", "as", "was", "at", "by",
+    "be", "this", "are", "from", "or", "have", "not", "what", "which", "answer", "question", "compute", "sum",
+    "product", "total", "each", "number", "result", "so", "therefore", "step", "first", "then", "finally",
+    "def", "return", "if", "else", "for", "while", "range", "len", "print", "lambda", "list", "int", "str",
+    "true", "false", "none", "import", "apples", "pens", "books", "coins", "cars", "has", "buys", "sells",
+    "gives", "more", "less", "than", "twice", "half", "left", "remaining",
+)
 
 
 def synthetic_corpus(seed: int = 0, lines: int = 4000) -> list[str]:

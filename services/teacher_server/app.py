@@ -16,8 +16,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proto.codec import ScoredSpan, decode_score_request, encode_score_response, wants_msgpack
 from proto.errors import ApiError, field_path
 from proto.fingerprint import make_fingerprint
-from proto.schemas import API_VERSION, JSON, MSGPACK, ErrorBody, Fingerprint, ScoreItem, ScoreRequest, ScoreResponse, \
-    TeacherInfo
+from proto.schemas import (
+    API_VERSION,
+    JSON,
+    MSGPACK,
+    ErrorBody,
+    Fingerprint,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    TeacherInfo,
+)
 from services.teacher_server.auth import ApiKeyChecker
 from services.teacher_server.batcher import MicroBatcher, QueueFull
 from services.teacher_server.limits import BodyLimitMiddleware, Limits, validate_items
@@ -97,6 +106,9 @@ class TeacherService:
                            domains=self.domains, fingerprint=self.fingerprint, limits=self.limits.as_dict())
 
 
+_UNSUPPORTED = {"literal_error", "extra_forbidden"}
+
+
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -113,6 +125,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return _error_response(ApiError(400, "malformed_body", "body is not valid JSON"))
         loc = tuple(err.get("loc", ()))
         field = field_path(loc[1:] if loc[:1] == ("body",) else loc) or None
+        if err.get("type") in _UNSUPPORTED:  # a value or field outside the scoring subset of a compat API
+            return _error_response(ApiError(400, "unsupported", f"{field}: {err.get('msg')}; this teacher only "
+                                            "scores token ids", field))
         return _error_response(ApiError(422, "invalid_field", f"{field or 'body'}: {err.get('msg')}", field))
 
     @app.exception_handler(StarletteHTTPException)
@@ -138,8 +153,9 @@ def _auth_dependency(api_keys: Sequence[str]) -> list:
     return [Depends(require_key)]
 
 
-def _add_component_schemas(app: FastAPI, *models) -> None:
-    """Routes that parse their own body (to negotiate encodings) still publish the JSON schema of that body."""
+def _install_openapi(app: FastAPI, service: TeacherService) -> None:
+    """Publish the JSON schema of /v1/score's body (the route parses it itself to negotiate encodings), with the
+    limits of the model actually served once it is loaded, so the schema says what this server accepts."""
     base = app.openapi
 
     def openapi() -> dict:
@@ -147,10 +163,18 @@ def _add_component_schemas(app: FastAPI, *models) -> None:
             return app.openapi_schema
         schema = base()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in models:
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(js.pop("$defs", {}))
-            components[model.__name__] = js
+        js = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(js.pop("$defs", {}))
+        components["ScoreRequest"] = js
+        if service.scorer is None:
+            app.openapi_schema = None  # regenerate with the model's limits once it is loaded
+            return schema
+        info, item = service.scorer.info(), components["ScoreItem"]["properties"]
+        item["input_ids"]["items"]["maximum"] = info.vocab_size - 1
+        item["input_ids"]["maxItems"] = info.max_length
+        item["response_start"]["maximum"] = info.max_length - 1
+        item["top_k"]["maximum"] = info.max_top_k
+        js["properties"]["items"]["maxItems"] = service.limits.max_batch_items
         app.openapi_schema = schema
         return schema
 
@@ -209,10 +233,11 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         req = decode_score_request(await request.body(), request.headers.get("content-type"))
         spans = await service.score(req.items)
         binary = wants_msgpack(request.headers.get("accept"))
-        return Response(encode_score_response(service.fingerprint, spans, binary), media_type=MSGPACK if binary else JSON)
+        body = encode_score_response(service.fingerprint, spans, binary)
+        return Response(body, media_type=MSGPACK if binary else JSON)
 
     app.include_router(compat_router(service), dependencies=auth)
-    _add_component_schemas(app, ScoreRequest)
+    _install_openapi(app, service)
     routes = {r.path for r in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=routes)  # outermost: sees every 413

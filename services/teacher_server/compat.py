@@ -12,16 +12,58 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Tag,
+)
 
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TokenId
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
+Sequence_ = Annotated[list[TokenId], Field(min_length=2)]
+StartLen = Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)]
+TopK = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+def exact(*values: Any) -> Any:
+    """Literal that also matches on type: pydantic's Literal takes 0 for False and True for 1."""
+    kinds = {type(v) for v in values}
+
+    def same_type(v: Any) -> Any:
+        if type(v) not in kinds:
+            raise ValueError(f"Input should be {' or '.join(map(repr, values))}")
+        return v
+
+    return Annotated[Literal[values], BeforeValidator(same_type)]
+
+
+def _is_list_of_lists(value: Any) -> str:
+    return "Many" if isinstance(value, list) and value and isinstance(value[0], list) else "One"
+
+
+def _is_list(value: Any) -> str:
+    return "Many" if isinstance(value, list) else "One"
+
+
+def one_or_many(tp: Any, many: Any, pick=_is_list) -> Any:
+    """`tp` or a batch of them, told apart up front so a validation error names the field of the right shape."""
+    return Annotated[Union[Annotated[tp, Tag("One")], Annotated[many, Tag("Many")]],  # noqa: UP007
+                     Discriminator(pick)]
+
+
+Sequences = one_or_many(Sequence_, Annotated[list[Sequence_], Field(min_length=1)], _is_list_of_lists)
 
 
 def _lists(ids: list[int] | list[list[int]]) -> tuple[list[list[int]], bool]:
@@ -38,26 +80,31 @@ def _per_sequence(value: Any, n: int, name: str) -> list:
     return [value] * n
 
 
-def _reject_extras(extra: dict[str, Any] | None, allowed: set[str]) -> None:
-    for name in sorted(set(extra or {}) - allowed):
-        raise ApiError(400, "unsupported", f"{name!r} is not supported: this teacher only scores token ids", name)
-
-
 def _token(tok: int) -> str:
     return f"token_id:{tok}"
 
 
 # ---- SGLang /generate -------------------------------------------------------------------------------------------
 
-class SGLangGenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class SGLangSamplingParams(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    input_ids: list[TokenId] | list[list[TokenId]] = Field(description="One sequence, or a batch of sequences.")
-    return_logprob: StrictBool | list[StrictBool] = False
-    logprob_start_len: StrictInt | list[StrictInt] = -1
-    top_logprobs_num: StrictInt | list[StrictInt] = 0
-    sampling_params: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
-    stream: StrictBool = False
+    max_new_tokens: exact(0) = Field(description="Must be 0: this teacher only scores.")
+
+
+class SGLangGenerateRequest(BaseModel):
+    """The scoring subset of SGLang's /generate; anything outside it is refused with 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: 0 is not False, 1 is not True
+
+    input_ids: Sequences = Field(description="One sequence, or a batch of sequences.")
+    return_logprob: one_or_many(exact(True), list[exact(True)])
+    logprob_start_len: one_or_many(StartLen, list[StartLen]) = -1
+    top_logprobs_num: one_or_many(TopK, list[TopK]) = 0
+    sampling_params: one_or_many(SGLangSamplingParams, list[SGLangSamplingParams])
+    stream: exact(False) = False
+    rid: str | None = None
+    return_text_in_logprobs: StrictBool = False
 
 
 class SGLangMetaInfo(BaseModel):
@@ -78,23 +125,12 @@ class SGLangGenerateResponse(BaseModel):
     meta_info: SGLangMetaInfo
 
 
-_SGLANG_EXTRAS = {"rid", "return_text_in_logprobs"}
-
-
-def _sglang_item(ids: list[int], start: int, top: int, params: dict, i: int) -> tuple[ScoreItem, bool]:
+def _sglang_item(ids: list[int], start: int, top: int) -> tuple[ScoreItem, bool]:
     """The ScoreItem for one sequence, and whether its first entry is token 0 (which has no logprob)."""
-    where = f"sampling_params[{i}]" if i >= 0 else "sampling_params"
-    if params.get("max_new_tokens", 128) != 0:
-        raise ApiError(400, "unsupported", "sampling_params.max_new_tokens must be 0: this teacher only scores",
-                       f"{where}.max_new_tokens")
     n = len(ids)
-    if n < 2:
-        raise ApiError(422, "invalid_field", "input_ids needs at least 2 tokens to score", "input_ids")
     begin = n - 1 if start == -1 else start
-    if not 0 <= begin < n:
+    if begin >= n:
         raise ApiError(422, "invalid_field", f"logprob_start_len must be -1 or in [0, {n})", "logprob_start_len")
-    if not 0 <= top:
-        raise ApiError(422, "invalid_field", "top_logprobs_num must be >= 0", "top_logprobs_num")
     return ScoreItem(input_ids=ids, response_start=max(begin, 1), top_k=top), begin == 0
 
 
@@ -119,18 +155,22 @@ def _sglang_output(item: ScoreItem, span: ScoredSpan, with_first: bool, rid: str
 # ---- OpenAI-style /v1/completions (vLLM dialect) ----------------------------------------------------------------
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """The scoring subset of vLLM's OpenAI-style /v1/completions; anything outside it is refused with 400."""
 
-    prompt: list[TokenId] | list[list[TokenId]] | str = Field(description="Token ids (one list or a batch).")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Sequences = Field(description="Token ids (one list or a batch).")
     model: str | None = None
-    max_tokens: StrictInt | None = 16
+    max_tokens: exact(0, 1) = Field(description="0 or 1: nothing is generated either way.")
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
-    prompt_logprobs: StrictInt | None = None
-    n: StrictInt = 1
-    stream: StrictBool = False
-    temperature: float | None = None
-    top_p: float | None = None
+    logprobs: TopK | None = None
+    prompt_logprobs: TopK | None = None
+    n: exact(1) = 1
+    stream: exact(False) = False
+    temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
+    seed: StrictInt | None = None
+    user: str | None = None
 
 
 class PromptLogprob(BaseModel):
@@ -170,28 +210,11 @@ class CompletionResponse(BaseModel):
     usage: CompletionUsage
 
 
-_OPENAI_EXTRAS = {"user", "seed", "top_k", "min_p", "stop", "stop_token_ids", "skip_special_tokens",
-                  "return_tokens_as_token_ids", "frequency_penalty", "presence_penalty", "repetition_penalty"}
-
-
 def _check_completion(req: CompletionRequest) -> int:
     """Validate the scoring subset; returns the top-k to ask the scorer for."""
-    _reject_extras(req.model_extra, _OPENAI_EXTRAS)
-    if isinstance(req.prompt, str):
-        raise ApiError(400, "unsupported", "prompt must be token ids; text prompts are not supported", "prompt")
-    if req.max_tokens not in (0, 1):
-        raise ApiError(400, "unsupported", "max_tokens must be 0 or 1: this teacher only scores", "max_tokens")
-    if req.stream:
-        raise ApiError(400, "unsupported", "stream is not supported", "stream")
-    if req.n != 1:
-        raise ApiError(400, "unsupported", "n must be 1", "n")
     if req.prompt_logprobs is None and not (req.echo and req.logprobs is not None):
         raise ApiError(400, "unsupported", "set prompt_logprobs, or echo with logprobs: this teacher only scores",
                        "prompt_logprobs")
-    for name in ("prompt_logprobs", "logprobs"):
-        value = getattr(req, name)
-        if value is not None and value < 0:
-            raise ApiError(422, "invalid_field", f"{name} must be >= 0", name)
     return max(req.prompt_logprobs or 0, req.logprobs or 0)
 
 
@@ -232,35 +255,22 @@ def compat_router(service) -> APIRouter:
     @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
                                          **error_responses(*_PROBLEMS)})
     async def generate(req: SGLangGenerateRequest) -> Any:
-        _reject_extras(req.model_extra, _SGLANG_EXTRAS)
-        if req.stream:
-            raise ApiError(400, "unsupported", "stream is not supported", "stream")
         seqs, batched = _lists(req.input_ids)
         n = len(seqs)
-        if not n:
-            raise ApiError(422, "invalid_field", "input_ids is empty", "input_ids")
-        wants = _per_sequence(req.return_logprob, n, "return_logprob")
-        if not all(wants):
-            raise ApiError(400, "unsupported", "return_logprob must be true: this teacher only scores",
-                           "return_logprob")
+        _per_sequence(req.return_logprob, n, "return_logprob")
         starts = _per_sequence(req.logprob_start_len, n, "logprob_start_len")
         tops = _per_sequence(req.top_logprobs_num, n, "top_logprobs_num")
-        params = _per_sequence(req.sampling_params, n, "sampling_params")
-        built = [_sglang_item(ids, s, t, p, i if batched else -1)
-                 for i, (ids, s, t, p) in enumerate(zip(seqs, starts, tops, params, strict=True))]
+        _per_sequence(req.sampling_params, n, "sampling_params")
+        built = [_sglang_item(ids, s, t) for ids, s, t in zip(seqs, starts, tops, strict=True)]
         spans = await service.score([item for item, _ in built])
-        rid = str((req.model_extra or {}).get("rid") or uuid.uuid4().hex)
+        rid = req.rid or uuid.uuid4().hex
         outs = [_sglang_output(item, span, first, rid) for (item, first), span in zip(built, spans, strict=True)]
         return outs if batched else outs[0]
 
     @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
     async def completions(req: CompletionRequest) -> Any:
         k = _check_completion(req)
-        seqs, _ = _lists(req.prompt)  # type: ignore[arg-type]
-        if not seqs:
-            raise ApiError(422, "invalid_field", "prompt is empty", "prompt")
-        if any(len(s) < 2 for s in seqs):
-            raise ApiError(422, "invalid_field", "every prompt needs at least 2 tokens to score", "prompt")
+        seqs, _ = _lists(req.prompt)
         items = [ScoreItem(input_ids=s, response_start=1, top_k=k) for s in seqs]
         spans = await service.score(items)
         choices = []

@@ -55,7 +55,8 @@ def _span(item: ScoreItem, prompt_logprobs: list) -> ScoredSpan:
         top_ids = np.empty((len(positions), item.top_k), dtype=np.int32)
         top_lps = np.empty((len(positions), item.top_k), dtype=np.float32)
         for row, p in enumerate(positions):
-            ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in prompt_logprobs[p].items() if lp.rank <= item.top_k)
+            entries = prompt_logprobs[p].items()
+            ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in entries if lp.rank <= item.top_k)
             top_ids[row] = [tok for _, tok, _ in ranked[: item.top_k]]
             top_lps[row] = [val for _, _, val in ranked[: item.top_k]]
         span.top_k_ids, span.top_k_logprobs = top_ids, top_lps

@@ -1,0 +1,108 @@
+"""API keys and request limits on a real teacher process (transformers backend; these pieces are backend-agnostic)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from proto.codec import encode_score_request
+from proto.schemas import MSGPACK
+from tests.conftest import random_items
+from uniopd.launch import start_teacher
+
+FILE_KEY = "team-a-0123456789"
+ENV_KEY = "team-b-abcdef"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# team a\n{FILE_KEY}\n\n")
+    with start_teacher(tiny_model, "hf", ["--api-keys", str(keys)], env={"UNIOPD_API_KEYS": ENV_KEY}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model):
+    args = ["--max-queue-items", "8", "--max-batch-items", "8", "--batch-wait-ms", "1500", "--max-body-bytes",
+            "20000", "--max-request-tokens", "300"]
+    with start_teacher(tiny_model, "hf", args) as server:
+        yield server
+
+
+BODY = {"items": [{"input_ids": [1, 2, 3, 4], "response_start": 2}]}
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/generate", "/v1/completions"])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", f"Basic {FILE_KEY}", f"Bearer {FILE_KEY}x"])
+def test_scoring_routes_refuse_without_a_valid_key(guarded, path, header):
+    headers = {"Authorization": header} if header else {}
+    resp = httpx.post(guarded.url + path, json=BODY, headers=headers)
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "unauthorized" and resp.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("key", [FILE_KEY, ENV_KEY])
+def test_keys_from_file_and_env_are_accepted(guarded, key):
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(guarded.url + "/v1/score", json=BODY, headers=headers).status_code == 200
+    assert httpx.get(guarded.url + "/v1/info", headers=headers).status_code == 200
+
+
+def test_probes_need_no_key(guarded):
+    assert httpx.get(guarded.url + "/v1/info").status_code == 401
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(guarded.url + path).status_code == 200
+
+
+def test_openapi_declares_bearer_auth(guarded):
+    spec = httpx.get(guarded.url + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/score"]["post"]["security"] == [{"HTTPBearer": []}]
+
+
+def test_declared_body_over_limit(limited):
+    resp = httpx.post(limited.url + "/v1/score", content=b"x" * 20001, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+def test_streamed_body_over_limit(limited):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 1000
+
+    resp = httpx.post(limited.url + "/v1/score", content=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+def test_too_many_items_and_tokens(limited):
+    many = {"items": [{"input_ids": [1, 2], "response_start": 1}] * 9}
+    resp = httpx.post(limited.url + "/v1/score", json=many)
+    assert resp.status_code == 413 and resp.json()["error"] == {
+        "code": "batch_too_large", "message": "9 items; limit is 8", "field": "items"}
+    long = {"items": [{"input_ids": [1] * 200, "response_start": 1}] * 2}
+    resp = httpx.post(limited.url + "/v1/score", json=long)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+
+def test_full_queue_answers_429_and_recovers(limited):
+    big = encode_score_request(random_items(np.random.default_rng(0), 8, lo=4, hi=30), binary=True)
+    small = encode_score_request(random_items(np.random.default_rng(1), 1, lo=4, hi=30), binary=True)
+    headers = {"Content-Type": MSGPACK}
+
+    async def go():
+        async with httpx.AsyncClient(base_url=limited.url, timeout=30) as client:
+            first = asyncio.create_task(client.post("/v1/score", content=big, headers=headers))
+            await asyncio.sleep(0.5)  # the 8 items now fill the queue while the batcher waits for more
+            refused = await client.post("/v1/score", content=small, headers=headers)
+            return await first, refused
+
+    first, refused = asyncio.run(go())
+    assert first.status_code == 200
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert httpx.post(limited.url + "/v1/score", content=small, headers=headers).status_code == 200
+    assert 'uniopd_requests_total{route="/v1/score",status="429"} 1.0' in httpx.get(limited.url + "/metrics").text

@@ -1,0 +1,62 @@
+"""Tiny models are deterministic and loadable; CLI mistakes are reported naming the option."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from proto.fingerprint import model_revision, tokenizer_fingerprint
+from uniopd.cli import main
+
+
+def test_same_seed_same_model_other_seed_other_weights(tmp_path):
+    a = main(["models", "tiny", "--out", str(tmp_path / "a"), "--seed", "3"])
+    main(["models", "tiny", "--out", str(tmp_path / "b"), "--seed", "3"])
+    main(["models", "tiny", "--out", str(tmp_path / "c"), "--seed", "4"])
+    assert a is None
+    assert model_revision(tmp_path / "a") == model_revision(tmp_path / "b") != model_revision(tmp_path / "c")
+
+
+def test_llama_arch_loads_with_chat_template(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main(["models", "tiny", "--arch", "llama", "--out", str(tmp_path / "l")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "l")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "l")
+    assert model.config.model_type == "llama" and model.config.head_dim >= 32
+    text = tok.apply_chat_template([{"role": "user", "content": "2 + 2"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and max(ids) < model.config.vocab_size
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), model.config.vocab_size)
+    assert len(tokenizer_fingerprint(tok)) == 64
+
+
+def _cli_error(args: list[str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "uniopd", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["teacher", "serve", "--model", "/nonexistent"], "--model"),
+    (["teacher", "serve", "--model", ".", "--backend", "tgi"], "--backend"),
+    (["teacher", "serve", "--model", ".", "--max-top-k", "0"], "--max-top-k"),
+    (["models", "tiny", "--out", "/tmp/x", "--hidden", "100"], "--hidden"),
+    (["models", "tiny", "--out", "/tmp/x", "--arch", "gpt2"], "--arch"),
+])
+def test_cli_errors_name_the_option(args, named):
+    assert named in _cli_error(args)
+
+
+def test_serve_refuses_missing_key_file(tiny_model):
+    assert "--api-keys" in _cli_error(["teacher", "serve", "--model", str(tiny_model), "--api-keys", "/no/such"])
+
+
+def test_models_tiny_refuses_to_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("data")
+    assert "--out" in _cli_error(["models", "tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "keep.txt").read_text() == "data"

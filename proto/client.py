@@ -17,8 +17,8 @@ class TeacherClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = client or httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
         self.binary = binary
-        self.last_request_bytes = 0
-        self.last_response_bytes = 0
+        self.bytes_sent = 0  # scoring bodies, cumulative: what the encoding costs on the wire
+        self.bytes_received = 0
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -49,5 +49,6 @@ class TeacherClient:
         body = encode_score_request(items, self.binary)
         resp = await self._http.post("/v1/score", content=body, headers={"Content-Type": kind, "Accept": kind})
         self._raise_for(resp)
-        self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+        self.bytes_sent += len(body)
+        self.bytes_received += len(resp.content)
         return decode_score_response(resp.content, resp.headers.get("content-type"))

@@ -64,7 +64,7 @@ def test_json_and_binary_are_identical(teacher):
     async def go(binary):
         async with TeacherClient(teacher.url, binary=binary) as client:
             fp, spans = await client.score(items)
-            return fp, spans, client.last_response_bytes
+            return fp, spans, client.bytes_received
 
     fp_json, json_spans, json_bytes = asyncio.run(go(False))
     fp_bin, bin_spans, bin_bytes = asyncio.run(go(True))

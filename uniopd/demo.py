@@ -43,4 +43,4 @@ async def run_demo(cache: Path, backend: str = "hf") -> None:
         print(f"{token!r:>14} {lp:16.4f}   {bin_span.top_k_ids[j].tolist()}")
     same = (json_span.logprobs == bin_span.logprobs).all()
     print(f"JSON and msgpack scores identical: {bool(same)}; "
-          f"bytes on the wire: JSON {as_json.last_response_bytes}, msgpack {as_msgpack.last_response_bytes}")
+          f"bytes on the wire: JSON {as_json.bytes_received}, msgpack {as_msgpack.bytes_received}")

@@ -62,8 +62,8 @@ def _add_teacher_serve(sub) -> None:
 def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     import uvicorn
 
+    from services.common.auth import load_api_keys
     from services.teacher_server.app import create_app
-    from services.teacher_server.auth import load_api_keys
     from services.teacher_server.backends import load_scorer
     from services.teacher_server.limits import Limits
 

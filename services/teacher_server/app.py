@@ -7,48 +7,19 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, Request, Response
 
 from proto.codec import ScoredSpan, decode_score_request, encode_score_response, wants_msgpack
-from proto.errors import ApiError, field_path
+from proto.errors import ApiError
 from proto.fingerprint import make_fingerprint
-from proto.schemas import (
-    API_VERSION,
-    JSON,
-    MSGPACK,
-    ErrorBody,
-    Fingerprint,
-    ScoreItem,
-    ScoreRequest,
-    ScoreResponse,
-    TeacherInfo,
-)
-from services.teacher_server.auth import ApiKeyChecker
+from proto.schemas import API_VERSION, JSON, MSGPACK, Fingerprint, ScoreItem, ScoreRequest, ScoreResponse, TeacherInfo
+from services.common.http import bearer_auth, error_responses, finish_app, install_error_handlers
 from services.teacher_server.batcher import MicroBatcher, QueueFull
-from services.teacher_server.limits import BodyLimitMiddleware, Limits, validate_items
-from services.teacher_server.metrics import Metrics, MetricsMiddleware
+from services.teacher_server.limits import Limits, validate_items
+from services.teacher_server.metrics import Metrics
 from services.teacher_server.scorer import Scorer
 
 log = logging.getLogger("uniopd.teacher")
-
-ERRORS = {
-    400: "Malformed body or unsupported operation",
-    401: "Missing or invalid API key",
-    413: "Body, batch or request token count over the limit",
-    415: "Unsupported Content-Type",
-    422: "A field is invalid (the error names it)",
-    429: "Queue full; retry after the Retry-After seconds",
-    503: "Model not loaded yet",
-}
-
-
-def error_responses(*codes: int) -> dict:
-    return {c: {"model": ErrorBody, "description": ERRORS[c]} for c in codes}
-
 
 class TeacherService:
     """Holds the scorer once loaded; every scoring route goes through `score`."""
@@ -106,53 +77,6 @@ class TeacherService:
                            domains=self.domains, fingerprint=self.fingerprint, limits=self.limits.as_dict())
 
 
-_UNSUPPORTED = {"literal_error", "extra_forbidden"}
-
-
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        if err.get("type") == "json_invalid":
-            return _error_response(ApiError(400, "malformed_body", "body is not valid JSON"))
-        loc = tuple(err.get("loc", ()))
-        field = field_path(loc[1:] if loc[:1] == ("body",) else loc) or None
-        if err.get("type") in _UNSUPPORTED:  # a value or field outside the scoring subset of a compat API
-            return _error_response(ApiError(400, "unsupported", f"{field}: {err.get('msg')}; this teacher only "
-                                            "scores token ids", field))
-        return _error_response(ApiError(422, "invalid_field", f"{field or 'body'}: {err.get('msg')}", field))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers))
-
-    @app.exception_handler(Exception)
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error_response(ApiError(500, "internal", f"{type(exc).__name__}: scoring failed"))
-
-
-def _auth_dependency(api_keys: Sequence[str]) -> list:
-    if not api_keys:
-        return []
-    checker = ApiKeyChecker(list(api_keys))
-    bearer = HTTPBearer(auto_error=False, description="API key from the server's --api-keys file or env")
-
-    def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        checker.check(creds.credentials if creds else None)
-
-    return [Depends(require_key)]
-
-
 def _install_openapi(app: FastAPI, service: TeacherService) -> None:
     """Publish the JSON schema of /v1/score's body (the route parses it itself to negotiate encodings), with the
     limits of the model actually served once it is loaded, so the schema says what this server accepts."""
@@ -200,7 +124,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     app = FastAPI(title="uniopd teacher", version=API_VERSION, lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    auth = _auth_dependency(api_keys)
+    auth = bearer_auth(api_keys)
 
     @app.get("/healthz", responses=error_responses(400))
     async def healthz() -> dict[str, str]:
@@ -238,7 +162,5 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
 
     app.include_router(compat_router(service), dependencies=auth)
     _install_openapi(app, service)
-    routes = {r.path for r in app.routes}
-    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=routes)  # outermost: sees every 413
+    finish_app(app, service.metrics, service.limits.max_body_bytes)
     return app

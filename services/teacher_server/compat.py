@@ -30,6 +30,7 @@ from pydantic import (
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TokenId
+from services.common.http import error_responses
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
 Sequence_ = Annotated[list[TokenId], Field(min_length=2)]
@@ -248,8 +249,6 @@ def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
 
 
 def compat_router(service) -> APIRouter:
-    from services.teacher_server.app import error_responses
-
     router = APIRouter(tags=["compatibility"])
 
     @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},

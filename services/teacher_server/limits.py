@@ -1,8 +1,7 @@
-"""Request limits: body size (enforced while the body streams in) and the checks of items against the model."""
+"""The teacher's request limits and the checks of score items against the served model."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -51,37 +50,3 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits)
                            f"{where}.input_ids[{j}]")
     if total > limits.max_request_tokens:
         raise ApiError(413, "request_too_large", f"{total} tokens; limit is {limits.max_request_tokens}", "items")
-
-
-class BodyLimitMiddleware:
-    """413 before reading a declared-too-large body, and as soon as a chunked body crosses the limit."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _send_error(send, ApiError(413, "body_too_large", f"body exceeds {self.max_bytes} bytes"))
-            return
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, "body_too_large", f"body exceeds {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-async def _send_error(send, err: ApiError) -> None:
-    body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

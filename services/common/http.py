@@ -1,0 +1,166 @@
+"""Shared FastAPI plumbing: the error shape, bearer auth, body-size limit and per-route request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proto.errors import ApiError, field_path
+from proto.schemas import ErrorBody
+from services.common.auth import ApiKeyChecker
+
+log = logging.getLogger("uniopd.http")
+
+ERRORS = {
+    400: "Malformed body or unsupported operation",
+    401: "Missing or invalid API key",
+    409: "Conflicts with the server's state",
+    413: "Body, batch or request token count over the limit",
+    415: "Unsupported Content-Type",
+    422: "A field is invalid (the error names it)",
+    429: "Queue full; retry after the Retry-After seconds",
+    503: "Model not loaded yet",
+}
+_UNSUPPORTED = {"literal_error", "extra_forbidden"}
+
+
+def error_responses(*codes: int) -> dict:
+    return {c: {"model": ErrorBody, "description": ERRORS[c]} for c in codes}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        if err.get("type") == "json_invalid":
+            return error_response(ApiError(400, "malformed_body", "body is not valid JSON"))
+        loc = tuple(err.get("loc", ()))
+        field = field_path(loc[1:] if loc[:1] == ("body",) else loc) or None
+        if err.get("type") in _UNSUPPORTED:  # a value or field outside what this server implements
+            return error_response(ApiError(400, "unsupported", f"{field}: {err.get('msg')}; not supported here",
+                                           field))
+        return error_response(ApiError(422, "invalid_field", f"{field or 'body'}: {err.get('msg')}", field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(ApiError(500, "internal", f"{type(exc).__name__}: the server failed"))
+
+
+def bearer_auth(api_keys: Sequence[str], scheme_name: str = "HTTPBearer", description: str = "API key") -> list:
+    """Route dependencies that demand one of `api_keys`; none when there are no keys (auth disabled)."""
+    if not api_keys:
+        return []
+    checker = ApiKeyChecker(list(api_keys))
+    bearer = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=description)
+
+    def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        checker.check(creds.credentials if creds else None)
+
+    return [Depends(require_key)]
+
+
+class HttpMetrics:
+    """Own registry per app, so several apps can live in one process (tests, benches)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("uniopd_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("uniopd_request_latency_seconds", "Request latency by route", ["route"],
+                                 registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response by route template and status; unknown paths share one label (fuzzers can't blow it up)."""
+
+    def __init__(self, app, metrics: HttpMetrics, routes: set[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class BodyLimitMiddleware:
+    """413 before reading a declared-too-large body, and as soon as a chunked body crosses the limit.
+
+    `overrides` maps a path to its own limit (e.g. a weight upload may be far larger than a scoring request)."""
+
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.overrides.get(scope["path"], self.max_bytes)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _send_error(send, ApiError(413, "body_too_large", f"body exceeds {limit} bytes"))
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _send_error(send, err: ApiError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def finish_app(app: FastAPI, metrics: HttpMetrics, max_body_bytes: int,
+               overrides: dict[str, int] | None = None) -> None:
+    """Add the middlewares once all routes exist (metrics outermost, so it sees every 413)."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes={r.path for r in app.routes})

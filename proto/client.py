@@ -1,4 +1,4 @@
-"""A thin async client for the teacher API, needing only this package (no torch)."""
+"""Thin async clients for the teacher and rollout APIs, needing only this package (no torch)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import httpx
 
 from proto.codec import ScoredSpan, decode_score_response, encode_score_request
 from proto.errors import ApiError
+from proto.rollout import GenerateRequest, RolloutInfo, Rollouts, WeightsLoaded, decode_generate_response
 from proto.schemas import JSON, MSGPACK, Fingerprint, ScoreItem, TeacherInfo
 
 
-class TeacherClient:
-    def __init__(self, base_url: str, api_key: str | None = None, binary: bool = True, timeout: float = 60.0,
-                 client: httpx.AsyncClient | None = None) -> None:
+class _Client:
+    def __init__(self, base_url: str, api_key: str | None, binary: bool, timeout: float,
+                 client: httpx.AsyncClient | None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = client or httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
         self.binary = binary
-        self.bytes_sent = 0  # scoring bodies, cumulative: what the encoding costs on the wire
-        self.bytes_received = 0
 
-    async def __aenter__(self) -> TeacherClient:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *_) -> None:
@@ -31,6 +30,7 @@ class TeacherClient:
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
+        """Turn an error response back into the ApiError the server raised."""
         if resp.status_code < 400:
             return
         try:
@@ -39,16 +39,58 @@ class TeacherClient:
             raise ApiError(resp.status_code, "http_error", resp.text[:200]) from None
         raise ApiError(resp.status_code, err["code"], err["message"], err.get("field"), dict(resp.headers))
 
+    @property
+    def _kind(self) -> str:
+        return MSGPACK if self.binary else JSON
+
+
+class TeacherClient(_Client):
+    def __init__(self, base_url: str, api_key: str | None = None, binary: bool = True, timeout: float = 60.0,
+                 client: httpx.AsyncClient | None = None) -> None:
+        super().__init__(base_url, api_key, binary, timeout, client)
+        self.bytes_sent = 0  # scoring bodies, cumulative: what the encoding costs on the wire
+        self.bytes_received = 0
+
     async def info(self) -> TeacherInfo:
         resp = await self._http.get("/v1/info")
         self._raise_for(resp)
         return TeacherInfo.model_validate_json(resp.content)
 
     async def score(self, items: Sequence[ScoreItem]) -> tuple[Fingerprint, list[ScoredSpan]]:
-        kind = MSGPACK if self.binary else JSON
         body = encode_score_request(items, self.binary)
-        resp = await self._http.post("/v1/score", content=body, headers={"Content-Type": kind, "Accept": kind})
+        resp = await self._http.post("/v1/score", content=body,
+                                     headers={"Content-Type": self._kind, "Accept": self._kind})
         self._raise_for(resp)
         self.bytes_sent += len(body)
         self.bytes_received += len(resp.content)
         return decode_score_response(resp.content, resp.headers.get("content-type"))
+
+
+class RolloutClient(_Client):
+    def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None, binary: bool = True,
+                 timeout: float = 600.0, client: httpx.AsyncClient | None = None) -> None:
+        super().__init__(base_url, api_key, binary, timeout, client)
+        self._admin = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+
+    async def info(self) -> RolloutInfo:
+        resp = await self._http.get("/v1/info")
+        self._raise_for(resp)
+        return RolloutInfo.model_validate_json(resp.content)
+
+    async def generate(self, request: GenerateRequest) -> Rollouts:
+        resp = await self._http.post("/v1/generate", content=request.model_dump_json(exclude_none=True),
+                                     headers={"Content-Type": JSON, "Accept": self._kind})
+        self._raise_for(resp)
+        return decode_generate_response(resp.content, resp.headers.get("content-type"))
+
+    async def push_weights(self, safetensors: bytes) -> WeightsLoaded:
+        """Upload new student weights (safetensors bytes); needs the admin key."""
+        resp = await self._http.post("/v1/weights", content=safetensors,
+                                     headers={"Content-Type": "application/octet-stream", **self._admin})
+        self._raise_for(resp)
+        return WeightsLoaded.model_validate_json(resp.content)
+
+    async def load_weights_from(self, path: str) -> WeightsLoaded:
+        resp = await self._http.post("/v1/weights", json={"path": path}, headers=self._admin)
+        self._raise_for(resp)
+        return WeightsLoaded.model_validate_json(resp.content)

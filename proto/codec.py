@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgpack
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from proto.errors import ApiError, field_path
 from proto.schemas import API_VERSION, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
@@ -49,12 +49,20 @@ def wants_msgpack(accept: str | None) -> bool:
     return bool(accept) and any(media_type(part) in MSGPACK_ALIASES for part in accept.split(","))
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError) -> ApiError:
+    """A pydantic error as the API's error: 400 for unparseable JSON, else 422 naming the first bad field."""
     err = exc.errors(include_url=False)[0]
     if err["type"] == "json_invalid":
         return ApiError(400, "malformed_body", f"body is not valid JSON: {err['msg']}")
     field = field_path(err["loc"]) or None
     return ApiError(422, "invalid_field", f"{field or 'body'}: {err['msg']}", field)
+
+
+def parse_json(model: type[BaseModel], body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 def _unpack_ids(raw: object, where: str) -> object:
@@ -83,7 +91,7 @@ def decode_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
                     item["input_ids"] = _unpack_ids(item["input_ids"], f"items[{i}].input_ids")
         return ScoreRequest.model_validate(obj)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
 
 
 def encode_score_request(items: Sequence[ScoreItem], binary: bool) -> bytes:

@@ -13,13 +13,28 @@ from pathlib import Path
 
 import httpx
 
+from uniopd.launch import start_rollout
 
-def test_schemathesis_finds_no_server_errors(teacher, tmp_path):
+
+def fuzz(server, workdir: Path, headers: tuple[str, ...] = ()) -> None:
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert st, "schemathesis is a dev dependency"
-    cmd = [st, "run", f"{teacher.url}/openapi.json", "--checks", "all", "--exclude-checks",
+    cmd = [st, "run", f"{server.url}/openapi.json", "--checks", "all", "--exclude-checks",
            "positive_data_acceptance", "--max-examples", "40", "--seed", "1", "--no-color"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    for h in headers:
+        cmd += ["--header", h]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=workdir)
     assert done.returncode == 0, done.stdout[-6000:]
-    assert "Traceback" not in teacher.log()
-    assert httpx.get(teacher.url + "/healthz").status_code == 200
+    assert "Traceback" not in server.log()
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_teacher_schema_fuzz_finds_no_server_errors(teacher, tmp_path):
+    fuzz(teacher, tmp_path)
+
+
+def test_rollout_schema_fuzz_finds_no_server_errors(tiny_model, tmp_path):
+    (tmp_path / "admin").write_text("fuzz-admin")
+    args = ["--admin-keys", str(tmp_path / "admin"), "--weights-root", str(tmp_path), "--max-n", "4"]
+    with start_rollout(tiny_model, "hf", args, log_dir=tmp_path) as server:
+        fuzz(server, tmp_path, ("Authorization: Bearer fuzz-admin",))

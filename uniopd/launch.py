@@ -48,9 +48,20 @@ class ServerProcess:
 def start_teacher(model_dir: str | Path, backend: str = "hf", args: list[str] | None = None,
                   log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
     """`uniopd teacher serve` on a free loopback port; returns once /readyz answers 200."""
+    return start_server("teacher", model_dir, backend, args, log_dir, timeout, env)
+
+
+def start_rollout(model_dir: str | Path, backend: str = "hf", args: list[str] | None = None,
+                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
+    """`uniopd rollout serve` on a free loopback port; returns once /readyz answers 200."""
+    return start_server("rollout", model_dir, backend, args, log_dir, timeout, env)
+
+
+def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str] | None, log_dir: str | Path | None,
+                 timeout: float, env: dict | None) -> ServerProcess:
     port = free_port()
-    log_path = Path(log_dir or "/tmp") / f"uniopd-teacher-{backend}-{port}.log"
-    cmd = [sys.executable, "-m", "uniopd", "teacher", "serve", "--model", str(model_dir), "--backend", backend,
+    log_path = Path(log_dir or "/tmp") / f"uniopd-{kind}-{backend}-{port}.log"
+    cmd = [sys.executable, "-m", "uniopd", kind, "serve", "--model", str(model_dir), "--backend", backend,
            "--host", "127.0.0.1", "--port", str(port), *(args or [])]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -58,7 +69,7 @@ def start_teacher(model_dir: str | Path, backend: str = "hf", args: list[str] | 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"teacher exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            raise RuntimeError(f"{kind} server exited with {proc.returncode}:\n{server.log()[-4000:]}")
         try:
             resp = httpx.get(f"{server.url}/readyz", timeout=2)
         except httpx.HTTPError:
@@ -67,7 +78,7 @@ def start_teacher(model_dir: str | Path, backend: str = "hf", args: list[str] | 
             return server
         if resp is not None and resp.json().get("error", {}).get("code") == "load_failed":
             server.stop()
-            raise RuntimeError(f"teacher failed to load its model: {resp.json()['error']['message']}")
+            raise RuntimeError(f"{kind} server failed to load its model: {resp.json()['error']['message']}")
         time.sleep(0.2)
     server.stop()
-    raise TimeoutError(f"teacher not ready after {timeout}s:\n{server.log()[-4000:]}")
+    raise TimeoutError(f"{kind} server not ready after {timeout}s:\n{server.log()[-4000:]}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from proto.errors import ApiError
 
 API_KEYS_ENV = "UNIOPD_API_KEYS"
+ADMIN_KEYS_ENV = "UNIOPD_ADMIN_KEYS"
 
 
 def load_api_keys(path: str | Path | None, env: str = API_KEYS_ENV) -> list[str]:

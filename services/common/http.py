@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ log = logging.getLogger("uniopd.http")
 ERRORS = {
     400: "Malformed body or unsupported operation",
     401: "Missing or invalid API key",
+    403: "The operation is disabled on this server",
     409: "Conflicts with the server's state",
     413: "Body, batch or request token count over the limit",
     415: "Unsupported Content-Type",
@@ -157,6 +158,28 @@ async def _send_error(send, err: ApiError) -> None:
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def publish_schemas(app: FastAPI, *models, refine: Callable[[dict], bool] | None = None) -> None:
+    """Routes that parse their own body (to negotiate encodings) still publish its JSON schema in the OpenAPI.
+
+    `refine(components)` may tighten the schemas (e.g. with a loaded model's limits); it returns False while the
+    result is provisional, so the schema is built again on the next request."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[model.__name__] = js
+        app.openapi_schema = schema if refine is None or refine(components) else None
+        return schema
+
+    app.openapi = openapi
 
 
 def finish_app(app: FastAPI, metrics: HttpMetrics, max_body_bytes: int,

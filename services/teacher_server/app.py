@@ -13,7 +13,7 @@ from proto.codec import ScoredSpan, decode_score_request, encode_score_response,
 from proto.errors import ApiError
 from proto.fingerprint import make_fingerprint
 from proto.schemas import API_VERSION, JSON, MSGPACK, Fingerprint, ScoreItem, ScoreRequest, ScoreResponse, TeacherInfo
-from services.common.http import bearer_auth, error_responses, finish_app, install_error_handlers
+from services.common.http import bearer_auth, error_responses, finish_app, install_error_handlers, publish_schemas
 from services.teacher_server.batcher import MicroBatcher, QueueFull
 from services.teacher_server.limits import Limits, validate_items
 from services.teacher_server.metrics import Metrics
@@ -77,32 +77,21 @@ class TeacherService:
                            domains=self.domains, fingerprint=self.fingerprint, limits=self.limits.as_dict())
 
 
-def _install_openapi(app: FastAPI, service: TeacherService) -> None:
-    """Publish the JSON schema of /v1/score's body (the route parses it itself to negotiate encodings), with the
-    limits of the model actually served once it is loaded, so the schema says what this server accepts."""
-    base = app.openapi
+def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
+    """Once the model is loaded, the schema states this server's vocab, lengths and top-k."""
 
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = base()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        js = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(js.pop("$defs", {}))
-        components["ScoreRequest"] = js
+    def refine(components: dict) -> bool:
         if service.scorer is None:
-            app.openapi_schema = None  # regenerate with the model's limits once it is loaded
-            return schema
+            return False
         info, item = service.scorer.info(), components["ScoreItem"]["properties"]
         item["input_ids"]["items"]["maximum"] = info.vocab_size - 1
         item["input_ids"]["maxItems"] = info.max_length
         item["response_start"]["maximum"] = info.max_length - 1
         item["top_k"]["maximum"] = info.max_top_k
-        js["properties"]["items"]["maxItems"] = service.limits.max_batch_items
-        app.openapi_schema = schema
-        return schema
+        components["ScoreRequest"]["properties"]["items"]["maxItems"] = service.limits.max_batch_items
+        return True
 
-    app.openapi = openapi
+    return refine
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -161,6 +150,6 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         return Response(body, media_type=MSGPACK if binary else JSON)
 
     app.include_router(compat_router(service), dependencies=auth)
-    _install_openapi(app, service)
+    publish_schemas(app, ScoreRequest, refine=_live_limits(service))
     finish_app(app, service.metrics, service.limits.max_body_bytes)
     return app

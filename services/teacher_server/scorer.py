@@ -8,18 +8,12 @@ from typing import Protocol
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
+from services.common.models import ModelInfo
 
 
 @dataclass(frozen=True)
-class ScorerInfo:
-    model: str
-    revision: str
-    tokenizer_fingerprint: str
-    vocab_size: int
-    max_length: int
-    max_top_k: int
-    dtype: str
-    backend: str
+class ScorerInfo(ModelInfo):
+    max_top_k: int = 20
 
 
 class Scorer(Protocol):

@@ -7,7 +7,6 @@ from pathlib import Path
 from services.teacher_server.scorer import Scorer
 
 BACKENDS = ("hf", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_scorer(backend: str, model_dir: str | Path, dtype: str, max_length: int | None, max_top_k: int,

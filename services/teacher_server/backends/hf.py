@@ -9,16 +9,8 @@ import torch
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
-from services.teacher_server.backends.common import describe
+from services.common.models import describe, load_hf_model
 from services.teacher_server.scorer import ScorerInfo
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -36,14 +28,12 @@ def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]
 class HFScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
                  max_length: int | None = None, max_top_k: int = 20, forward_tokens: int = 16384) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.device = resolve_device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_TORCH_DTYPES[dtype]).to(self.device)
-        self.model.eval()
+        self.model = load_hf_model(model_dir, dtype, device)
+        self.device = self.model.device
         limit = self.model.config.max_position_embeddings
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        self._info = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit), max_top_k)
+        base = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit))
+        self._info = ScorerInfo(**vars(base), max_top_k=max_top_k)
         self.forward_tokens = forward_tokens
 
     def info(self) -> ScorerInfo:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,29 +9,15 @@ import numpy as np
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
-from services.teacher_server.backends.common import describe
+from services.common.models import describe, make_vllm_engine
 from services.teacher_server.scorer import ScorerInfo
 
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
                  max_top_k: int = 20) -> None:
-        # In-process engine: the server already runs scoring on one worker thread, and start-up halves.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        import torch
-        from transformers import AutoConfig
-        from vllm import LLM
-
-        if dtype == "bfloat16" and not torch.cuda.is_available():
-            # vllm-cpu's in-process engine dies with SIGILL on bf16 unless a bf16 matmul ran first in the process.
-            torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
-        config = AutoConfig.from_pretrained(model_dir)
-        limit = config.max_position_embeddings - 1  # one slot for the single token vLLM must generate
-        length = min(max_length or limit, limit)
-        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=length + 1, max_logprobs=max_top_k,
-                       enforce_eager=not torch.cuda.is_available(), seed=0)
-        self._info = describe(model_dir, "vllm", dtype, config.vocab_size, length, max_top_k)
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_top_k)
+        self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k)
 
     def info(self) -> ScorerInfo:
         return self._info

@@ -1,0 +1,169 @@
+"""The rollout (student sampling) API v1: request/response models and the binary response encoding.
+
+Binary response: {"api_version", "model", "weight_version", "n",
+                  "prompt_lengths": bin<int32[P]>, "prompt_ids": bin<int32[sum]>,
+                  "lengths": bin<int32[P*n]>, "token_ids": bin<int32[sum]>, "logprobs": bin<float32[sum]>,
+                  "finish_reasons": [str, ...]}      completions are prompt-major: completion j of prompt i is i*n+j.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+
+from proto.codec import media_type
+from proto.schemas import API_VERSION, MSGPACK_ALIASES, TokenId
+
+_I4 = np.dtype("<i4")
+_F4 = np.dtype("<f4")
+
+FinishReason = Literal["stop", "length"]
+Number = StrictFloat | StrictInt
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """Prompts as token ids or as chat conversations (rendered with the model's chat template); exactly one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[Annotated[list[TokenId], Field(min_length=1)]] | None = Field(default=None, min_length=1)
+    messages: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = Field(default=None, min_length=1)
+    n: StrictInt = Field(default=1, ge=1, le=2**31 - 1)
+    temperature: Number = Field(default=1.0, ge=0, le=100)
+    top_p: Number = Field(default=1.0, gt=0, le=1)
+    top_k: StrictInt = Field(default=0, ge=0, le=2**31 - 1, description="0 = no top-k filtering.")
+    max_tokens: StrictInt = Field(ge=1, le=2**31 - 1)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, description="Stop tokens besides the model's EOS.")
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _one_prompt_form(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompts (token ids) or messages (chat)")
+        return self
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts if self.prompts is not None else self.messages)
+
+
+class Completion(BaseModel):
+    token_ids: list[int]
+    logprobs: list[float] = Field(description="The sampler's log-prob of each generated token (raw, no temperature).")
+    finish_reason: FinishReason
+
+
+class GenerateResponse(BaseModel):
+    api_version: str = API_VERSION
+    model: str
+    weight_version: int = Field(description="Incremented by every weight update; the version that sampled these.")
+    prompt_ids: list[list[int]] = Field(description="The prompts as token ids (rendered when sent as messages).")
+    completions: list[list[Completion]] = Field(description="completions[i][j]: sample j of prompt i.")
+
+
+class RolloutInfo(BaseModel):
+    api_version: str = API_VERSION
+    model: str
+    revision: str = Field(description="sha256 of the config and weights the server started from.")
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_length: int
+    dtype: str
+    backend: str
+    weight_version: int
+    eos_token_ids: list[int]
+    limits: dict[str, int]
+
+
+class WeightsFromPath(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="A .safetensors file or a directory of them, under --weights-root.")
+
+
+class WeightsLoaded(BaseModel):
+    weight_version: int
+    tensors: int
+    bytes: int
+
+
+@dataclass
+class Sample:
+    """One generated completion, as backends produce it and clients receive it."""
+
+    token_ids: np.ndarray  # int32
+    logprobs: np.ndarray  # float32
+    finish_reason: str
+
+
+@dataclass
+class Rollouts:
+    model: str
+    weight_version: int
+    prompt_ids: list[np.ndarray]
+    samples: list[list[Sample]]
+
+
+def encode_generate_response(r: Rollouts, binary: bool) -> bytes:
+    flat = [s for group in r.samples for s in group]
+    if binary:
+        def cat(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
+            return np.concatenate(arrays).astype(dtype, copy=False).tobytes() if arrays else b""
+
+        return msgpack.packb({
+            "api_version": API_VERSION, "model": r.model, "weight_version": r.weight_version,
+            "n": len(r.samples[0]) if r.samples else 0,
+            "prompt_lengths": np.array([len(p) for p in r.prompt_ids], dtype=_I4).tobytes(),
+            "prompt_ids": cat(r.prompt_ids, _I4),
+            "lengths": np.array([len(s.token_ids) for s in flat], dtype=_I4).tobytes(),
+            "token_ids": cat([s.token_ids for s in flat], _I4),
+            "logprobs": cat([s.logprobs for s in flat], _F4),
+            "finish_reasons": [s.finish_reason for s in flat],
+        })
+    return json.dumps({
+        "api_version": API_VERSION, "model": r.model, "weight_version": r.weight_version,
+        "prompt_ids": [p.tolist() for p in r.prompt_ids],
+        "completions": [[{"token_ids": s.token_ids.tolist(), "logprobs": s.logprobs.tolist(),
+                          "finish_reason": s.finish_reason} for s in group] for group in r.samples],
+    }, separators=(",", ":")).encode()
+
+
+def decode_generate_response(body: bytes, content_type: str | None) -> Rollouts:
+    if media_type(content_type) not in MSGPACK_ALIASES:
+        obj = GenerateResponse.model_validate_json(body)
+        samples = [[Sample(np.array(c.token_ids, dtype=_I4), np.array(c.logprobs, dtype=_F4), c.finish_reason)
+                    for c in group] for group in obj.completions]
+        return Rollouts(obj.model, obj.weight_version, [np.array(p, dtype=_I4) for p in obj.prompt_ids], samples)
+    obj = msgpack.unpackb(body, raw=False)
+    split = _splitter(obj)
+    prompts = split("prompt_ids", "prompt_lengths", _I4)
+    tokens = split("token_ids", "lengths", _I4)
+    logprobs = split("logprobs", "lengths", _F4)
+    flat = [Sample(t, lp, f) for t, lp, f in zip(tokens, logprobs, obj["finish_reasons"], strict=True)]
+    n = obj["n"]
+    return Rollouts(obj["model"], obj["weight_version"], prompts, [flat[i:i + n] for i in range(0, len(flat), n)])
+
+
+def _splitter(obj: dict):
+    def split(values: str, lengths: str, dtype: np.dtype) -> list[np.ndarray]:
+        sizes = np.frombuffer(obj[lengths], dtype=_I4)
+        return np.split(np.frombuffer(obj[values], dtype=dtype), np.cumsum(sizes)[:-1]) if len(sizes) else []
+
+    return split
+
+
+def response_tokens(samples: Sequence[Sequence[Sample]]) -> int:
+    return sum(len(s.token_ids) for group in samples for s in group)

@@ -1,0 +1,55 @@
+"""The generator protocol every rollout backend implements; routes only ever see this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proto.rollout import Sample
+from services.common.models import ModelInfo
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratorInfo(ModelInfo):
+    eos_token_ids: tuple[int, ...] = ()
+
+
+class Generator(Protocol):
+    def info(self) -> GeneratorInfo: ...
+
+    def generate(self, prompts: list[list[int]], options: SamplingOptions) -> list[list[Sample]]:
+        """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token."""
+        ...
+
+    def load_weights(self, tensors: dict) -> None:
+        """Replace (some of) the weights in place; names and shapes are already validated."""
+        ...
+
+
+def eos_ids(model_dir) -> tuple[int, ...]:
+    """EOS ids from generation_config and the tokenizer, which disagree for some chat models."""
+    from transformers import GenerationConfig
+
+    from services.common.models import load_tokenizer
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    tok = load_tokenizer(model_dir)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return tuple(sorted(ids))

@@ -1,0 +1,40 @@
+"""The rollout server's request limits and the checks of a generate request against the served model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from proto.errors import ApiError
+from services.rollout_server.generator import GeneratorInfo
+
+
+@dataclass(frozen=True)
+class RolloutLimits:
+    max_body_bytes: int = 16 << 20
+    max_weights_bytes: int = 16 << 30
+    max_prompts: int = 4096
+    max_n: int = 64
+    max_pending_requests: int = 64
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in asdict(self).items()}
+
+
+def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids: list[int], info: GeneratorInfo,
+                     limits: RolloutLimits) -> None:
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(413, "batch_too_large", f"{len(prompts)} prompts; limit is {limits.max_prompts}", "prompts")
+    if n > limits.max_n:
+        raise ApiError(422, "invalid_field", f"n must be <= {limits.max_n}", "n")
+    for i, p in enumerate(prompts):
+        if len(p) + max_tokens > info.max_length:
+            raise ApiError(422, "too_long", f"prompts[{i}] has {len(p)} tokens; with max_tokens {max_tokens} that "
+                           f"exceeds the max length {info.max_length}", f"prompts[{i}]")
+        for j, t in enumerate(p):
+            if t >= info.vocab_size:
+                raise ApiError(422, "invalid_token", f"prompts[{i}][{j}] = {t} is outside [0, {info.vocab_size})",
+                               f"prompts[{i}][{j}]")
+    for j, t in enumerate(stop_ids):
+        if t >= info.vocab_size:
+            raise ApiError(422, "invalid_token", f"stop_token_ids[{j}] = {t} is outside [0, {info.vocab_size})",
+                           f"stop_token_ids[{j}]")

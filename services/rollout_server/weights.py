@@ -1,0 +1,57 @@
+"""Student weight updates: safetensors only (never pickle), checked against the served architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proto.errors import ApiError
+
+
+def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes in HF checkpoint format, from a weightless (meta-device) copy of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_tensors(tensors: dict, expected: dict[str, tuple[int, ...]]) -> None:
+    if not tensors:
+        raise ApiError(422, "invalid_weights", "the payload holds no tensors", "body")
+    for name, value in tensors.items():
+        if name not in expected:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} is not a parameter of the served model", name)
+        if tuple(value.shape) != expected[name]:
+            raise ApiError(422, "invalid_weights",
+                           f"tensor {name!r} has shape {tuple(value.shape)}, expected {expected[name]}", name)
+        if not value.dtype.is_floating_point:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {value.dtype}, expected a float", name)
+
+
+def read_safetensors_file(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ApiError(422, "invalid_weights", f"not a valid safetensors payload: {exc}", "body") from None
+
+
+def tensors_from_path(path: str, root: Path | None) -> dict:
+    """A .safetensors file or a directory of them, which must lie under the server's --weights-root."""
+    if root is None:
+        raise ApiError(400, "unsupported", "loading weights from a path is disabled (start with --weights-root)",
+                       "path")
+    target = (root / path).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ApiError(422, "invalid_field", "path must lie under the server's weights root", "path")
+    files = sorted(target.glob("*.safetensors")) if target.is_dir() else [target]
+    if not files or not all(f.is_file() and f.suffix == ".safetensors" for f in files):
+        raise ApiError(422, "invalid_field", f"no .safetensors file at {path!r}", "path")
+    tensors: dict = {}
+    for f in files:
+        tensors.update(read_safetensors_file(f))
+    return tensors

@@ -1,0 +1,137 @@
+"""ScoreCache against a real redis-server of its own (never the shared one on 6379), including an outage."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from proto.schemas import ScoreItem
+from trainer.score_cache import ScoreCache
+from uniopd.launch import free_port
+
+
+class RedisServer:
+    """A throwaway redis-server process without persistence; restartable on the same port to simulate an outage."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def start(self) -> RedisServer:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as c:
+                    c.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def item(ids: list[int], start: int, top_k: int = 0) -> ScoreItem:
+    return ScoreItem(input_ids=ids, response_start=start, top_k=top_k)
+
+
+def test_key_depends_on_fingerprint_tokens_and_options():
+    base = ScoreCache.key("a" * 64, item([1, 2, 3, 4], 2))
+    assert base == ScoreCache.key("a" * 64, item([1, 2, 3, 4], 2))
+    variants = [
+        ScoreCache.key("b" * 64, item([1, 2, 3, 4], 2)),
+        ScoreCache.key("a" * 64, item([1, 2, 3, 5], 2)),
+        ScoreCache.key("a" * 64, item([1, 2, 3, 4, 0], 2)),
+        ScoreCache.key("a" * 64, item([1, 2, 3, 4], 3)),
+        ScoreCache.key("a" * 64, item([1, 2, 3, 4], 2, top_k=1)),
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+    assert len(base) == 64 and int(base, 16) >= 0
+
+
+async def test_round_trip_raw_float32_with_ttl(redis_server):
+    cache = ScoreCache(redis_server.url, ttl_s=3600)
+    values = {"k1": np.array([-0.5, -1.25, -3.0], dtype=np.float32), "k2": np.array([-2.0], dtype=np.float32)}
+    await cache.set_many(values)
+    got = await cache.get_many(["k1", "missing", "k2"], lengths=[3, 4, 1])
+    assert got[1] is None
+    for key, value in zip(["k1", "k2"], [got[0], got[2]], strict=True):
+        assert value.dtype == np.float32 and np.array_equal(value, values[key])
+    with redis_server.client() as c:
+        assert c.get(f"{cache.namespace}:k1") == values["k1"].astype("<f4").tobytes()  # raw bytes, no pickle/JSON
+        assert 3590 < c.ttl(f"{cache.namespace}:k1") <= 3600
+    assert (cache.hits, cache.misses, cache.errors) == (2, 1, 0) and cache.available
+    await cache.aclose()
+
+
+async def test_corrupt_or_wrong_length_value_is_a_miss(redis_server):
+    cache = ScoreCache(redis_server.url)
+    with redis_server.client() as c:
+        c.set(f"{cache.namespace}:odd", b"\x00" * 5)
+        c.set(f"{cache.namespace}:short", np.zeros(2, dtype="<f4").tobytes())
+    assert await cache.get_many(["odd", "short"], lengths=[1, 3]) == [None, None]
+    unchecked = await cache.get_many(["short"])
+    assert unchecked[0] is not None and len(unchecked[0]) == 2
+    assert cache.misses == 2 and cache.errors == 0
+    await cache.aclose()
+
+
+async def test_disabled_cache_misses_and_drops():
+    cache = ScoreCache(None)
+    await cache.set_many({"k": np.zeros(3, dtype=np.float32)})
+    assert await cache.get_many(["k", "j"]) == [None, None]
+    assert not cache.available and cache.misses == 2 and cache.errors == 0
+    await cache.aclose()
+
+
+async def test_outage_degrades_to_misses_and_recovers(redis_server, caplog):
+    cache = ScoreCache(redis_server.url, reconnect_interval_s=0)
+    value = np.array([-1.0, -2.0], dtype=np.float32)
+    await cache.set_many({"k": value})
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="trainer.score_cache"):
+        assert await cache.get_many(["k"]) == [None]
+        await cache.set_many({"k": value})
+        assert await cache.get_many(["k"]) == [None]
+    assert cache.errors == 3 and not cache.available
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1  # once per outage
+
+    redis_server.start()  # same port, empty (no persistence)
+    assert await cache.get_many(["k"]) == [None]
+    assert cache.available and cache.errors == 3
+    await cache.set_many({"k": value})
+    assert np.array_equal((await cache.get_many(["k"]))[0], value)
+    await cache.aclose()
+
+
+async def test_outage_does_not_contact_redis_again_within_reconnect_interval(redis_server):
+    cache = ScoreCache(redis_server.url, reconnect_interval_s=3600)
+    redis_server.stop()
+    assert await cache.get_many(["k"]) == [None]
+    await cache.set_many({"k": np.zeros(1, dtype=np.float32)})
+    assert await cache.get_many(["k", "j"]) == [None, None]
+    assert cache.errors == 1 and cache.misses == 3
+    await cache.aclose()

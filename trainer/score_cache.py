@@ -1,0 +1,129 @@
+"""Redis cache of teacher scores, keyed on the teacher fingerprint so a swapped teacher never serves stale scores.
+
+Values are raw little-endian float32 bytes (never pickle: a cache shared between teams must not execute what it
+reads). The cache is an optimisation only: when Redis is down every lookup is a miss and every store is dropped, so a
+training step never fails or stalls on it; redis-py reconnects on the next command once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proto.schemas import ScoreItem
+
+log = logging.getLogger(__name__)
+
+_F4 = np.dtype("<f4")
+_I4 = np.dtype("<i4")
+# Bump when the key layout or the value encoding changes: old entries then simply stop matching.
+KEY_SCHEMA = b"uniopd-score-key/v1\0"
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class ScoreCache:
+    """Teacher response-span log-probs in Redis; `url=None` disables it (all misses, stores dropped)."""
+
+    def __init__(self, url: str | None, ttl_s: int = 7 * 86400, namespace: str = "uniopd:score:v1", *,
+                 timeout_s: float = 1.0, reconnect_interval_s: float = 2.0) -> None:
+        self.ttl_s = ttl_s
+        self.namespace = namespace
+        # One immediate retry: the first command after a Redis restart fails on the stale pooled connection.
+        self._redis = None if url is None else Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+        self._reconnect_interval_s = reconnect_interval_s
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+
+    @property
+    def available(self) -> bool:
+        """Enabled and not in a known outage."""
+        return self._redis is not None and self._down_since is None
+
+    @staticmethod
+    def key(fingerprint_digest: str, item: ScoreItem) -> str:
+        """sha256 over the key schema, teacher digest, scoring options and token ids (int32 LE), as hex."""
+        h = hashlib.sha256(KEY_SCHEMA)
+        h.update(fingerprint_digest.encode() + b"\0")
+        h.update(struct.pack("<ii", item.top_k, item.response_start))
+        h.update(np.asarray(item.input_ids, dtype=_I4).tobytes())
+        return h.hexdigest()
+
+    def _redis_key(self, key: str) -> str:
+        return f"{self.namespace}:{key}"
+
+    def _should_try(self) -> bool:
+        """During an outage, contact Redis at most once per reconnect interval so a dead Redis costs no time."""
+        if self._redis is None:
+            return False
+        if self._down_since is None:
+            return True
+        return time.monotonic() - self._last_try >= self._reconnect_interval_s
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._last_try = time.monotonic()
+        if self._down_since is None:
+            self._down_since = self._last_try
+            log.warning("score cache unavailable (%s failed: %r); scoring without cache until Redis is back", op, exc)
+
+    def _succeeded(self) -> None:
+        if self._down_since is not None:
+            log.warning("score cache back after %.1fs outage", time.monotonic() - self._down_since)
+            self._down_since = None
+
+    @staticmethod
+    def _decode(raw: bytes | None, length: int | None) -> np.ndarray | None:
+        """A value of the wrong size (corrupt, or from a different layout) is a miss, never an error."""
+        if raw is None or len(raw) % _F4.itemsize or (length is not None and len(raw) != length * _F4.itemsize):
+            return None
+        return np.frombuffer(raw, dtype=_F4)
+
+    async def get_many(self, keys: list[str], lengths: list[int] | None = None) -> list[np.ndarray | None]:
+        """One MGET; with `lengths` (expected span lengths) a value of another size is a miss. Arrays are read-only."""
+        out: list[np.ndarray | None] = [None] * len(keys)
+        if keys and self._should_try():
+            try:
+                raw = await self._redis.mget([self._redis_key(k) for k in keys])
+            except _FAILURES as exc:
+                self._failed("MGET", exc)
+            else:
+                self._succeeded()
+                out = [self._decode(r, None if lengths is None else lengths[i]) for i, r in enumerate(raw)]
+        found = sum(v is not None for v in out)
+        self.hits += found
+        self.misses += len(keys) - found
+        return out
+
+    async def set_many(self, entries: dict[str, np.ndarray]) -> None:
+        """One pipeline of SET key value EX ttl; dropped silently (but counted) when Redis is down."""
+        if not entries or not self._should_try():
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, value in entries.items():
+            pipe.set(self._redis_key(key), np.asarray(value, dtype=_F4).tobytes(), ex=self.ttl_s)
+        try:
+            await pipe.execute()
+        except _FAILURES as exc:
+            self._failed("SET pipeline", exc)
+        else:
+            self._succeeded()
+
+    def stats(self) -> dict[str, float]:
+        return {"hits": self.hits, "misses": self.misses, "errors": self.errors}
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -1,0 +1,383 @@
+"""Route each rollout to its domain's teacher pool: cache first, then concurrent chunks with retries and failover.
+
+A teacher is a shared, remote, fallible service, so every call has a timeout, bounded retries with full-jitter
+backoff, failover to the next healthy replica and a per-endpoint circuit breaker. A sample that cannot be scored comes
+back as None, so the caller masks it out and counts it instead of training on a zero-filled score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from proto.client import TeacherClient
+from proto.errors import ApiError
+from proto.schemas import ScoreItem, TeacherInfo
+from trainer.score_cache import ScoreCache
+
+log = logging.getLogger(__name__)
+
+
+class RouterError(RuntimeError):
+    """A teacher pool that must not be trained against: fix the config or the teachers, then restart."""
+
+
+class TeacherUnavailable(RouterError):
+    pass
+
+
+class TokenizerMismatch(RouterError):
+    pass
+
+
+class FingerprintMismatch(RouterError):
+    pass
+
+
+@dataclass
+class Endpoint:
+    url: str
+    api_key: str | None = None
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, u: float) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^attempt)); `u` in [0, 1) is the caller's random draw."""
+    return u * min(cap_s, base_s * 2.0**attempt)
+
+
+class CircuitBreaker:
+    """Closed → open after `failures` consecutive failures → half-open after `cooldown_s` (one trial call) → closed."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._trial_in_flight = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """May a call go out now? In half-open state this claims the single trial call."""
+        if self._opened_at is None:
+            return True
+        if self._trial_in_flight or self._clock() - self._opened_at < self.cooldown_s:
+            return False
+        self._trial_in_flight = True
+        return True
+
+    def record_success(self) -> None:
+        self._consecutive = 0
+        self._opened_at = None
+        self._trial_in_flight = False
+
+    def abandon(self) -> None:
+        """A call that ended without a verdict (cancelled): free the trial slot, stay open."""
+        self._trial_in_flight = False
+
+    def record_failure(self) -> bool:
+        """Returns True when this failure (re)opens the breaker."""
+        self._consecutive += 1
+        reopen = self._trial_in_flight or (self._opened_at is None and self._consecutive >= self.failures)
+        self._trial_in_flight = False
+        if reopen:
+            self._opened_at = self._clock()
+        return reopen
+
+
+@dataclass
+class EndpointStats:
+    """Per-step counters of one endpoint; latencies are of successful calls only (failures are counted instead)."""
+
+    calls: int = 0
+    failures: int = 0
+    retries: int = 0
+    breaker_skips: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies, dtype=np.float64)
+        p50, p99 = (np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0))
+        return {"calls": self.calls, "failures": self.failures, "retries": self.retries,
+                "breaker_skips": self.breaker_skips, "latency_p50_s": p50, "latency_p99_s": p99}
+
+
+class _Replica:
+    def __init__(self, endpoint: Endpoint, timeout_s: float, breaker: CircuitBreaker) -> None:
+        self.url = endpoint.url
+        self.client = TeacherClient(endpoint.url, endpoint.api_key, binary=True, timeout=timeout_s)
+        self.breaker = breaker
+        self.stats = EndpointStats()
+
+
+class _Pool:
+    """The replicas of one domain and the fingerprint digest they agreed on at handshake."""
+
+    def __init__(self, domain: str, replicas: list[_Replica]) -> None:
+        self.domain = domain
+        self.replicas = replicas
+        self.digest: str | None = None
+        self._cursor = 0
+
+    def next_start(self) -> int:
+        """Round-robin: each chunk starts at the replica after the previous chunk's."""
+        self._cursor += 1
+        return self._cursor - 1
+
+    def pick(self, start: int) -> tuple[int, _Replica] | None:
+        """The first replica from `start` (cyclically) whose breaker lets a call through; None if all are open."""
+        n = len(self.replicas)
+        for offset in range(n):
+            index = (start + offset) % n
+            replica = self.replicas[index]
+            if replica.breaker.allow():
+                return index, replica
+            replica.stats.breaker_skips += 1
+        return None
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class _Fatal(Exception):
+    """A request the teacher rejected as invalid (4xx other than 429): retrying cannot help."""
+
+
+def _retry_after(exc: ApiError) -> float:
+    try:
+        return float(exc.headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class _DomainStats:
+    scored: int = 0
+    masked: int = 0
+    cached: int = 0
+
+
+class TeacherRouter:
+    """Scores (domain, item) requests on that domain's teacher pool, through the score cache."""
+
+    def __init__(self, pools: dict[str, list[Endpoint]], cache: ScoreCache | None = None, *, timeout_s: float = 60.0,
+                 retries: int = 5, backoff_s: float = 0.5, max_items_per_request: int = 64,
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 10.0, backoff_cap_s: float = 10.0) -> None:
+        if not pools or any(not endpoints for endpoints in pools.values()):
+            raise ValueError("every domain needs at least one teacher endpoint")
+        # One replica (client, breaker, stats) per URL, shared by the domains a teacher serves.
+        self._replicas: dict[str, _Replica] = {}
+        for ep in (ep for endpoints in pools.values() for ep in endpoints):
+            if ep.url not in self._replicas:
+                self._replicas[ep.url] = _Replica(ep, timeout_s, CircuitBreaker(breaker_failures, breaker_cooldown_s))
+        self._pools = {domain: _Pool(domain, [self._replicas[ep.url] for ep in endpoints])
+                       for domain, endpoints in pools.items()}
+        self.cache = cache
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_cap_s = backoff_cap_s
+        self.max_items_per_request = max_items_per_request
+        self._domain_stats: dict[str, _DomainStats] = defaultdict(_DomainStats)
+        self._cache_base = self._cache_counts()
+
+    # --- start-up -------------------------------------------------------------------------------------------------
+
+    async def handshake(self, student_tokenizer_fingerprint: str,
+                        allow_tokenizer_mismatch: bool = False) -> dict[str, TeacherInfo]:
+        """GET /v1/info on every endpoint; refuse dead endpoints, replicas that disagree, and a foreign tokenizer."""
+        replicas = list(self._replicas.values())
+        infos = dict(zip(self._replicas, await asyncio.gather(*(self._info(r) for r in replicas)), strict=True))
+        out = {}
+        for domain, pool in self._pools.items():
+            info = self._check_pool(pool, {r.url: infos[r.url] for r in pool.replicas})
+            self._check_tokenizer(domain, info, student_tokenizer_fingerprint, allow_tokenizer_mismatch)
+            pool.digest = info.fingerprint.digest
+            out[domain] = info
+        return out
+
+    @staticmethod
+    async def _info(replica: _Replica) -> TeacherInfo:
+        try:
+            return await replica.client.info()
+        except (httpx.HTTPError, ApiError) as exc:
+            raise TeacherUnavailable(f"teacher {replica.url} is unreachable at start-up: {exc!r}") from exc
+
+    @staticmethod
+    def _check_pool(pool: _Pool, infos: dict[str, TeacherInfo]) -> TeacherInfo:
+        digests = {url: info.fingerprint.digest for url, info in infos.items()}
+        if len(set(digests.values())) > 1:
+            listing = ", ".join(f"{url} -> {d[:12]}" for url, d in digests.items())
+            raise FingerprintMismatch(f"domain {pool.domain!r}: replicas serve different teachers ({listing})")
+        info = next(iter(infos.values()))
+        if info.domains and pool.domain not in info.domains:
+            log.warning("domain %r is routed to teachers that declare domains %s", pool.domain, info.domains)
+        return info
+
+    @staticmethod
+    def _check_tokenizer(domain: str, info: TeacherInfo, student: str, allow: bool) -> None:
+        if info.tokenizer_fingerprint == student:
+            return
+        message = (f"domain {domain!r}: teacher tokenizer {info.tokenizer_fingerprint} differs from the student's "
+                   f"{student}; token ids would mean different text to the teacher")
+        if not allow:
+            raise TokenizerMismatch(message)
+        log.warning("TOKENIZER MISMATCH (allowed by allow_tokenizer_mismatch): %s", message)
+
+    # --- scoring --------------------------------------------------------------------------------------------------
+
+    async def score(self, requests: list[tuple[str, ScoreItem]]) -> list[np.ndarray | None]:
+        """Response-span teacher log-probs per request (read-only float32), or None where no replica could score it."""
+        self._validate(requests)
+        results: list[np.ndarray | None] = [None] * len(requests)
+        keys = [ScoreCache.key(self._pools[d].digest, item) for d, item in requests]
+        if self.cache is not None and requests:
+            lengths = [len(item.input_ids) - item.response_start for _, item in requests]
+            results = await self.cache.get_many(keys, lengths)
+        for (domain, _), hit in zip(requests, results, strict=True):
+            self._domain_stats[domain].cached += hit is not None
+        chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None])
+        spans = await asyncio.gather(*(self._score_chunk(self._pools[d], [requests[i][1] for i in idx])
+                                       for d, idx in chunks))
+        fresh = {}
+        for (domain, idx), chunk_spans in zip(chunks, spans, strict=True):
+            if chunk_spans is None:
+                self._domain_stats[domain].masked += len(idx)
+                log.warning("domain %r: %d samples could not be scored and are masked out", domain, len(idx))
+                continue
+            for i, span in zip(idx, chunk_spans, strict=True):
+                results[i] = fresh[keys[i]] = span
+        for (domain, _), r in zip(requests, results, strict=True):
+            self._domain_stats[domain].scored += r is not None
+        if self.cache is not None and fresh:
+            await self.cache.set_many(fresh)
+        return results
+
+    def _validate(self, requests: list[tuple[str, ScoreItem]]) -> None:
+        for domain, item in requests:
+            pool = self._pools.get(domain)
+            if pool is None:
+                raise ValueError(f"no teacher pool for domain {domain!r} (pools: {sorted(self._pools)})")
+            if pool.digest is None:
+                raise RuntimeError("call handshake() before score(): the cache key needs each pool's fingerprint")
+            if item.top_k:
+                raise ValueError("the router returns response log-probs only; top_k must be 0")
+
+    def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int]) -> list[tuple[str, list[int]]]:
+        """Misses grouped per domain, cut into requests of at most max_items_per_request items."""
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for i in misses:
+            by_domain[requests[i][0]].append(i)
+        m = self.max_items_per_request
+        return [(d, idx[s:s + m]) for d, idx in by_domain.items() for s in range(0, len(idx), m)]
+
+    async def _score_chunk(self, pool: _Pool, items: list[ScoreItem]) -> list[np.ndarray] | None:
+        """One chunk with up to `retries` retries, each on the next healthy replica; None when all attempts failed."""
+        start = pool.next_start()
+        wait = 0.0
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(max(wait, backoff_delay(attempt - 1, self.backoff_s, self.backoff_cap_s,
+                                                            random.random())))
+            picked = pool.pick(start)
+            if picked is None:
+                continue
+            index, replica = picked
+            start = index + 1
+            try:
+                return await self._attempt(pool, replica, items, is_retry=attempt > 0)
+            except _Retryable as exc:
+                wait = min(exc.retry_after_s, self.backoff_cap_s)
+            except _Fatal:
+                return None
+        return None
+
+    async def _attempt(self, pool: _Pool, replica: _Replica, items: list[ScoreItem],
+                       is_retry: bool) -> list[np.ndarray]:
+        """One HTTP call; raises _Retryable (endpoint's fault: counted, feeds the breaker) or _Fatal (our fault)."""
+        replica.stats.calls += 1
+        replica.stats.retries += is_retry
+        t0 = time.perf_counter()
+        try:
+            fingerprint, spans = await replica.client.score(items)
+            if fingerprint.digest != pool.digest:
+                raise _Retryable(f"fingerprint changed since handshake: {pool.digest} -> {fingerprint.digest}")
+            expected = [len(it.input_ids) - it.response_start for it in items]
+            if [len(s.logprobs) for s in spans] != expected:
+                raise _Retryable("response span lengths do not match the request")
+        except ApiError as exc:
+            if exc.status == 429 or exc.status >= 500:
+                self._failure(pool, replica, f"HTTP {exc.status} {exc.code}: {exc.message}")
+                raise _Retryable(exc.message, _retry_after(exc)) from exc
+            replica.breaker.record_success()
+            log.error("teacher %s rejected a request (HTTP %d %s, field %s): %s; masking %d samples",
+                      replica.url, exc.status, exc.code, exc.field, exc.message, len(items))
+            raise _Fatal(exc.message) from exc
+        except _Retryable as exc:
+            self._failure(pool, replica, str(exc), level=logging.ERROR)
+            raise
+        except (httpx.HTTPError, ValueError, KeyError) as exc:  # transport errors; undecodable response bodies
+            self._failure(pool, replica, repr(exc))
+            raise _Retryable(repr(exc)) from exc
+        except asyncio.CancelledError:
+            replica.breaker.abandon()
+            raise
+        replica.breaker.record_success()
+        replica.stats.latencies.append(time.perf_counter() - t0)
+        return [s.logprobs for s in spans]
+
+    @staticmethod
+    def _failure(pool: _Pool, replica: _Replica, reason: str, level: int = logging.DEBUG) -> None:
+        replica.stats.failures += 1
+        log.log(level, "teacher %s (domain %r) failed: %s", replica.url, pool.domain, reason)
+        if replica.breaker.record_failure():
+            log.warning("circuit breaker open for teacher %s (domain %r) for %.1fs after: %s",
+                        replica.url, pool.domain, replica.breaker.cooldown_s, reason)
+
+    # --- observability --------------------------------------------------------------------------------------------
+
+    def _cache_counts(self) -> dict[str, float]:
+        return self.cache.stats() if self.cache is not None else {"hits": 0, "misses": 0, "errors": 0}
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """Flat per-step metrics since the last reset: `endpoint/{url}/...`, `cache/...`, `domain/{name}/...`."""
+        out: dict[str, float] = {}
+        for url, r in self._replicas.items():
+            out.update({f"endpoint/{url}/{name}": value for name, value in r.stats.snapshot().items()})
+            out[f"endpoint/{url}/breaker_open"] = float(r.breaker.is_open)
+        cache = {k: v - self._cache_base[k] for k, v in self._cache_counts().items()}
+        lookups = cache["hits"] + cache["misses"]
+        out.update({f"cache/{k}": v for k, v in cache.items()})
+        out["cache/hit_rate"] = cache["hits"] / lookups if lookups else 0.0
+        for domain in self._pools:
+            stats = self._domain_stats[domain]
+            out.update({f"domain/{domain}/scored": stats.scored, f"domain/{domain}/masked": stats.masked,
+                        f"domain/{domain}/cached": stats.cached})
+        if reset:
+            self.reset_metrics()
+        return out
+
+    def reset_metrics(self) -> None:
+        for r in self._replicas.values():
+            r.stats = EndpointStats()
+        self._domain_stats.clear()
+        self._cache_base = self._cache_counts()
+
+    async def aclose(self) -> None:
+        """Closes the teacher clients and the cache the router was given."""
+        await asyncio.gather(*(r.client.aclose() for r in self._replicas.values()))
+        if self.cache is not None:
+            await self.cache.aclose()

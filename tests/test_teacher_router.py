@@ -31,7 +31,6 @@ from uniopd.launch import ServerProcess, free_port, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
 from .conftest import random_items
-from .test_score_cache import RedisServer
 
 FAST = dict(timeout_s=10.0, backoff_s=0.01)
 
@@ -133,13 +132,6 @@ def student_fp(tiny_model) -> str:
     from transformers import AutoTokenizer
 
     return tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model))
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def scored_tokens(server: ServerProcess) -> float:

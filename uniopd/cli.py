@@ -1,4 +1,4 @@
-"""The `uniopd` command line: `teacher serve`, `rollout serve`, `models tiny`, `demo`."""
+"""The `uniopd` command line: `teacher serve`, `rollout serve`, `train`, `models tiny`, `demo`."""
 
 from __future__ import annotations
 
@@ -156,6 +156,27 @@ def _models_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     print(path)
 
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import httpx
+
+    from proto.errors import ApiError
+    from trainer.config import ConfigError, load_config
+    from trainer.data import DataError
+    from trainer.loop import TokenizerMismatch, Trainer
+    from trainer.teacher_router import RouterError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.set)
+        trainer = Trainer(config, resume=args.resume)
+    except (ConfigError, DataError) as exc:
+        parser.error(str(exc))
+    try:
+        asyncio.run(trainer.run())
+    except (RouterError, TokenizerMismatch, ApiError, httpx.HTTPError) as exc:
+        raise SystemExit(f"uniopd train: {type(exc).__name__}: {exc}") from None
+
+
 def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
     from uniopd.demo import run_demo
 
@@ -182,13 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=_positive, default=4)
     tiny.add_argument("--force", action="store_true")
 
+    train = top.add_parser("train", help="distill a student from its domain teachers (OPD)")
+    train.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set algorithm.lr=1e-5 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+
     demo = top.add_parser("demo", help="build a tiny teacher, serve it, and score an example over HTTP")
     demo.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     return parser
 
 
 _HANDLERS = {("teacher", "serve"): _serve_teacher, ("rollout", "serve"): _serve_rollout,
-             ("models", "tiny"): _models_tiny, ("demo", None): _demo}
+             ("models", "tiny"): _models_tiny, ("train", None): _train, ("demo", None): _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

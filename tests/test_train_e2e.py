@@ -1,0 +1,197 @@
+"""End to end: two teacher processes, a rollout process, a real redis-server and `uniopd train` on tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import RedisServer
+from trainer.config import load_config
+from trainer.loop import Trainer
+from trainer.run_log import read_log
+from uniopd.launch import start_rollout, start_teacher
+from uniopd.tiny_models import build_tiny_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd-tiny"
+ADMIN = "e2e-admin-key"
+ENV = {"UNIOPD_ROLLOUT_ADMIN_KEY": ADMIN}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    math_model = build_tiny_model(root / "math-teacher", "qwen3", seed=1)
+    code_model = build_tiny_model(root / "code-teacher", "qwen3", seed=2)
+    redis_server = RedisServer().start()
+    servers = [start_teacher(math_model, "hf", ["--domain", "math"], log_dir=root),
+               start_teacher(code_model, "hf", ["--domain", "code"], log_dir=root),
+               start_rollout(tiny_model, "hf", [], log_dir=root, env={"UNIOPD_ADMIN_KEYS": ADMIN})]
+    yield {"math": servers[0], "code": servers[1], "rollout": servers[2], "redis": redis_server, "root": root,
+           "code_model": code_model, "student": tiny_model}
+    for s in servers:
+        s.stop()
+    redis_server.stop()
+
+
+def write_config(stack, out: Path, **changes) -> Path:
+    tree = yaml.safe_load((EXAMPLE / "run.yaml").read_text())
+    tree["student"]["model"] = str(stack["student"])
+    tree["data"] = {"train": [str(EXAMPLE / "math_train.jsonl"), str(EXAMPLE / "code_train.jsonl")],
+                    "eval": [str(EXAMPLE / "math_eval.jsonl"), str(EXAMPLE / "code_eval.jsonl")]}
+    tree["teachers"] = {"math": {"urls": [stack["math"].url]}, "code": {"urls": [stack["code"].url]}}
+    tree["rollout"]["url"] = stack["rollout"].url
+    tree["rollout"]["max_tokens"] = 12
+    tree["cache"]["url"] = stack["redis"].url
+    tree["algorithm"].update(prompts_per_step=4, samples_per_prompt=2, micro_batch_size=4)
+    tree["schedule"] = {"steps": 3, "eval_every": 0, "checkpoint_every": 1, "eval_samples": 1}
+    tree["output_dir"] = str(out)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = out.parent / f"{out.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def train(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "uniopd", "train", "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def scored_tokens(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("uniopd_scored_tokens_total")))
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    return load_file(last / "model" / "model.safetensors")
+
+
+def test_multi_teacher_run_then_a_second_run_hits_the_cache(stack, tmp_path):
+    version_before = httpx.get(stack["rollout"].url + "/metrics").text
+    first = tmp_path / "first"
+    train(write_config(stack, first, schedule__eval_every=3))
+    rows = read_log(first / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["domain/math/scored"] + r["domain/code/scored"] == 8 and r["masked_samples"] == 0
+        for key in ("math/accuracy", "code/accuracy", "reverse_kl", "teacher_logprob", "student_logprob",
+                    "train/loss", "tokens_per_s", "time/generate", "time/score", "time/train", "cache/hit_rate",
+                    f"endpoint/{stack['math'].url}/latency_p99_s"):
+            assert r.get(key) is not None, key
+    assert rows[-1]["weight_version"] - rows[0]["weight_version"] == 2  # one push per step
+    assert "uniopd_weight_version" in version_before
+    evals = read_log(first / "metrics.jsonl", kind="eval")
+    assert evals and set(evals[-1]) >= {"math/accuracy", "code/accuracy"}
+    from transformers import AutoModelForCausalLM
+
+    ckpt = sorted((first / "checkpoints").iterdir())[-1]
+    assert ckpt.name == "step-000003"
+    AutoModelForCausalLM.from_pretrained(ckpt / "model")  # HF format: loadable by transformers and vLLM
+
+    tokens = {d: scored_tokens(stack[d]) for d in ("math", "code")}
+    second = tmp_path / "second"
+    train(write_config(stack, second))
+    again = read_log(second / "metrics.jsonl")
+    assert all(r["cache/hit_rate"] == 1.0 for r in again)
+    assert {d: scored_tokens(stack[d]) for d in ("math", "code")} == tokens  # the teachers did no work
+    assert [r["reverse_kl"] for r in again] == [r["reverse_kl"] for r in rows]  # same seeds, same run
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(stack, tmp_path):
+    straight = tmp_path / "straight"
+    train(write_config(stack, straight, schedule__steps=4, schedule__checkpoint_every=2))
+    crashed = tmp_path / "crashed"
+    config = write_config(stack, crashed, schedule__steps=4, schedule__checkpoint_every=2)
+    proc = subprocess.Popen([sys.executable, "-m", "uniopd", "train", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 300
+    while not (crashed / "checkpoints" / "step-000002" / "progress.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train(config, "--resume")
+    rows = read_log(crashed / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rows after the checkpoint were rewritten, not duplicated
+    want = read_log(straight / "metrics.jsonl")
+    for key in ("train/loss", "reverse_kl", "math/accuracy", "code/accuracy"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in want], rel=1e-5, abs=1e-6), key
+    a, b = final_weights(straight), final_weights(crashed)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_tokenizer_mismatch_is_refused_unless_allowed(stack, tmp_path):
+    odd = Path(shutil.copytree(stack["code_model"], tmp_path / "odd-teacher"))
+    (odd / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with start_teacher(odd, "hf", ["--domain", "code"], log_dir=tmp_path) as teacher:
+        config = write_config(stack, tmp_path / "odd", teachers__code={"urls": [teacher.url]}, schedule__steps=1)
+        refused = train(config, check=False)
+        assert refused.returncode == 1 and "TokenizerMismatch" in refused.stderr
+        allowed = train(config, "--set", "allow_tokenizer_mismatch=true")
+        assert "TOKENIZER MISMATCH" in allowed.stderr
+
+
+async def _steps(trainer: Trainer, between=None, n: int = 3) -> list[dict]:
+    await trainer.connect()
+    try:
+        rows = []
+        for i in range(n):
+            rows.append(await trainer.train_step())
+            if between:
+                between(i)
+        return rows
+    finally:
+        await trainer.close()
+
+
+def test_teacher_failures_fail_over_then_mask_and_the_run_continues(stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+    replicas = [start_teacher(stack["code_model"], "hf", ["--domain", "code"], log_dir=tmp_path) for _ in range(2)]
+    try:
+        config = load_config(write_config(stack, tmp_path / "faults", cache__url="none",
+                                          teachers__code={"urls": [r.url for r in replicas]},
+                                          teacher_client={"retries": 2, "backoff_s": 0.01, "timeout_s": 5,
+                                                          "max_items_per_request": 1}))
+        kills = {0: replicas[0], 1: replicas[1]}
+        rows = asyncio.run(_steps(Trainer(config), between=lambda i: kills[i].stop() if i in kills else None))
+    finally:
+        for r in replicas:
+            r.stop()
+    assert rows[0]["masked_samples"] == 0
+    assert rows[1]["masked_samples"] == 0 and rows[1][f"endpoint/{replicas[0].url}/failures"] > 0  # failed over
+    code_samples = rows[2]["code/samples"]
+    assert code_samples > 0 and rows[2]["masked_samples"] == code_samples == rows[2]["domain/code/masked"]
+    assert rows[2]["domain/math/masked"] == 0 and rows[2]["train/loss"] == rows[2]["train/loss"]  # still trained
+
+
+def test_redis_outage_mid_run_proceeds_uncached(stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+    redis_server = RedisServer().start()
+    try:
+        config = load_config(write_config(stack, tmp_path / "outage", cache__url=redis_server.url))
+        rows = asyncio.run(_steps(Trainer(config), between=lambda i: redis_server.stop() if i == 0 else None))
+    finally:
+        redis_server.stop()
+    assert rows[0]["cache/errors"] == 0
+    assert rows[1]["cache/errors"] > 0 and rows[1]["masked_samples"] == 0 and rows[2]["masked_samples"] == 0

@@ -1,0 +1,55 @@
+"""Checkpoints: an HF-format student (loadable by vLLM and transformers), accelerate's optimizer/scheduler/RNG state,
+and progress.json (step, data position). Written to a temporary directory and renamed, so a crash mid-write never
+leaves a checkpoint that looks complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROGRESS = "progress.json"
+
+
+@dataclass
+class Progress:
+    step: int
+    data: dict[str, int]
+    extra: dict = field(default_factory=dict)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer, keep: int) -> Path:
+    final = checkpoint_dir(out, progress.step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / PROGRESS).write_text(json.dumps(asdict(progress)))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in completed_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def completed_checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / PROGRESS).is_file())
+
+
+def load_latest(out: Path, accelerator) -> Progress | None:
+    found = completed_checkpoints(out)
+    if not found:
+        return None
+    accelerator.load_state(str(found[-1] / "state"))
+    return Progress(**json.loads((found[-1] / PROGRESS).read_text()))

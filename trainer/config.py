@@ -1,0 +1,182 @@
+"""The one config schema of a training run: YAML file, then `--set key=value` overrides, validated before anything
+starts; an error names the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PosInt = Annotated[int, Field(ge=1)]
+Prob = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentConfig(_Strict):
+    model: Path = Field(description="HF-format directory of the student's initial weights.")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataConfig(_Strict):
+    train: list[Path] = Field(min_length=1, description="jsonl files: prompt|messages, domain, answer|tests|choices.")
+    eval: list[Path] = Field(default_factory=list)
+
+
+class TeacherPoolConfig(_Strict):
+    urls: list[str] = Field(min_length=1, description="Replicas of this domain's teacher.")
+    api_key_env: str | None = Field(default=None, description="Env var holding the bearer key for these URLs.")
+
+    @field_validator("urls")
+    @classmethod
+    def _http(cls, urls: list[str]) -> list[str]:
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"{u!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in urls]
+
+
+class RolloutConfig(_Strict):
+    url: str
+    api_key_env: str | None = None
+    admin_key_env: str | None = Field(default=None, description="Env var with the key that may push weights.")
+    max_tokens: PosInt = 256
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class CacheConfig(_Strict):
+    url: str | None = Field(default="redis://127.0.0.1:6379/0", description="Redis URL, or none to disable.")
+    ttl_s: PosInt = 7 * 86400
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return None if v in (None, "none", "") else v
+
+
+class TeacherClientConfig(_Strict):
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    retries: Annotated[int, Field(ge=0)] = 5
+    backoff_s: Annotated[float, Field(ge=0)] = 0.5
+    max_items_per_request: PosInt = 64
+    breaker_failures: PosInt = 3
+    breaker_cooldown_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class AlgorithmConfig(_Strict):
+    samples_per_prompt: PosInt = 16
+    prompts_per_step: PosInt = 64
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    optimizer: Literal["adamw"] = "adamw"
+    betas: tuple[Prob, Prob] = (0.9, 0.98)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    clip_low: Prob = 0.2
+    clip_high: Annotated[float, Field(ge=0)] = 0.28
+    logprob_clip: Annotated[float, Field(gt=0)] = 10.0
+    micro_batch_size: PosInt = 8
+    updates_per_batch: PosInt = Field(default=1, description="Optimizer steps per rollout batch (minibatches).")
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+
+
+class ScheduleConfig(_Strict):
+    steps: PosInt = 100
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    checkpoint_every: Annotated[int, Field(ge=0)] = 10
+    eval_samples: PosInt = Field(default=4, description="k samples per held-out prompt (mean accuracy over k).")
+    keep_checkpoints: PosInt = 3
+
+
+class RunConfig(_Strict):
+    student: StudentConfig
+    data: DataConfig
+    teachers: dict[str, TeacherPoolConfig] = Field(min_length=1, description="domain -> teacher pool")
+    verifiers: dict[str, str] = Field(default_factory=dict,
+                                      description="domain -> verifier kind (default: the domain name)")
+    rollout: RolloutConfig
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    teacher_client: TeacherClientConfig = Field(default_factory=TeacherClientConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    output_dir: Path = Path("runs/latest")
+    seed: int = 0
+    allow_tokenizer_mismatch: bool = Field(default=False, description="Train even if a teacher's tokenizer differs.")
+
+    @model_validator(mode="after")
+    def _domains_resolve(self) -> RunConfig:
+        from trainer.verifiers import verifier_kinds
+
+        kinds = verifier_kinds()
+        for domain in self.teachers:
+            kind = self.verifier_for(domain)
+            if kind not in kinds:
+                raise ValueError(f"verifiers.{domain}: {kind!r} is not a verifier kind ({', '.join(kinds)})")
+        return self
+
+    def verifier_for(self, domain: str) -> str:
+        return self.verifiers.get(domain, domain)
+
+    def env_secret(self, name: str | None) -> str | None:
+        return os.environ.get(name) if name else None
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """YAML, then `key.sub=value` overrides (values parsed as YAML), validated with the offending field named."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    base = Path(path).resolve().parent
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{where}: {msg}" if where else msg) from None  # cross-field errors name their field
+    return _resolve_paths(config, base)
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Relative paths in the file are relative to the file, so a config works from any working directory."""
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    config.student.model = fix(config.student.model)
+    config.data.train = [fix(p) for p in config.data.train]
+    config.data.eval = [fix(p) for p in config.data.eval]
+    config.output_dir = fix(config.output_dir)
+    for field, paths in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        for p in paths:
+            if not p.is_file():
+                raise ConfigError(f"{field}: no such file {p}")
+    if not (config.student.model / "config.json").is_file():
+        raise ConfigError(f"student.model: no HF model at {config.student.model}")
+    return config

@@ -1,0 +1,289 @@
+"""The training run: one OPD step per METHOD.md §5, checkpoints, evaluation, metrics.
+
+Step: prompts → rollouts (rollout server) → [verify ‖ teacher scores (router + cache) ‖ π_old recompute] →
+advantages → clipped PG update(s) → push weights → log. Verification, scoring and the π_old forward pass overlap.
+accelerate places the model and optimizer (CPU or a GPU); the run itself is a single process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from proto.client import RolloutClient
+from proto.fingerprint import tokenizer_fingerprint
+from proto.rollout import GenerateRequest
+from proto.schemas import ScoreItem
+from trainer.checkpoint import Progress, load_latest, save_checkpoint
+from trainer.config import RunConfig
+from trainer.data import DataStream, Example, load_records, make_examples
+from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
+from trainer.run_log import RunLog
+from trainer.score_cache import ScoreCache
+from trainer.student import pad, response_logprobs
+from trainer.teacher_router import Endpoint, TeacherRouter
+from trainer.verifiers import verify_batch
+
+log = logging.getLogger("uniopd.train")
+
+
+class TokenizerMismatch(RuntimeError):
+    pass
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything the step learns about it."""
+
+    example: Example
+    prompt_index: int
+    response: np.ndarray
+    sampler_logprobs: np.ndarray
+    finish_reason: str
+    correct: bool = False
+    teacher: np.ndarray | None = None
+
+
+def derive_seed(*parts) -> int:
+    """Independent, reproducible seeds for every (run seed, step, purpose): a resumed run samples the same."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume: bool = False) -> None:
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = c = config
+        self.accelerator = Accelerator()
+        torch.manual_seed(c.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(c.student.model)
+        dtype = torch.bfloat16 if c.student.dtype == "bfloat16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(c.student.model, dtype=dtype)
+        a = c.algorithm
+        optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
+        warmup = max(1, a.warmup_steps * a.updates_per_batch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        domains = set(c.teachers)
+        self.examples = make_examples(self.tokenizer, load_records(c.data.train, domains))
+        self.eval_examples = make_examples(self.tokenizer, load_records(c.data.eval, domains)) if c.data.eval else []
+        self.stream = DataStream(len(self.examples), c.seed)
+        self.step = 0
+        if resume and (progress := load_latest(c.output_dir, self.accelerator)):
+            self.step = progress.step
+            self.stream = DataStream(len(self.examples), c.seed, **progress.data)
+            log.info("resumed from step %d", self.step)
+        self.main = self.accelerator.is_main_process
+        self.runlog = RunLog(c.output_dir, enabled=self.main)
+        if resume:
+            self.runlog.truncate_after(self.step)
+
+    # ---- set-up ------------------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Handshake with the rollout server and every teacher; refuse a tokenizer that differs from the student's."""
+        c = self.config
+        student_fp = tokenizer_fingerprint(self.tokenizer)
+        self.rollout = RolloutClient(c.rollout.url, api_key=c.env_secret(c.rollout.api_key_env),
+                                     admin_key=c.env_secret(c.rollout.admin_key_env))
+        info = await self.rollout.info()
+        if info.tokenizer_fingerprint != student_fp:
+            raise TokenizerMismatch(f"rollout server {c.rollout.url} serves tokenizer {info.tokenizer_fingerprint[:16]}"
+                                    f", the student's is {student_fp[:16]}: it does not serve this student")
+        pools = {d: [Endpoint(u, c.env_secret(p.api_key_env)) for u in p.urls] for d, p in c.teachers.items()}
+        t = c.teacher_client
+        self.router = TeacherRouter(pools, ScoreCache(c.cache.url, c.cache.ttl_s), timeout_s=t.timeout_s,
+                                    retries=t.retries, backoff_s=t.backoff_s,
+                                    max_items_per_request=t.max_items_per_request,
+                                    breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s)
+        self.teacher_infos = await self.router.handshake(student_fp, c.allow_tokenizer_mismatch)
+        await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
+
+    async def close(self) -> None:
+        for name in ("router", "rollout"):
+            if hasattr(self, name):
+                await getattr(self, name).aclose()
+        self.runlog.close()
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+
+    async def sample(self, examples: list[Example], n: int, seed: int) -> list[Rollout]:
+        r = self.config.rollout
+        out = await self.rollout.generate(GenerateRequest(
+            prompts=[ex.prompt_ids for ex in examples], n=n, temperature=r.temperature, top_p=r.top_p,
+            max_tokens=r.max_tokens, seed=seed))
+        return [Rollout(ex, i, s.token_ids, s.logprobs, s.finish_reason)
+                for i, (ex, group) in enumerate(zip(examples, out.samples, strict=True)) for s in group]
+
+    def verify(self, rollouts: list[Rollout]) -> int:
+        texts = [self.tokenizer.decode(r.response.tolist(), skip_special_tokens=True) for r in rollouts]
+        verdicts = verify_batch([self.config.verifier_for(r.example.domain) for r in rollouts], texts,
+                                [r.example.record for r in rollouts])
+        for r, v in zip(rollouts, verdicts, strict=True):
+            r.correct = v.correct
+        return sum(v.error is not None for v in verdicts)
+
+    async def score(self, rollouts: list[Rollout]) -> None:
+        requests = [(r.example.domain, ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
+                                                 response_start=len(r.example.prompt_ids))) for r in rollouts]
+        for r, scores in zip(rollouts, await self.router.score(requests), strict=True):
+            r.teacher = scores
+
+    @torch.no_grad()
+    def old_logprobs(self, rollouts: list[Rollout]) -> torch.Tensor:
+        self.model.eval()
+        mb = self.config.algorithm.micro_batch_size
+        parts = []
+        for i in range(0, len(rollouts), mb):
+            chunk = rollouts[i:i + mb]
+            lp = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+            parts.extend(lp.cpu())
+        return pad(parts)
+
+    async def train_step(self) -> dict[str, float]:
+        c, a = self.config, self.config.algorithm
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        examples = [self.examples[i] for i in self.stream.take(a.prompts_per_step)]
+        rollouts = await self.sample(examples, a.samples_per_prompt, derive_seed(c.seed, self.step, "train"))
+        times["generate"] = time.perf_counter() - t0
+
+        async def timed(name: str, work):
+            start = time.perf_counter()
+            result = await work
+            times[name] = time.perf_counter() - start
+            return result
+
+        verify_errors, _, old = await asyncio.gather(
+            timed("verify", asyncio.to_thread(self.verify, rollouts)),
+            timed("score", self.score(rollouts)),
+            timed("old_logprobs", asyncio.to_thread(self.old_logprobs, rollouts)))
+
+        lengths = torch.tensor([len(r.response) for r in rollouts])
+        valid = (torch.arange(old.shape[1])[None, :] < lengths[:, None]).float()
+        scored = torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32)
+        teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
+        teacher = torch.nn.functional.pad(teacher, (0, old.shape[1] - teacher.shape[1]))
+        mask = valid * scored[:, None]  # a sample without teacher scores is masked out, never zero-filled
+        advantages = opd_advantages(teacher, old, mask)
+
+        start = time.perf_counter()
+        train_stats = self.update(rollouts, old, teacher, advantages, mask)
+        times["train"] = time.perf_counter() - start
+        start = time.perf_counter()
+        version = await self.push_weights()
+        times["sync"] = time.perf_counter() - start
+        times["step"] = time.perf_counter() - t0
+        self.step += 1
+        return self.step_metrics(rollouts, old, teacher, advantages, mask, valid, train_stats, times,
+                                 verify_errors, version)
+
+    def update(self, rollouts: list[Rollout], old: torch.Tensor, teacher: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor) -> dict[str, float]:
+        a = self.config.algorithm
+        self.model.train()
+        order = np.random.default_rng(derive_seed(self.config.seed, self.step, "minibatch")).permutation(len(rollouts))
+        stats: dict[str, list[float]] = defaultdict(list)
+        for minibatch in np.array_split(order, a.updates_per_batch):
+            total = 0.0
+            for i in range(0, len(minibatch), a.micro_batch_size):
+                idx = minibatch[i:i + a.micro_batch_size]
+                chunk = [rollouts[j] for j in idx]
+                new = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+                width = new.shape[1]
+                loss, s = clipped_pg_loss(
+                    new, old[idx, :width].to(new.device), advantages[idx, :width].to(new.device),
+                    teacher[idx, :width].to(new.device), mask[idx, :width].to(new.device), a.clip_low, a.clip_high,
+                    a.logprob_clip, num_samples=len(minibatch))
+                self.accelerator.backward(loss)
+                total += float(loss.detach())
+                stats["clip_fraction"].append(s.clip_fraction)
+                stats["teacher_clip_fraction"].append(s.teacher_clip_fraction)
+                stats["approx_kl"].append(s.approx_kl)
+            stats["loss"].append(total)
+            if a.max_grad_norm:
+                stats["grad_norm"].append(float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                                                 a.max_grad_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    async def push_weights(self) -> int:
+        from safetensors.torch import save
+
+        state = self.accelerator.get_state_dict(self.model)
+        payload = await asyncio.to_thread(lambda: save({k: v.detach().cpu().clone() for k, v in state.items()}))
+        return (await self.rollout.push_weights(payload)).weight_version
+
+    def step_metrics(self, rollouts: list[Rollout], old, teacher, advantages, mask, valid, train_stats: dict,
+                     times: dict[str, float], verify_errors: int, version: int) -> dict[str, float]:
+        m: dict[str, float] = {f"train/{k}": v for k, v in train_stats.items()}
+        m.update({f"time/{k}": v for k, v in times.items()})
+        tokens = float(valid.sum())
+        scored = float(mask.sum())
+        m["tokens"] = tokens
+        m["tokens_per_s"] = tokens / max(times["step"], 1e-9)
+        m["weight_version"] = version
+        m["verify_errors"] = verify_errors
+        m["masked_samples"] = float(sum(r.teacher is None for r in rollouts))
+        if scored:
+            m["teacher_logprob"] = float((teacher * mask).sum() / scored)
+            m["student_logprob"] = float((old * mask).sum() / scored)
+            m["reverse_kl"] = float(((old - teacher) * mask).sum() / scored)
+        returns = trajectory_returns(advantages, mask)
+        for domain in sorted({r.example.domain for r in rollouts}):
+            ids = [i for i, r in enumerate(rollouts) if r.example.domain == domain]
+            m[f"{domain}/accuracy"] = float(np.mean([rollouts[i].correct for i in ids]))
+            m[f"{domain}/samples"] = len(ids)
+            m[f"{domain}/mean_return"] = float(returns[ids].mean())
+        m.update(self.router.metrics(reset=True))
+        return m
+
+    # ---- evaluation, checkpoints, the run ----------------------------------------------------------------------
+
+    async def evaluate(self) -> dict[str, float]:
+        """Mean accuracy over k samples per held-out prompt, per domain (temperature 1, top-p 1)."""
+        k = self.config.schedule.eval_samples
+        rollouts = await self.sample(self.eval_examples, k, derive_seed(self.config.seed, self.step, "eval"))
+        await asyncio.to_thread(self.verify, rollouts)
+        by_domain: dict[str, list[bool]] = defaultdict(list)
+        for r in rollouts:
+            by_domain[r.example.domain].append(r.correct)
+        return {f"{d}/accuracy": float(np.mean(v)) for d, v in sorted(by_domain.items())}
+
+    def checkpoint(self) -> None:
+        progress = Progress(step=self.step, data=self.stream.state())
+        save_checkpoint(self.config.output_dir, progress, self.accelerator, self.model, self.tokenizer,
+                        self.config.schedule.keep_checkpoints)
+
+    async def run(self) -> None:
+        s = self.config.schedule
+        try:
+            await self.connect()
+            bar = tqdm(total=s.steps, initial=self.step, disable=not self.main, desc="uniopd train")
+            while self.step < s.steps:
+                metrics = await self.train_step()
+                self.runlog.write(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(kl=f"{metrics.get('reverse_kl', float('nan')):.3f}",
+                                loss=f"{metrics.get('train/loss', float('nan')):.3f}")
+                last = self.step == s.steps
+                if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or last):
+                    self.checkpoint()
+                if self.eval_examples and ((s.eval_every and self.step % s.eval_every == 0) or last):
+                    self.runlog.write(self.step, await self.evaluate(), kind="eval")
+            bar.close()
+        finally:
+            await self.close()

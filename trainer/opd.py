@@ -1,0 +1,53 @@
+"""The OPD math (METHOD.md §1): per-token advantages and the clipped policy-gradient loss. Pure tensor functions.
+
+Shapes: (B, T) for B samples padded to T response tokens; `mask` is 1 on real, trainable tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def opd_advantages(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A_t = log π_T(o_t) − log π_old(o_t): no discount, baseline or whitening; zero where masked; no gradient."""
+    return ((teacher_logprobs - old_logprobs) * mask).detach()
+
+
+def trajectory_returns(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G(τ) = token mean of the advantages (0 for an empty or fully masked sample)."""
+    return (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+@dataclass
+class LossStats:
+    clip_fraction: float
+    teacher_clip_fraction: float
+    approx_kl: float
+
+
+def clipped_pg_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    teacher_logprobs: torch.Tensor, mask: torch.Tensor, clip_low: float = 0.2,
+                    clip_high: float = 0.28, logprob_clip: float = 10.0,
+                    num_samples: int | None = None) -> tuple[torch.Tensor, LossStats]:
+    """PPO-style clipped surrogate with the teacher–student log-prob clip; token mean per sample, mean over samples.
+
+    `num_samples` is the B of the whole batch when this is one micro-batch of it, so micro-batch losses add up to
+    the batch loss."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    unclipped = -ratio * advantages
+    clipped = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    per_token = torch.maximum(unclipped, clipped)
+    near_teacher = ((new_logprobs - teacher_logprobs).abs() < logprob_clip).to(per_token.dtype)
+    per_token = per_token * near_teacher * mask
+    per_sample = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    loss = per_sample.sum() / (num_samples or per_sample.shape[0])
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = LossStats(
+            clip_fraction=float(((clipped > unclipped).to(mask.dtype) * mask).sum() / n),
+            teacher_clip_fraction=float(((1 - near_teacher) * mask).sum() / n),
+            approx_kl=float(((old_logprobs - new_logprobs) * mask).sum() / n),
+        )
+    return loss, stats

@@ -1,0 +1,191 @@
+"""Domain verifiers: answer extraction and equivalence, code run in the real sandbox, the batch API."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer import verifiers
+from trainer.sandbox import run_python
+from trainer.verifiers import Verdict, verifier_kinds, verify, verify_batch
+from trainer.verifiers import math as math_verifier
+
+SQUARE_TESTS = {"domain": "code", "prompt": "square", "tests": "assert f(2) == 4\nassert f(0) == 0"}
+
+
+def math_record(answer: str) -> dict:
+    return {"domain": "math", "prompt": "?", "answer": answer}
+
+
+def mcq_record(answer: str, n_choices: int = 4) -> dict:
+    return {"domain": "mcq", "prompt": "?", "choices": [f"option {i}" for i in range(n_choices)], "answer": answer}
+
+
+def test_kinds_and_config_errors():
+    assert verifier_kinds() == ["choice", "code", "math"]
+    with pytest.raises(ValueError, match="unknown verifier kind"):
+        verify("poetry", "x", {})
+    with pytest.raises(ValueError, match="unknown verifier kind"):
+        verify_batch(["math", "poetry"], ["1", "2"], [math_record("1")] * 2)
+    with pytest.raises(ValueError, match="same length"):
+        verify_batch(["math"], ["1", "2"], [math_record("1")])
+    with pytest.raises(ValueError, match="already registered"):
+        verifiers.register("math", math_verifier.check)
+    assert verify_batch([], [], []) == []
+
+
+@pytest.mark.parametrize(("completion", "answer", "correct"), [
+    # extraction: the last balanced \boxed{}, else the "answer is" phrase, else the last number
+    ("First \\boxed{3}, then finally \\boxed{\\frac{1}{2}}.", "1/2", True),
+    ("So the result is \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{7} and a truncated \\boxed{\\frac{1}{", "7", True),
+    ("We get 12 apples, so the answer is 15. Let me double check: 15.", "15", True),
+    ("Answer: $\\frac{3}{4}$", "0.75", True),
+    ("**Answer:** 1,000", "1000", True),
+    ("3 + 4 = 7, times 6 is 42", "42", True),
+    ("3 + 4 = 7, times 6 is 42", "7", False),
+    ("5-3 leaves 2", "2", True),
+    ("so x = -3", "-3", True),
+    # plain numeric literals compare exactly as decimals
+    ("The answer is 042", "42", True),
+    ("The answer is 42.0", "42", True),
+    ("The answer is 42.5", "42", False),
+    ("The answer is 42.0000001", "42", False),
+    ("\\boxed{-3}", "-3", True),
+    ("\\boxed{3}", "-3", False),
+    # anything else is math-verify's equivalence
+    ("\\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{1/2}", "\\frac{1}{2}", True),
+    ("\\boxed{\\dfrac12}", "1/2", True),
+    ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", True),
+    ("\\boxed{\\frac{84}{2}}", "42", True),
+    ("\\boxed{1+x^2}", "x^2+1", True),
+    ("\\boxed{0.51}", "\\frac{1}{2}", False),
+    # garbage
+    ("I have no idea.", "1/2", False),
+    ("", "3", False),
+    ("\\boxed{}", "3", False),
+])
+def test_math(completion, answer, correct):
+    assert verify("math", completion, math_record(answer)) == Verdict(correct)
+
+
+def test_math_answer_may_be_a_json_number():
+    assert verify("math", "\\boxed{42}", {"answer": 42}).correct
+
+
+def test_math_bad_record_is_an_error_not_an_exception():
+    verdict = verify("math", "\\boxed{3}", {"domain": "math", "prompt": "no answer key"})
+    assert not verdict.correct and "KeyError" in verdict.error
+
+
+def test_math_pathological_input_stays_within_budget():
+    # sympy would try to evaluate a tower of powers; math-verify's own timeout (in the worker) gives up.
+    assert not verify("math", "\\boxed{9^{9^{9^{9}}}}", math_record("1/3"), timeout_s=2).correct
+    # below one second the worker cannot time itself, so the pool kills it and reports the timeout ...
+    verdict = verify("math", "\\boxed{9^{9^{9^{9}}}}", math_record("1/3"), timeout_s=0.5)
+    assert not verdict.correct and "timeout" in verdict.error
+    # ... and a fresh worker serves the next request
+    assert verify("math", "\\boxed{0.5}", math_record("\\frac{1}{2}")).correct
+
+
+def test_math_fallback_without_math_verify(monkeypatch):
+    monkeypatch.setattr(math_verifier, "HAS_MATH_VERIFY", False)
+    assert verify("math", "\\boxed{\\dfrac{1}{2}}", math_record("\\frac{1}{2}")).correct
+    assert verify("math", "\\boxed{ \\frac{1}{2} }", math_record("$\\frac{1}{2}$")).correct
+    assert not verify("math", "\\boxed{0.5}", math_record("\\frac{1}{2}")).correct
+    assert verify("math", "\\boxed{042}", math_record("42")).correct
+
+
+@pytest.mark.parametrize(("completion", "correct"), [
+    ("```python\ndef f(x):\n    return x * x\n```", True),
+    ("Try:\n```python\ndef f(x):\n    return x + 2\n```\nFixed:\n```py\ndef f(x):\n    return x ** 2\n```\n", True),
+    ("```python\ndef f(x):\n    return x * x\n```\nOops:\n```python\ndef f(x):\n    return x + 2\n```", False),
+    ("def f(x):\n    return x * x\n", True),
+    ("Here it is:\n```\ndef f(x):\n    return x * x\n", True),  # truncated reply, no closing fence
+    ("```python\ndef f(x):\n    return x + 2\n```", False),
+    ("```python\ndef f(x) return x\n```", False),
+    ("I cannot solve this.", False),
+])
+def test_code(completion, correct):
+    assert verify("code", completion, SQUARE_TESTS) == Verdict(correct)
+
+
+def test_code_humaneval_style_check_with_entry_point():
+    record = {"tests": "def check(candidate):\n    assert candidate(3) == 9\n", "entry_point": "square"}
+    assert verify("code", "def square(x):\n    return x * x", record).correct
+    assert not verify("code", "def square(x):\n    return x", record).correct
+
+
+@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)"])
+def test_code_that_exits_before_the_tests_is_wrong(exit_call):
+    assert verify("code", f"def f(x):\n    return x\n{exit_call}", SQUARE_TESTS) == Verdict(False)
+
+
+def test_code_timeout_is_an_error():
+    verdict = verify("code", "def f(x):\n    while True:\n        pass", SQUARE_TESTS, timeout_s=1)
+    assert not verdict.correct and "timeout" in verdict.error
+
+
+def test_code_sandbox_refusal_is_an_error():
+    verdict = verify("code", "import os\nos.fork()\ndef f(x):\n    return x * x", SQUARE_TESTS)
+    assert verdict == Verdict(False, "PermissionError: sandbox: refused os.fork")
+
+
+def test_code_bad_record_is_an_error():
+    verdict = verify("code", "def f(x):\n    return x * x", {"domain": "code", "prompt": "no tests"})
+    assert not verdict.correct and "KeyError" in verdict.error
+
+
+@pytest.mark.parametrize(("completion", "answer", "correct"), [
+    ("Answer: C", "C", True),
+    ("The answer is (B).", "B", True),
+    ("the answer is d", "D", False),  # lower-case letters after "answer is" are too often words
+    ("I think (A) is tempting, but the answer is B", "B", True),
+    ("The answer is B. On reflection, (C) fits better.", "C", True),
+    ("Final answer: \\boxed{A}", "A", True),
+    ("After eliminating the others:\n**D**", "D", True),
+    ("Options (A) and (B) are wrong, leaving\nC.", "C", True),
+    ("The answer is a tricky one: (E) is out of range, so (B)", "B", True),
+    ("Answer: C", "c", True),  # the record's letter is compared case-insensitively
+    ("I cannot decide.", "A", False),
+    ("Answer: A", "B", False),
+])
+def test_choice(completion, answer, correct):
+    assert verify("choice", completion, mcq_record(answer)) == Verdict(correct)
+
+
+def test_choice_bad_record_is_an_error():
+    verdict = verify("choice", "Answer: A", {"domain": "mcq", "prompt": "?"})
+    assert not verdict.correct and "KeyError" in verdict.error
+
+
+def test_verify_batch_preserves_order():
+    items = [
+        ("math", "\\boxed{4}", math_record("4"), Verdict(True)),
+        ("code", "def f(x):\n    return x", SQUARE_TESTS, Verdict(False)),
+        ("choice", "Answer: B", mcq_record("B"), Verdict(True)),
+        ("math", "\\boxed{5}", math_record("4"), Verdict(False)),
+        ("code", "def f(x):\n    return x * x", SQUARE_TESTS, Verdict(True)),
+        ("choice", "Answer: B", mcq_record("A"), Verdict(False)),
+        ("math", "\\boxed{1}", {}, Verdict(False, "KeyError: 'answer'")),
+    ]
+    kinds, completions, records, expected = map(list, zip(*items, strict=True))
+    assert verify_batch(kinds, completions, records, max_workers=3) == expected
+
+
+def test_verify_batch_runs_items_concurrently(monkeypatch):
+    """Each item is a sandboxed child that records its own [start, end] wall-clock interval while sleeping 1 s."""
+    intervals = []
+
+    def timed_run(completion: str, record: dict, timeout_s: float) -> bool:
+        result = run_python(completion, timeout_s=timeout_s)
+        intervals.append(tuple(map(float, result.stdout.split())))
+        return result.ok
+
+    monkeypatch.setattr(verifiers, "_VERIFIERS", dict(verifiers._VERIFIERS))
+    verifiers.register("timed", timed_run)
+    child = "import time\nstart = time.time()\ntime.sleep(1)\nprint(start, time.time())"
+    verdicts = verify_batch(["timed"] * 4, [child] * 4, [{}] * 4, max_workers=4)
+    assert verdicts == [Verdict(True)] * 4 and len(intervals) == 4
+    starts, ends = zip(*intervals, strict=True)
+    assert max(starts) < min(ends)  # one moment when all four children were sleeping at once

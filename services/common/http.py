@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -158,6 +158,35 @@ async def _send_error(send, err: ApiError) -> None:
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def require_loaded(model, load_error: str | None):
+    """The model once loaded; else 503 saying whether it is still loading or failed to load."""
+    if load_error:
+        raise ApiError(503, "load_failed", f"model failed to load: {load_error}")
+    if model is None:
+        raise ApiError(503, "not_ready", "model is loading", headers={"Retry-After": "5"})
+    return model
+
+
+def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics) -> None:
+    """/healthz (process up), /readyz (model loaded), /metrics (Prometheus): unauthenticated, for orchestrators."""
+
+    @app.get("/healthz", responses=error_responses(400))
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses=error_responses(400, 503))
+    async def readyz() -> dict[str, str]:
+        ready()
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def render_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 def publish_schemas(app: FastAPI, *models, refine: Callable[[dict], bool] | None = None) -> None:

@@ -32,12 +32,15 @@ from proto.rollout import (
 )
 from proto.schemas import API_VERSION, JSON, MSGPACK
 from services.common.http import (
+    BINARY_BODY,
     HttpMetrics,
+    add_probes,
     bearer_auth,
     error_responses,
     finish_app,
     install_error_handlers,
     publish_schemas,
+    require_loaded,
 )
 from services.common.models import load_tokenizer
 from services.rollout_server.generator import Generator, SamplingOptions
@@ -86,11 +89,7 @@ class RolloutService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> Generator:
-        if self.load_error:
-            raise ApiError(503, "load_failed", f"model failed to load: {self.load_error}")
-        if self.generator is None:
-            raise ApiError(503, "not_ready", "model is loading", headers={"Retry-After": "5"})
-        return self.generator
+        return require_loaded(self.generator, self.load_error)
 
     def info(self) -> RolloutInfo:
         i = self.ready().info()
@@ -166,8 +165,6 @@ async def _spool(request: Request) -> tuple[Path, int]:
     return Path(tmp.name), size
 
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-
 
 def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLimits | None = None,
                api_keys: Sequence[str] = (), admin_keys: Sequence[str] = (),
@@ -187,25 +184,14 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
     auth = bearer_auth(api_keys)
     admin = bearer_auth(admin_keys, scheme_name="AdminBearer", description="admin key (--admin-keys)")
 
-    @app.get("/healthz", responses=error_responses(400))
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses=error_responses(400, 503))
-    async def readyz() -> dict[str, str]:
-        service.ready()
-        return {"status": "ready"}
-
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+    add_probes(app, service.ready, service.metrics)
 
     @app.get("/v1/info", dependencies=auth, responses=error_responses(400, 401, 503))
     async def info() -> RolloutInfo:
         return service.info()
 
     @app.post("/v1/generate", dependencies=auth, response_class=Response,
-              responses={200: {"model": GenerateResponse, "content": {MSGPACK: _BINARY},
+              responses={200: {"model": GenerateResponse, "content": {MSGPACK: BINARY_BODY},
                                "description": "JSON, or msgpack when Accept asks for it (see proto/rollout.py)"},
                          **error_responses(400, 401, 413, 422, 429, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -219,7 +205,7 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
     @app.post("/v1/weights", dependencies=admin,
               responses={200: {"model": WeightsLoaded}, **error_responses(400, 401, 403, 413, 415, 422, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  SAFETENSORS: _BINARY, JSON: {"schema": {"$ref": "#/components/schemas/WeightsFromPath"}}}}})
+                  SAFETENSORS: BINARY_BODY, JSON: {"schema": {"$ref": "#/components/schemas/WeightsFromPath"}}}}})
     async def weights(request: Request) -> WeightsLoaded:
         if not admin_keys:
             raise ApiError(403, "forbidden", "weight updates are disabled: start the server with --admin-keys")

@@ -13,7 +13,16 @@ from proto.codec import ScoredSpan, decode_score_request, encode_score_response,
 from proto.errors import ApiError
 from proto.fingerprint import make_fingerprint
 from proto.schemas import API_VERSION, JSON, MSGPACK, Fingerprint, ScoreItem, ScoreRequest, ScoreResponse, TeacherInfo
-from services.common.http import bearer_auth, error_responses, finish_app, install_error_handlers, publish_schemas
+from services.common.http import (
+    BINARY_BODY,
+    add_probes,
+    bearer_auth,
+    error_responses,
+    finish_app,
+    install_error_handlers,
+    publish_schemas,
+    require_loaded,
+)
 from services.teacher_server.batcher import MicroBatcher, QueueFull
 from services.teacher_server.limits import Limits, validate_items
 from services.teacher_server.metrics import Metrics
@@ -53,11 +62,7 @@ class TeacherService:
         return self.scorer.score(items)
 
     def ready(self) -> Scorer:
-        if self.load_error:
-            raise ApiError(503, "load_failed", f"model failed to load: {self.load_error}")
-        if self.scorer is None:
-            raise ApiError(503, "not_ready", "model is loading", headers={"Retry-After": "5"})
-        return self.scorer
+        return require_loaded(self.scorer, self.load_error)
 
     async def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
         validate_items(items, self.ready().info(), self.limits)
@@ -94,8 +99,6 @@ def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
     return refine
 
 
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-
 
 def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: Limits | None = None,
                api_keys: Sequence[str] = ()) -> FastAPI:
@@ -115,18 +118,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     install_error_handlers(app)
     auth = bearer_auth(api_keys)
 
-    @app.get("/healthz", responses=error_responses(400))
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses=error_responses(400, 503))
-    async def readyz() -> dict[str, str]:
-        service.ready()
-        return {"status": "ready"}
-
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+    add_probes(app, service.ready, service.metrics)
 
     @app.get("/v1/info", dependencies=auth, responses=error_responses(400, 401, 503))
     async def info() -> TeacherInfo:
@@ -136,11 +128,11 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         "/v1/score",
         dependencies=auth,
         response_class=Response,
-        responses={200: {"model": ScoreResponse, "content": {MSGPACK: _BINARY},
+        responses={200: {"model": ScoreResponse, "content": {MSGPACK: BINARY_BODY},
                          "description": "JSON, or msgpack when Accept asks for it (see proto/codec.py)"},
                    **error_responses(400, 401, 413, 415, 422, 429, 503)},
         openapi_extra={"requestBody": {"required": True, "content": {
-            JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: _BINARY}}},
+            JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: BINARY_BODY}}},
     )
     async def score(request: Request) -> Response:
         req = decode_score_request(await request.body(), request.headers.get("content-type"))

@@ -195,3 +195,16 @@ def test_redis_outage_mid_run_proceeds_uncached(stack, tmp_path, monkeypatch):
         redis_server.stop()
     assert rows[0]["cache/errors"] == 0
     assert rows[1]["cache/errors"] > 0 and rows[1]["masked_samples"] == 0 and rows[2]["masked_samples"] == 0
+
+
+def test_sequences_longer_than_the_teacher_accepts_are_masked_not_sent(stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+    args = ["--domain", "code", "--max-length", "20"]
+    with start_teacher(stack["code_model"], "hf", args, log_dir=tmp_path) as short:
+        config = load_config(write_config(stack, tmp_path / "short", cache__url="none",
+                                          teachers__code={"urls": [short.url]}))
+        (row,) = asyncio.run(_steps(Trainer(config), n=1))
+        metrics = httpx.get(short.url + "/metrics").text
+    assert row["code/samples"] > 0 and row["masked_samples"] == row["code/samples"]
+    assert row["domain/math/scored"] == row["math/samples"]
+    assert 'status="422"' not in metrics and 'route="/v1/score"' not in metrics  # nothing doomed was sent

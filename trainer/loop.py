@@ -133,9 +133,13 @@ class Trainer:
         return sum(v.error is not None for v in verdicts)
 
     async def score(self, rollouts: list[Rollout]) -> None:
+        """Teacher log-probs of each response; a sequence longer than its teacher accepts stays unscored (masked)
+        instead of failing the whole request it would travel in."""
+        fits = [r for r in rollouts
+                if len(r.example.prompt_ids) + len(r.response) <= self.teacher_infos[r.example.domain].max_length]
         requests = [(r.example.domain, ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                                                 response_start=len(r.example.prompt_ids))) for r in rollouts]
-        for r, scores in zip(rollouts, await self.router.score(requests), strict=True):
+                                                 response_start=len(r.example.prompt_ids))) for r in fits]
+        for r, scores in zip(fits, await self.router.score(requests), strict=True):
             r.teacher = scores
 
     @torch.no_grad()

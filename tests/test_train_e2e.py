@@ -208,3 +208,25 @@ def test_sequences_longer_than_the_teacher_accepts_are_masked_not_sent(stack, tm
     assert row["code/samples"] > 0 and row["masked_samples"] == row["code/samples"]
     assert row["domain/math/scored"] == row["math/samples"]
     assert 'status="422"' not in metrics and 'route="/v1/score"' not in metrics  # nothing doomed was sent
+
+
+def test_two_processes_train_like_one(stack, tmp_path):
+    """Two CPU processes (torchrun; accelerate's DDP over gloo) make the same updates as a single process."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(write_config(stack, single, schedule__steps=2, schedule__checkpoint_every=2))
+    config = write_config(stack, double, schedule__steps=2, schedule__checkpoint_every=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "uniopd", "train",
+           "--config", str(config)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ENV, "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = read_log(single / "metrics.jsonl"), read_log(double / "metrics.jsonl")
+    assert len(two) == 2  # only the main process logs
+    state = sorted((double / "checkpoints").iterdir())[-1] / "state"
+    assert (state / "random_states_1.pkl").exists()  # the second process took part
+    for key in ("train/loss", "reverse_kl", "math/accuracy", "teacher_logprob"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    a, b = final_weights(single), final_weights(double)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |w_1proc - w_2proc| = {diff:.3g}")
+    assert diff < 1e-4

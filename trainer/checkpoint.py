@@ -26,8 +26,11 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer, keep: int) -> Path:
     final = checkpoint_dir(out, progress.step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))  # every process writes its own RNG state here
+    accelerator.wait_for_everyone()  # ...before the main process renames the directory
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")

@@ -2,7 +2,11 @@
 
 Step: prompts → rollouts (rollout server) → [verify ‖ teacher scores (router + cache) ‖ π_old recompute] →
 advantages → clipped PG update(s) → push weights → log. Verification, scoring and the π_old forward pass overlap.
-accelerate places the model and optimizer (CPU or a GPU); the run itself is a single process.
+
+Several processes (`accelerate launch`, DDP): the main process does all network work (sampling, verification,
+teacher scoring, weight pushes, logging) and broadcasts the rollouts and their scores; every process recomputes π_old
+for and trains on its own share of each minibatch, and DDP averages the gradients, so the update equals the
+single-process one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from proto.fingerprint import tokenizer_fingerprint
 from proto.rollout import GenerateRequest
 from proto.schemas import ScoreItem
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, load_records, make_examples
 from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
 from trainer.run_log import RunLog
@@ -72,7 +76,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         warmup = max(1, a.warmup_steps * a.updates_per_batch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # not prepared: accelerate would step it once per process; registered so checkpoints still hold it
+        self.scheduler = scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
         domains = set(c.teachers)
         self.examples = make_examples(self.tokenizer, load_records(c.data.train, domains))
         self.eval_examples = make_examples(self.tokenizer, load_records(c.data.eval, domains)) if c.data.eval else []
@@ -83,6 +90,12 @@ class Trainer:
             self.stream = DataStream(len(self.examples), c.seed, **progress.data)
             log.info("resumed from step %d", self.step)
         self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        batch = a.prompts_per_step * a.samples_per_prompt
+        if batch % (a.updates_per_batch * self.world):
+            raise ConfigError(f"algorithm.prompts_per_step: {a.prompts_per_step} x samples_per_prompt "
+                              f"{a.samples_per_prompt} = {batch} samples must split evenly into updates_per_batch "
+                              f"{a.updates_per_batch} x {self.world} processes")
         self.runlog = RunLog(c.output_dir, enabled=self.main)
         if resume:
             self.runlog.truncate_after(self.step)
@@ -91,6 +104,9 @@ class Trainer:
 
     async def connect(self) -> None:
         """Handshake with the rollout server and every teacher; refuse a tokenizer that differs from the student's."""
+        if not self.main:
+            await self.push_weights()  # every process takes part in gathering the weights
+            return
         c = self.config
         student_fp = tokenizer_fingerprint(self.tokenizer)
         self.rollout = RolloutClient(c.rollout.url, api_key=c.env_secret(c.rollout.api_key_env),
@@ -143,23 +159,43 @@ class Trainer:
             r.teacher = scores
 
     @torch.no_grad()
-    def old_logprobs(self, rollouts: list[Rollout]) -> torch.Tensor:
+    def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray) -> torch.Tensor:
+        """π_old of the given rows in train precision, as a (len(rollouts), T) tensor that is zero elsewhere."""
         self.model.eval()
+        out = torch.zeros((len(rollouts), max(len(r.response) for r in rollouts)))
         mb = self.config.algorithm.micro_batch_size
-        parts = []
-        for i in range(0, len(rollouts), mb):
-            chunk = rollouts[i:i + mb]
+        for i in range(0, len(rows), mb):
+            idx = rows[i:i + mb]
+            chunk = [rollouts[j] for j in idx]
             lp = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
-            parts.extend(lp.cpu())
-        return pad(parts)
+            for j, row in zip(idx, lp.cpu(), strict=True):
+                out[j, : row.shape[0]] = row
+        return out
+
+    def minibatches(self, size: int) -> list[np.ndarray]:
+        order = np.random.default_rng(derive_seed(self.config.seed, self.step, "minibatch")).permutation(size)
+        return np.array_split(order, self.config.algorithm.updates_per_batch)
+
+    def share(self, minibatch: np.ndarray) -> np.ndarray:
+        """This process's rows of a minibatch (all of them with one process)."""
+        return minibatch[self.rank::self.world]
+
+    def broadcast(self, obj):
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj if self.main else None])[0]
 
     async def train_step(self) -> dict[str, float]:
         c, a = self.config, self.config.algorithm
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         examples = [self.examples[i] for i in self.stream.take(a.prompts_per_step)]
-        rollouts = await self.sample(examples, a.samples_per_prompt, derive_seed(c.seed, self.step, "train"))
+        rollouts = None
+        if self.main:
+            rollouts = await self.sample(examples, a.samples_per_prompt, derive_seed(c.seed, self.step, "train"))
+        rollouts = self.broadcast(rollouts)
         times["generate"] = time.perf_counter() - t0
+        mine = np.concatenate([self.share(m) for m in self.minibatches(len(rollouts))])
 
         async def timed(name: str, work):
             start = time.perf_counter()
@@ -167,10 +203,18 @@ class Trainer:
             times[name] = time.perf_counter() - start
             return result
 
-        verify_errors, _, old = await asyncio.gather(
-            timed("verify", asyncio.to_thread(self.verify, rollouts)),
-            timed("score", self.score(rollouts)),
-            timed("old_logprobs", asyncio.to_thread(self.old_logprobs, rollouts)))
+        old_work = timed("old_logprobs", asyncio.to_thread(self.old_logprobs, rollouts, mine))
+        verify_errors = 0
+        if self.main:
+            verify_errors, _, old = await asyncio.gather(
+                timed("verify", asyncio.to_thread(self.verify, rollouts)), timed("score", self.score(rollouts)),
+                old_work)
+        else:
+            old = await old_work
+        outcomes = self.broadcast([(r.correct, r.teacher) for r in rollouts])
+        for r, (correct, teacher_lp) in zip(rollouts, outcomes, strict=True):
+            r.correct, r.teacher = correct, teacher_lp
+        old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()  # each row from its owner
 
         lengths = torch.tensor([len(r.response) for r in rollouts])
         valid = (torch.arange(old.shape[1])[None, :] < lengths[:, None]).float()
@@ -188,6 +232,8 @@ class Trainer:
         times["sync"] = time.perf_counter() - start
         times["step"] = time.perf_counter() - t0
         self.step += 1
+        if not self.main:
+            return {}
         return self.step_metrics(rollouts, old, teacher, advantages, mask, valid, train_stats, times,
                                  verify_errors, version)
 
@@ -195,25 +241,26 @@ class Trainer:
                mask: torch.Tensor) -> dict[str, float]:
         a = self.config.algorithm
         self.model.train()
-        order = np.random.default_rng(derive_seed(self.config.seed, self.step, "minibatch")).permutation(len(rollouts))
         stats: dict[str, list[float]] = defaultdict(list)
-        for minibatch in np.array_split(order, a.updates_per_batch):
+        for minibatch in self.minibatches(len(rollouts)):
+            own = self.share(minibatch)
             total = 0.0
-            for i in range(0, len(minibatch), a.micro_batch_size):
-                idx = minibatch[i:i + a.micro_batch_size]
+            for i in range(0, len(own), a.micro_batch_size):
+                idx = own[i:i + a.micro_batch_size]
                 chunk = [rollouts[j] for j in idx]
                 new = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
                 width = new.shape[1]
                 loss, s = clipped_pg_loss(
                     new, old[idx, :width].to(new.device), advantages[idx, :width].to(new.device),
                     teacher[idx, :width].to(new.device), mask[idx, :width].to(new.device), a.clip_low, a.clip_high,
-                    a.logprob_clip, num_samples=len(minibatch))
+                    a.logprob_clip, num_samples=len(own))  # DDP's gradient mean makes it the minibatch loss
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
                 stats["clip_fraction"].append(s.clip_fraction)
                 stats["teacher_clip_fraction"].append(s.teacher_clip_fraction)
                 stats["approx_kl"].append(s.approx_kl)
-            stats["loss"].append(total)
+            stats["loss"].append(float(self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device),
+                                                               "mean")))
             if a.max_grad_norm:
                 stats["grad_norm"].append(float(self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                                                  a.max_grad_norm)))
@@ -225,9 +272,12 @@ class Trainer:
         return out
 
     async def push_weights(self) -> int:
+        """All processes gather the weights (needed with sharded models); the main process uploads them."""
         from safetensors.torch import save
 
         state = self.accelerator.get_state_dict(self.model)
+        if not self.main:
+            return -1
         payload = await asyncio.to_thread(lambda: save({k: v.detach().cpu().clone() for k, v in state.items()}))
         return (await self.rollout.push_weights(payload)).weight_version
 
@@ -286,7 +336,7 @@ class Trainer:
                 last = self.step == s.steps
                 if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or last):
                     self.checkpoint()
-                if self.eval_examples and ((s.eval_every and self.step % s.eval_every == 0) or last):
+                if self.main and self.eval_examples and ((s.eval_every and self.step % s.eval_every == 0) or last):
                     self.runlog.write(self.step, await self.evaluate(), kind="eval")
             bar.close()
         finally:

@@ -166,6 +166,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from trainer.teacher_router import RouterError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "accelerate"):  # one line per HTTP call / saved file drowns the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = load_config(args.config, args.set)
         trainer = Trainer(config, resume=args.resume)

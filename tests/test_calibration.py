@@ -96,17 +96,19 @@ def test_unit_at_or_above_delta_is_unchanged():
 #    leaves the same min / max, m stays −0.5: no strict improvement, nothing is masked.
 #  global/mean: m = 0.1875 + 0.0625 = 0.25; drop s2 → 0.1875 + 0.5/3 ≈ 0.354, drop s1 → 1/3 + 0.0625 ≈ 0.396: drop s1.
 #    Then drop s5 → 0.625 + 0.0625 = 0.6875, drop s2 → 1/3 + 1/6 = 0.5: drop s5; 0.6875 ≥ 0.5, stop.
+#  global/mean with δ = 0.4 takes both steps too, since 1/3 + 0.0625 ≈ 0.396 < 0.4.
 MASK_CASES = [
-    ("minmax", "group", [1, 2], -0.5, 0.25),
-    ("mean", "group", [2], -0.125, 0.0625),
-    ("minmax", "global", [], -0.5, -0.5),
-    ("mean", "global", [1, 5], 0.25, 0.6875),
+    ("minmax", "group", 0.5, [1, 2], -0.5, 0.25),
+    ("mean", "group", 0.5, [2], -0.125, 0.0625),
+    ("minmax", "global", 0.5, [], -0.5, -0.5),
+    ("mean", "global", 0.5, [1, 5], 0.25, 0.6875),
+    ("mean", "global", 0.4, [1, 5], 0.25, 0.6875),
 ]
 
 
-@pytest.mark.parametrize(("mode", "scope", "removed", "before", "after"), MASK_CASES)
-def test_mask_worked_examples(mode, scope, removed, before, after):
-    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="mask", mode=mode, scope=scope, delta=0.5)
+@pytest.mark.parametrize(("mode", "scope", "delta", "removed", "before", "after"), MASK_CASES)
+def test_mask_worked_examples(mode, scope, delta, removed, before, after):
+    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="mask", mode=mode, scope=scope, delta=delta)
     assert np.flatnonzero(masked).tolist() == removed and stats.num_masked == len(removed)
     want = ADV.clone()
     want[removed] = 0.0
@@ -285,7 +287,7 @@ def test_mask_properties(batch, mode, scope, delta, near, rho):
         assert after >= before - 1e-12
         best = _allowed_improvement(g, p_left, n_left, k_pos, k_neg, mode)
         assert after >= delta - 1e-12 or best is None or best <= after + 1e-12  # stops when nothing strictly improves
-        if before >= delta:
+        if before >= delta:  # the same m as calibrate computes: G in unit order
             assert len(p_left) == len(p) and len(n_left) == len(n)
     assert not masked[~in_a_set].any()  # no-verdict samples and one-sided units are never masked
     assert stats.num_masked == int(masked.sum())

@@ -58,7 +58,7 @@ def shift_offsets(returns: np.ndarray, pos: np.ndarray, neg: np.ndarray, units: 
     for unit in units:
         p, n = unit[pos[unit]], unit[neg[unit]]
         m = margin(returns[p], returns[n], mode)
-        if m is None or m > delta - 0.02:
+        if m is None or m >= delta:
             continue
         lam = delta - m
         offsets[p] += up * lam
@@ -77,7 +77,7 @@ def greedy_mask(returns: np.ndarray, pos_idx: np.ndarray, neg_idx: np.ndarray, *
     n = neg_idx[np.argsort(-returns[neg_idx], kind="stable")]  # descending: best incorrect first
     k_pos, k_neg = max(1, math.floor(rho * len(p) + 1e-9)), max(1, math.floor(rho * len(n) + 1e-9))
     i = j = 0  # heads removed from p and n
-    m = margin(returns[p], returns[n], mode)
+    m = margin(returns[pos_idx], returns[neg_idx], mode)  # in the given order: the same m as shift and stats
     while m is not None and m < delta:
         options = []
         if len(n) - j > k_neg:

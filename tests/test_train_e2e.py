@@ -230,3 +230,28 @@ def test_two_processes_train_like_one(stack, tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |w_1proc - w_2proc| = {diff:.3g}")
     assert diff < 1e-4
+
+
+def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path, monkeypatch):
+    """release-text calibration + online balancing on a math set whose answers the random student hits sometimes."""
+    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+    data = tmp_path / "often-right.jsonl"
+    data.write_text("".join(f'{{"domain": "math", "prompt": "Say a number like {a}.", "answer": "{a}"}}\n'
+                            for a in ("14", "3", "2", "10", "72", "70")))
+    config = load_config(write_config(stack, tmp_path / "recipe", cache__url="none",
+                                      data={"train": [str(data)]}, teachers={"math": {"urls": [stack["math"].url]}},
+                                      algorithm={"prompts_per_step": 6, "samples_per_prompt": 8,
+                                                 "micro_batch_size": 16, "lr": 1e-4},
+                                      recipe={"calibration": {"preset": "release-text"},
+                                              "online_balance": {"enabled": True, "ratio": 1.0}}))
+    rows = asyncio.run(_steps(Trainer(config), n=2))
+    assert sum(r["calib/mixed_groups"] for r in rows) > 0, "no mixed group: nothing was exercised"
+    for r in rows:
+        assert r["balance/correct_before"] + r["balance/incorrect_before"] == 48
+        assert r["balance/correct_after"] <= r["balance/correct_before"]
+        assert r["balance/incorrect_after"] <= r["balance/incorrect_before"]
+        if r["balance/correct_before"] and r["balance/incorrect_before"]:
+            assert r["balance/units_rebalanced"] >= 1  # 8 samples never split 1:1 by luck in every mixed group
+        if r["calib/units"]:
+            assert r["calib/margin_after"] >= 0.4 - 1e-4  # release-text: δ = 0.4, mean mode, spread
+            assert 0 <= r["calib/violation_fraction"] <= 1 and r["calib/units_shifted"] <= r["calib/units"]

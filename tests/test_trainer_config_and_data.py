@@ -41,11 +41,27 @@ def test_example_config_loads_with_overrides(config_file):
     ("rollout.temperature=0", "rollout.temperature"),
     ("data.train=[/no/such.jsonl]", "data.train"),
     ("student.model=/no/such/model", "student.model"),
+    ("recipe.calibration.preset=paper", "recipe.calibration"),  # the paper gives no δ: the config must
+    ("recipe.calibration.method=both", "recipe.calibration.method"),
+    ("recipe.calibration.delta=oops", "recipe.calibration.delta"),
+    ("recipe.online_balance.ratio=-1", "recipe.online_balance.ratio"),
 ])
 def test_invalid_configs_name_the_field(config_file, override, field):
     with pytest.raises(ConfigError) as exc:
         load_config(config_file, [override])
     assert str(exc.value).startswith(field), str(exc.value)
+
+
+def test_recipe_presets_fill_unset_fields(config_file):
+    c = load_config(config_file, ["recipe.calibration.preset=release-text", "recipe.calibration.delta=0.2",
+                                  "recipe.online_balance.enabled=true", "recipe.online_balance.ratio=.inf"])
+    cal = c.recipe.calibration
+    assert (cal.method, cal.mode, cal.scope, cal.direction, cal.delta) == ("shift", "mean", "group", "spread", 0.2)
+    assert c.recipe.online_balance.ratio == float("inf")
+    paper = load_config(config_file, ["recipe.calibration.preset=paper", "recipe.calibration.delta=0.1",
+                                      "recipe.calibration.method=mask"]).recipe.calibration
+    assert (paper.method, paper.mode, paper.direction) == ("mask", "minmax", "lift")
+    assert load_config(config_file).recipe.calibration.method == "none"
 
 
 def test_malformed_override(config_file):

@@ -85,6 +85,49 @@ class AlgorithmConfig(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
 
 
+class CalibrationConfig(_Strict):
+    """Outcome-guided margin calibration (METHOD.md §4). A preset fills the fields left unset; shift and mask are
+    the two values of one `method` field, so they cannot both be on."""
+
+    method: Literal["none", "shift", "mask"] | None = Field(
+        default=None, description="none (only measure), shift or mask; default: shift with a preset, else none")
+    preset: Literal["paper", "release-text", "release-mm"] | None = None
+    mode: Literal["mean", "minmax"] | None = None
+    scope: Literal["group", "global"] | None = None
+    direction: Literal["lift", "push", "spread"] | None = None
+    delta: float | None = Field(default=None, description="target margin δ")
+    rho: Annotated[float, Field(gt=0, le=1)] = Field(default=0.25, description="mask retention ratio")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> CalibrationConfig:
+        from trainer.calibration import PRESETS
+
+        for name, value in PRESETS.get(self.preset, {}).items() if self.preset else ():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.method = self.method or ("shift" if self.preset else "none")
+        self.mode, self.scope = self.mode or "mean", self.scope or "group"
+        if self.method != "none" and self.delta is None:
+            raise ValueError(f"delta is required for method {self.method!r} (the {self.preset!r} preset has none)"
+                             if self.preset else f"delta is required for method {self.method!r}")
+        if self.method == "shift" and self.direction is None:
+            raise ValueError("direction (lift, push or spread) is required for method 'shift'")
+        return self
+
+
+class OnlineBalanceConfig(_Strict):
+    """Correctness-aware rebalancing of each rollout batch (METHOD.md §3); dropped samples get loss mask 0."""
+
+    enabled: bool = False
+    ratio: Annotated[float, Field(ge=0)] = Field(default=1.0, description="correct:incorrect target r (0 .. .inf)")
+    scope: Literal["group", "global"] = "group"
+
+
+class RecipeConfig(_Strict):
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    online_balance: OnlineBalanceConfig = Field(default_factory=OnlineBalanceConfig)
+
+
 class ScheduleConfig(_Strict):
     steps: PosInt = 100
     eval_every: Annotated[int, Field(ge=0)] = 0
@@ -103,6 +146,7 @@ class RunConfig(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     teacher_client: TeacherClientConfig = Field(default_factory=TeacherClientConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     output_dir: Path = Path("runs/latest")
     seed: int = 0

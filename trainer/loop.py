@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from proto.client import RolloutClient
 from proto.fingerprint import tokenizer_fingerprint
 from proto.rollout import GenerateRequest
 from proto.schemas import ScoreItem
+from trainer.balancing import online_balance
+from trainer.calibration import calibrate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, load_records, make_examples
@@ -222,10 +224,10 @@ class Trainer:
         teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
         teacher = torch.nn.functional.pad(teacher, (0, old.shape[1] - teacher.shape[1]))
         mask = valid * scored[:, None]  # a sample without teacher scores is masked out, never zero-filled
-        advantages = opd_advantages(teacher, old, mask)
+        advantages, loss_mask, recipe_metrics = self.recipe(rollouts, opd_advantages(teacher, old, mask), mask)
 
         start = time.perf_counter()
-        train_stats = self.update(rollouts, old, teacher, advantages, mask)
+        train_stats = self.update(rollouts, old, teacher, advantages, loss_mask)
         times["train"] = time.perf_counter() - start
         start = time.perf_counter()
         version = await self.push_weights()
@@ -234,8 +236,30 @@ class Trainer:
         self.step += 1
         if not self.main:
             return {}
-        return self.step_metrics(rollouts, old, teacher, advantages, mask, valid, train_stats, times,
-                                 verify_errors, version)
+        metrics = self.step_metrics(rollouts, old, teacher, advantages, mask, valid, train_stats, times,
+                                    verify_errors, version)
+        return {**metrics, **recipe_metrics}
+
+    def recipe(self, rollouts: list[Rollout], advantages: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Uni-OPD on top of OPD: online balancing (loss masks) and margin calibration (advantages, masks).
+
+        Samples dropped by balancing stay in the calibration statistics (METHOD.md §3); the loss ignores them."""
+        r = self.config.recipe
+        group = np.array([x.prompt_index for x in rollouts])
+        correct = np.array([1.0 if x.correct else 0.0 for x in rollouts])  # a failed verifier means incorrect
+        keep = np.ones(len(rollouts), dtype=bool)
+        m: dict[str, float] = {}
+        if r.online_balance.enabled:
+            rng = np.random.default_rng(derive_seed(self.config.seed, self.step, "balance"))
+            keep, b = online_balance(group, correct, r.online_balance.ratio, r.online_balance.scope, rng)
+            m.update({f"balance/{k}": float(v) for k, v in asdict(b).items()})
+        c = r.calibration
+        advantages, masked, stats = calibrate(advantages, mask, group, correct, method=c.method, mode=c.mode,
+                                              scope=c.scope, direction=c.direction, delta=c.delta, rho=c.rho)
+        m.update({f"calib/{k}": float(v) for k, v in asdict(stats).items()})
+        sample_mask = torch.as_tensor(keep & ~masked, dtype=mask.dtype)
+        return advantages, mask * sample_mask[:, None], m
 
     def update(self, rollouts: list[Rollout], old: torch.Tensor, teacher: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor) -> dict[str, float]:

@@ -255,3 +255,52 @@ def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path, 
         if r["calib/units"]:
             assert r["calib/margin_after"] >= 0.4 - 1e-4  # release-text: δ = 0.4, mean mode, spread
             assert 0 <= r["calib/violation_fraction"] <= 1 and r["calib/units_shifted"] <= r["calib/units"]
+
+
+def generated_tokens(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("uniopd_generated_tokens")))
+
+
+def test_offline_balance_writes_a_balanced_file_and_resumes(stack, tmp_path):
+    import json
+
+    data = tmp_path / "pool.jsonl"
+    records = [{"domain": "math", "prompt": f"Say a number like {a}.", "answer": str(a)}
+               for a in (14, 3, 2, 10, 72, 70, 88, 5, 123456, 987654)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "balanced.jsonl"
+    config = write_config(stack, tmp_path / "bal", teachers={"math": {"urls": [stack["math"].url]}})
+    cmd = [sys.executable, "-m", "uniopd", "balance", "--config", str(config), "--in", str(data), "--out", str(out),
+           "--samples", "8", "--cap", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = json.loads(out.with_suffix(".hist.json").read_text())
+    assert out.with_suffix(".hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(summary["before"]) == len(records) and summary["shape"] in ("U", "J")
+    seen = {}
+    for r in rows:
+        seen.setdefault(r["prompt"], []).append(r["pass_count"])
+    assert set(seen) == {r["prompt"] for r in records}  # every prompt kept at least once
+    for counts in seen.values():
+        assert len(set(counts)) == 1 and len(counts) == summary["factors"][counts[0]] <= 4
+    after = [0] * 9
+    for r in rows:
+        after[r["pass_count"]] += 1
+    assert after == summary["after"] and summary["factors"][0] == 1
+
+    before = generated_tokens(stack["rollout"])
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    assert generated_tokens(stack["rollout"]) == before  # everything came from the progress file
+    assert out.read_text().splitlines() == [json.dumps(r) for r in rows]
+
+    progress = out.with_suffix(".progress.jsonl")
+    kept = progress.read_text().splitlines()[:3]
+    progress.write_text("\n".join(kept) + '\n{"index": 7, "pas')  # a crash mid-write
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    assert generated_tokens(stack["rollout"]) > before  # the rest was sampled again
+    final = {json.loads(line)["index"]: json.loads(line)["passes"] for line in progress.read_text().splitlines()
+             if line.startswith('{"index"') and line.endswith("}")}
+    assert set(final) == set(range(len(records)))
+    assert all(final[json.loads(k)["index"]] == json.loads(k)["passes"] for k in kept)

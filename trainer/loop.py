@@ -12,7 +12,6 @@ single-process one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ from trainer.balancing import online_balance
 from trainer.calibration import calibrate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
-from trainer.data import DataStream, Example, load_records, make_examples
+from trainer.data import DataStream, Example, derive_seed, load_records, make_examples
 from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
@@ -56,11 +55,6 @@ class Rollout:
     finish_reason: str
     correct: bool = False
     teacher: np.ndarray | None = None
-
-
-def derive_seed(*parts) -> int:
-    """Independent, reproducible seeds for every (run seed, step, purpose): a resumed run samples the same."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
 
 
 class Trainer:

@@ -1,4 +1,4 @@
-"""The `uniopd` command line: `teacher serve`, `rollout serve`, `train`, `models tiny`, `demo`."""
+"""The `uniopd` command line: `teacher serve`, `rollout serve`, `train`, `balance`, `models tiny`, `demo`."""
 
 from __future__ import annotations
 
@@ -179,6 +179,25 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise SystemExit(f"uniopd train: {type(exc).__name__}: {exc}") from None
 
 
+def _balance(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from trainer.config import ConfigError, load_config
+    from trainer.data import DataError
+    from trainer.offline_balance import run_offline_balance
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.input.is_file():
+        parser.error(f"--in {args.input}: no such file")
+    if args.out.resolve() == args.input.resolve():
+        parser.error("--out must differ from --in: the input is never overwritten")
+    try:
+        config = load_config(args.config, args.set)
+        summary = asyncio.run(run_offline_balance(config, args.input, args.out, args.samples, args.cap))
+    except (ConfigError, DataError) as exc:
+        parser.error(str(exc))
+    print(f"{summary['shape']}-shaped: {summary['prompts']} prompts -> {summary['written']} rows in {args.out}")
+    print(f"pass-count histogram before {summary['before']}, after {summary['after']}")
+
+
 def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
     from uniopd.demo import run_demo
 
@@ -211,13 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set algorithm.lr=1e-5 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
+    balance = top.add_parser("balance", help="offline difficulty-aware balancing of a dataset (METHOD.md §2)")
+    balance.add_argument("--config", required=True, type=Path, help="run config: student, rollout, verifiers")
+    balance.add_argument("--in", dest="input", required=True, type=Path, help="jsonl dataset to balance")
+    balance.add_argument("--out", required=True, type=Path, help="balanced jsonl (+ .hist.json, .hist.png)")
+    balance.add_argument("--samples", type=_positive, default=8, help="responses per prompt (N)")
+    balance.add_argument("--cap", type=_positive, default=8, help="largest upsampling factor")
+    balance.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+
     demo = top.add_parser("demo", help="build a tiny teacher, serve it, and score an example over HTTP")
     demo.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     return parser
 
 
 _HANDLERS = {("teacher", "serve"): _serve_teacher, ("rollout", "serve"): _serve_rollout,
-             ("models", "tiny"): _models_tiny, ("train", None): _train, ("demo", None): _demo}
+             ("models", "tiny"): _models_tiny, ("train", None): _train,
+             ("balance", None): _balance, ("demo", None): _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

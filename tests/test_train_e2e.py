@@ -232,19 +232,21 @@ def test_two_processes_train_like_one(stack, tmp_path):
     assert diff < 1e-4
 
 
-def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path, monkeypatch):
-    """release-text calibration + online balancing on a math set whose answers the random student hits sometimes."""
-    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):
+    """`uniopd train` with release-text calibration + online balancing, on a math set whose answers the random
+    student hits sometimes (so groups are mixed)."""
     data = tmp_path / "often-right.jsonl"
     data.write_text("".join(f'{{"domain": "math", "prompt": "Say a number like {a}.", "answer": "{a}"}}\n'
                             for a in ("14", "3", "2", "10", "72", "70")))
-    config = load_config(write_config(stack, tmp_path / "recipe", cache__url="none",
-                                      data={"train": [str(data)]}, teachers={"math": {"urls": [stack["math"].url]}},
-                                      algorithm={"prompts_per_step": 6, "samples_per_prompt": 8,
-                                                 "micro_batch_size": 16, "lr": 1e-4},
-                                      recipe={"calibration": {"preset": "release-text"},
-                                              "online_balance": {"enabled": True, "ratio": 1.0}}))
-    rows = asyncio.run(_steps(Trainer(config), n=2))
+    config = write_config(stack, tmp_path / "recipe", cache__url="none", schedule__steps=2,
+                          data={"train": [str(data)]}, teachers={"math": {"urls": [stack["math"].url]}},
+                          algorithm={"prompts_per_step": 6, "samples_per_prompt": 8, "micro_batch_size": 16,
+                                     "lr": 1e-4},
+                          recipe={"calibration": {"preset": "release-text"},
+                                  "online_balance": {"enabled": True, "ratio": 1.0}})
+    train(config)
+    rows = read_log(tmp_path / "recipe" / "metrics.jsonl")
+    assert len(rows) == 2
     assert sum(r["calib/mixed_groups"] for r in rows) > 0, "no mixed group: nothing was exercised"
     for r in rows:
         assert r["balance/correct_before"] + r["balance/incorrect_before"] == 48

@@ -105,7 +105,8 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool) -> bytes:
     return msgpack.packb({"items": packed})
 
 
-def _concat(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
+def pack_arrays(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
+    """Arrays flattened and concatenated as raw bytes of `dtype`: the binary encodings' one array form."""
     return np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False).tobytes() if arrays else b""
 
 
@@ -116,10 +117,10 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
             "api_version": API_VERSION,
             "fingerprint": fingerprint.model_dump(),
             "lengths": np.array([len(s.logprobs) for s in spans], dtype=_I4).tobytes(),
-            "logprobs": _concat([s.logprobs for s in spans], _F4),
+            "logprobs": pack_arrays([s.logprobs for s in spans], _F4),
             "top_k": np.array([s.k for s in spans], dtype=_I4).tobytes(),
-            "top_k_ids": _concat([s.top_k_ids for s in topped], _I4),
-            "top_k_logprobs": _concat([s.top_k_logprobs for s in topped], _F4),
+            "top_k_ids": pack_arrays([s.top_k_ids for s in topped], _I4),
+            "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], _F4),
         })
     results = []
     for s in spans:

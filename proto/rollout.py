@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from proto.codec import media_type
+from proto.codec import media_type, pack_arrays
 from proto.schemas import API_VERSION, MSGPACK_ALIASES, TokenId
 
 _I4 = np.dtype("<i4")
@@ -120,17 +120,14 @@ class Rollouts:
 def encode_generate_response(r: Rollouts, binary: bool) -> bytes:
     flat = [s for group in r.samples for s in group]
     if binary:
-        def cat(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
-            return np.concatenate(arrays).astype(dtype, copy=False).tobytes() if arrays else b""
-
         return msgpack.packb({
             "api_version": API_VERSION, "model": r.model, "weight_version": r.weight_version,
             "n": len(r.samples[0]) if r.samples else 0,
             "prompt_lengths": np.array([len(p) for p in r.prompt_ids], dtype=_I4).tobytes(),
-            "prompt_ids": cat(r.prompt_ids, _I4),
+            "prompt_ids": pack_arrays(r.prompt_ids, _I4),
             "lengths": np.array([len(s.token_ids) for s in flat], dtype=_I4).tobytes(),
-            "token_ids": cat([s.token_ids for s in flat], _I4),
-            "logprobs": cat([s.logprobs for s in flat], _F4),
+            "token_ids": pack_arrays([s.token_ids for s in flat], _I4),
+            "logprobs": pack_arrays([s.logprobs for s in flat], _F4),
             "finish_reasons": [s.finish_reason for s in flat],
         })
     return json.dumps({

@@ -34,14 +34,10 @@ from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
 from trainer.student import pad, response_logprobs
-from trainer.teacher_router import Endpoint, TeacherRouter
+from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.verifiers import verify_batch
 
 log = logging.getLogger("uniopd.train")
-
-
-class TokenizerMismatch(RuntimeError):
-    pass
 
 
 @dataclass

@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from proto.errors import ApiError
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
-    from trainer.loop import TokenizerMismatch, Trainer
+    from trainer.loop import Trainer
     from trainer.teacher_router import RouterError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(str(exc))
     try:
         asyncio.run(trainer.run())
-    except (RouterError, TokenizerMismatch, ApiError, httpx.HTTPError) as exc:
+    except (RouterError, ApiError, httpx.HTTPError) as exc:  # RouterError covers TokenizerMismatch
         raise SystemExit(f"uniopd train: {type(exc).__name__}: {exc}") from None
 
 

@@ -154,6 +154,9 @@ class Trainer:
         for r, scores in zip(fits, await self.router.score(requests), strict=True):
             r.teacher = scores
 
+    def logprobs(self, chunk: list[Rollout]) -> torch.Tensor:
+        return response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+
     @torch.no_grad()
     def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray) -> torch.Tensor:
         """π_old of the given rows in train precision, as a (len(rollouts), T) tensor that is zero elsewhere."""
@@ -163,7 +166,7 @@ class Trainer:
         for i in range(0, len(rows), mb):
             idx = rows[i:i + mb]
             chunk = [rollouts[j] for j in idx]
-            lp = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+            lp = self.logprobs(chunk)
             for j, row in zip(idx, lp.cpu(), strict=True):
                 out[j, : row.shape[0]] = row
         return out
@@ -266,7 +269,7 @@ class Trainer:
             for i in range(0, len(own), a.micro_batch_size):
                 idx = own[i:i + a.micro_batch_size]
                 chunk = [rollouts[j] for j in idx]
-                new = response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+                new = self.logprobs(chunk)
                 width = new.shape[1]
                 loss, s = clipped_pg_loss(
                     new, old[idx, :width].to(new.device), advantages[idx, :width].to(new.device),

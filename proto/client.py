@@ -9,7 +9,7 @@ import httpx
 from proto.codec import ScoredSpan, decode_score_response, encode_score_request
 from proto.errors import ApiError
 from proto.rollout import GenerateRequest, RolloutInfo, Rollouts, WeightsLoaded, decode_generate_response
-from proto.schemas import JSON, MSGPACK, Fingerprint, ScoreItem, TeacherInfo
+from proto.schemas import JSON, MSGPACK, Fingerprint, ScoreItem, TeacherInfo, TeamUsage
 
 
 class _Client:
@@ -55,6 +55,12 @@ class TeacherClient(_Client):
         resp = await self._http.get("/v1/info")
         self._raise_for(resp)
         return TeacherInfo.model_validate_json(resp.content)
+
+    async def usage(self) -> TeamUsage:
+        """This key's team: its usage and quotas on this teacher."""
+        resp = await self._http.get("/v1/usage")
+        self._raise_for(resp)
+        return TeamUsage.model_validate_json(resp.content)
 
     async def score(self, items: Sequence[ScoreItem]) -> tuple[Fingerprint, list[ScoredSpan]]:
         body = encode_score_request(items, self.binary)

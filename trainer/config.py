@@ -4,11 +4,12 @@ starts; an error names the field."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PosInt = Annotated[int, Field(ge=1)]
 Prob = Annotated[float, Field(ge=0, le=1)]
@@ -28,17 +29,40 @@ class DataConfig(_Strict):
     eval: list[Path] = Field(default_factory=list)
 
 
+def check_urls(urls: list[str]) -> list[str]:
+    """http(s) URLs without a trailing slash (shared with the teacher registry)."""
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise ValueError(f"{u!r} is not an http(s) URL")
+    return [u.rstrip("/") for u in urls]
+
+
+# A teacher fingerprint digest (sha256 hex) or a prefix of at least 12 hex digits, as the teacher logs it.
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{12,64}$")]
+
+
 class TeacherPoolConfig(_Strict):
-    urls: list[str] = Field(min_length=1, description="Replicas of this domain's teacher.")
+    """A domain's teacher: its replicas (`urls`), or the name of a teacher in the registry file (`teacher`), which
+    load_config resolves into urls, api_key_env and fingerprint."""
+
+    urls: list[str] | None = Field(default=None, min_length=1, description="Replicas of this domain's teacher.")
+    teacher: str | None = Field(default=None, description="Name of a teacher in the registry file.")
     api_key_env: str | None = Field(default=None, description="Env var holding the bearer key for these URLs.")
+    fingerprint: Digest | None = Field(default=None, description="Expected teacher fingerprint digest (or prefix).")
 
     @field_validator("urls")
     @classmethod
-    def _http(cls, urls: list[str]) -> list[str]:
-        for u in urls:
-            if not u.startswith(("http://", "https://")):
-                raise ValueError(f"{u!r} is not an http(s) URL")
-        return [u.rstrip("/") for u in urls]
+    def _http(cls, urls: list[str] | None) -> list[str] | None:
+        return None if urls is None else check_urls(urls)
+
+    @model_validator(mode="after")
+    def _urls_or_teacher(self) -> TeacherPoolConfig:
+        if self.teacher is None and self.urls is None:
+            raise ValueError("give urls or teacher (a registry name)")
+        if self.teacher is not None and (self.urls is not None or self.api_key_env or self.fingerprint):
+            raise ValueError("give either urls or teacher, not both (a registry teacher brings its urls, "
+                             "api_key_env and fingerprint)")
+        return self
 
 
 class RolloutConfig(_Strict):
@@ -51,7 +75,8 @@ class RolloutConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    url: str | None = Field(default="redis://127.0.0.1:6379/0", description="Redis URL, or none to disable.")
+    url: str | None = Field(default="redis://127.0.0.1:6379/0",
+                            description="Redis URL, memory:// for an in-process cache, or none to disable.")
     ttl_s: PosInt = 7 * 86400
 
     @field_validator("url", mode="before")
@@ -70,6 +95,9 @@ class TeacherClientConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
+    estimator: Literal["opd", "grpo"] = Field(
+        default="opd", description="opd: teacher − student per token; grpo: outcome reward only, group-normalized "
+                                   "(the RL baseline; teachers are not called)")
     samples_per_prompt: PosInt = 16
     prompts_per_step: PosInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-6
@@ -134,6 +162,8 @@ class ScheduleConfig(_Strict):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     eval_samples: PosInt = Field(default=4, description="k samples per held-out prompt (mean accuracy over k).")
     keep_checkpoints: PosInt = 3
+    log_returns: bool = Field(default=False, description="Also log every rollout's G before and after calibration "
+                                                         "(rows of kind 'returns' in metrics.jsonl).")
 
 
 class RunConfig(_Strict):
@@ -151,6 +181,17 @@ class RunConfig(_Strict):
     output_dir: Path = Path("runs/latest")
     seed: int = 0
     allow_tokenizer_mismatch: bool = Field(default=False, description="Train even if a teacher's tokenizer differs.")
+    registry: Path | None = Field(default=None, description="Teacher registry YAML that teachers.<d>.teacher names.")
+    allow_teacher_change: bool = Field(
+        default=False, description="Accept a mid-run swap to a teacher with a different fingerprint.")
+    _source: ConfigSource | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _recipe_needs_opd(self) -> RunConfig:
+        if self.algorithm.estimator == "grpo" and self.recipe.calibration.method != "none":
+            raise ValueError("recipe.calibration.method: margin calibration shifts teacher returns; "
+                             "the grpo estimator has none (use method none)")
+        return self
 
     @model_validator(mode="after")
     def _domains_resolve(self) -> RunConfig:
@@ -163,6 +204,18 @@ class RunConfig(_Strict):
                 raise ValueError(f"verifiers.{domain}: {kind!r} is not a verifier kind ({', '.join(kinds)})")
         return self
 
+    @model_validator(mode="after")
+    def _registry_given(self) -> RunConfig:
+        named = [d for d, pool in self.teachers.items() if pool.teacher is not None]
+        if named and self.registry is None:
+            raise ValueError(f"teachers.{named[0]}.teacher: names a registry teacher, but no registry file is set")
+        return self
+
+    @property
+    def source(self) -> ConfigSource | None:
+        """The file and overrides this config was loaded from; the trainer re-reads them to swap teachers."""
+        return self._source
+
     def verifier_for(self, domain: str) -> str:
         return self.verifiers.get(domain, domain)
 
@@ -172,6 +225,12 @@ class RunConfig(_Strict):
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    path: Path
+    overrides: tuple[str, ...] = ()
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -205,7 +264,13 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         msg = err["msg"].removeprefix("Value error, ")
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{where}: {msg}" if where else msg) from None  # cross-field errors name their field
-    return _resolve_paths(config, base)
+    config = _resolve_paths(config, base)
+    if config.registry is not None:
+        from trainer.registry import resolve_teachers
+
+        resolve_teachers(config)
+    config._source = ConfigSource(Path(path).resolve(), tuple(overrides))
+    return config
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
@@ -217,6 +282,7 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     config.data.train = [fix(p) for p in config.data.train]
     config.data.eval = [fix(p) for p in config.data.eval]
     config.output_dir = fix(config.output_dir)
+    config.registry = fix(config.registry) if config.registry is not None else None
     for field, paths in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         for p in paths:
             if not p.is_file():

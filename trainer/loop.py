@@ -30,12 +30,13 @@ from trainer.calibration import calibrate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, derive_seed, load_records, make_examples
-from trainer.opd import clipped_pg_loss, opd_advantages, trajectory_returns
+from trainer.evaluation import heldout_accuracy, verify_responses
+from trainer.opd import clipped_pg_loss, grpo_advantages, opd_advantages, trajectory_returns
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
 from trainer.student import pad, response_logprobs
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
-from trainer.verifiers import verify_batch
+from trainer.teacher_swap import TeacherSwapper
 
 log = logging.getLogger("uniopd.train")
 
@@ -89,6 +90,7 @@ class Trainer:
                               f"{a.samples_per_prompt} = {batch} samples must split evenly into updates_per_batch "
                               f"{a.updates_per_batch} x {self.world} processes")
         self.runlog = RunLog(c.output_dir, enabled=self.main)
+        self.teacher_swap = TeacherSwapper(c, enabled=self.main)  # config edits / SIGHUP swap teachers between steps
         if resume:
             self.runlog.truncate_after(self.step)
 
@@ -113,10 +115,13 @@ class Trainer:
                                     retries=t.retries, backoff_s=t.backoff_s,
                                     max_items_per_request=t.max_items_per_request,
                                     breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s)
-        self.teacher_infos = await self.router.handshake(student_fp, c.allow_tokenizer_mismatch)
+        await self.router.handshake(student_fp, c.allow_tokenizer_mismatch,
+                                    expected={d: p.fingerprint for d, p in c.teachers.items()})
+        self.teacher_swap.attach(self.router, student_fp, self.step)
         await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
 
     async def close(self) -> None:
+        self.teacher_swap.close()
         for name in ("router", "rollout"):
             if hasattr(self, name):
                 await getattr(self, name).aclose()
@@ -133,9 +138,8 @@ class Trainer:
                 for i, (ex, group) in enumerate(zip(examples, out.samples, strict=True)) for s in group]
 
     def verify(self, rollouts: list[Rollout]) -> int:
-        texts = [self.tokenizer.decode(r.response.tolist(), skip_special_tokens=True) for r in rollouts]
-        verdicts = verify_batch([self.config.verifier_for(r.example.domain) for r in rollouts], texts,
-                                [r.example.record for r in rollouts])
+        verdicts = verify_responses(self.tokenizer, self.config.verifier_for, [r.response for r in rollouts],
+                                    [r.example.record for r in rollouts])
         for r, v in zip(rollouts, verdicts, strict=True):
             r.correct = v.correct
         errors = [v.error for v in verdicts if v.error is not None]
@@ -148,7 +152,7 @@ class Trainer:
         """Teacher log-probs of each response; a sequence longer than its teacher accepts stays unscored (masked)
         instead of failing the whole request it would travel in."""
         fits = [r for r in rollouts
-                if len(r.example.prompt_ids) + len(r.response) <= self.teacher_infos[r.example.domain].max_length]
+                if len(r.example.prompt_ids) + len(r.response) <= self.router.info(r.example.domain).max_length]
         requests = [(r.example.domain, ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
                                                  response_start=len(r.example.prompt_ids))) for r in fits]
         for r, scores in zip(fits, await self.router.score(requests), strict=True):
@@ -206,8 +210,8 @@ class Trainer:
         verify_errors = 0
         if self.main:
             verify_errors, _, old = await asyncio.gather(
-                timed("verify", asyncio.to_thread(self.verify, rollouts)), timed("score", self.score(rollouts)),
-                old_work)
+                timed("verify", asyncio.to_thread(self.verify, rollouts)),
+                timed("score", self.score(rollouts) if a.estimator == "opd" else asyncio.sleep(0)), old_work)
         else:
             old = await old_work
         outcomes = self.broadcast([(r.correct, r.teacher) for r in rollouts])
@@ -220,11 +224,23 @@ class Trainer:
         scored = torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32)
         teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
         teacher = torch.nn.functional.pad(teacher, (0, old.shape[1] - teacher.shape[1]))
-        mask = valid * scored[:, None]  # a sample without teacher scores is masked out, never zero-filled
-        advantages, loss_mask, recipe_metrics = self.recipe(rollouts, opd_advantages(teacher, old, mask), mask)
+        if a.estimator == "grpo":
+            mask = valid
+            rewards = torch.tensor([float(r.correct) for r in rollouts])
+            advantages = grpo_advantages(rewards, torch.tensor([r.prompt_index for r in rollouts]), mask)
+        else:
+            mask = valid * scored[:, None]  # a sample without teacher scores is masked out, never zero-filled
+            advantages = opd_advantages(teacher, old, mask)
+        raw_returns = trajectory_returns(advantages, mask)
+        advantages, loss_mask, recipe_metrics = self.recipe(rollouts, advantages, mask)
+        if c.schedule.log_returns and self.main:  # G per rollout, for the experiment's distribution plots
+            self.runlog.write(self.step + 1, {
+                "domain": [r.example.domain for r in rollouts], "correct": [r.correct for r in rollouts],
+                "G": raw_returns.tolist(), "G_calibrated": trajectory_returns(advantages, mask).tolist(),
+                "in_loss": (loss_mask.sum(-1) > 0).tolist()}, kind="returns")
 
         start = time.perf_counter()
-        train_stats = self.update(rollouts, old, teacher, advantages, loss_mask)
+        train_stats = self.update(rollouts, old, teacher if a.estimator == "opd" else None, advantages, loss_mask)
         times["train"] = time.perf_counter() - start
         start = time.perf_counter()
         version = await self.push_weights()
@@ -258,8 +274,8 @@ class Trainer:
         sample_mask = torch.as_tensor(keep & ~masked, dtype=mask.dtype)
         return advantages, mask * sample_mask[:, None], m
 
-    def update(self, rollouts: list[Rollout], old: torch.Tensor, teacher: torch.Tensor, advantages: torch.Tensor,
-               mask: torch.Tensor) -> dict[str, float]:
+    def update(self, rollouts: list[Rollout], old: torch.Tensor, teacher: torch.Tensor | None,
+               advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         a = self.config.algorithm
         self.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
@@ -273,7 +289,8 @@ class Trainer:
                 width = new.shape[1]
                 loss, s = clipped_pg_loss(
                     new, old[idx, :width].to(new.device), advantages[idx, :width].to(new.device),
-                    teacher[idx, :width].to(new.device), mask[idx, :width].to(new.device), a.clip_low, a.clip_high,
+                    None if teacher is None else teacher[idx, :width].to(new.device),
+                    mask[idx, :width].to(new.device), a.clip_low, a.clip_high,
                     a.logprob_clip, num_samples=len(own))  # DDP's gradient mean makes it the minibatch loss
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
@@ -312,10 +329,12 @@ class Trainer:
         m["tokens_per_s"] = tokens / max(times["step"], 1e-9)
         m["weight_version"] = version
         m["verify_errors"] = verify_errors
-        m["masked_samples"] = float(sum(r.teacher is None for r in rollouts))
+        opd = self.config.algorithm.estimator == "opd"
+        m["masked_samples"] = float(sum(r.teacher is None for r in rollouts)) if opd else 0.0
         if scored:
-            m["teacher_logprob"] = float((teacher * mask).sum() / scored)
             m["student_logprob"] = float((old * mask).sum() / scored)
+        if scored and opd:
+            m["teacher_logprob"] = float((teacher * mask).sum() / scored)
             m["reverse_kl"] = float(((old - teacher) * mask).sum() / scored)
         returns = trajectory_returns(advantages, mask)
         for domain in sorted({r.example.domain for r in rollouts}):
@@ -324,19 +343,17 @@ class Trainer:
             m[f"{domain}/samples"] = len(ids)
             m[f"{domain}/mean_return"] = float(returns[ids].mean())
         m.update(self.router.metrics(reset=True))
+        m.update(self.teacher_swap.metrics())
         return m
 
     # ---- evaluation, checkpoints, the run ----------------------------------------------------------------------
 
     async def evaluate(self) -> dict[str, float]:
-        """Mean accuracy over k samples per held-out prompt, per domain (temperature 1, top-p 1)."""
-        k = self.config.schedule.eval_samples
-        rollouts = await self.sample(self.eval_examples, k, derive_seed(self.config.seed, self.step, "eval"))
-        await asyncio.to_thread(self.verify, rollouts)
-        by_domain: dict[str, list[bool]] = defaultdict(list)
-        for r in rollouts:
-            by_domain[r.example.domain].append(r.correct)
-        return {f"{d}/accuracy": float(np.mean(v)) for d, v in sorted(by_domain.items())}
+        c = self.config
+        return await heldout_accuracy(self.rollout, self.tokenizer, c.verifier_for,
+                                      [ex.prompt_ids for ex in self.eval_examples],
+                                      [ex.record for ex in self.eval_examples], c.schedule.eval_samples,
+                                      derive_seed(c.seed, self.step, "eval"), c.rollout.max_tokens)
 
     def checkpoint(self) -> None:
         progress = Progress(step=self.step, data=self.stream.state())
@@ -346,9 +363,13 @@ class Trainer:
     async def run(self) -> None:
         s = self.config.schedule
         try:
+            self.teacher_swap.install_sighup()
             await self.connect()
+            if self.main and self.eval_examples and s.eval_every and self.step == 0:
+                self.runlog.write(0, await self.evaluate(), kind="eval")  # the student before training
             bar = tqdm(total=s.steps, initial=self.step, disable=not self.main, desc="uniopd train")
             while self.step < s.steps:
+                await self.teacher_swap.at_step_boundary(self.step)  # main process only; no-op elsewhere
                 metrics = await self.train_step()
                 self.runlog.write(self.step, metrics)
                 bar.update(1)

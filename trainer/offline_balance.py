@@ -20,7 +20,7 @@ from proto.rollout import GenerateRequest
 from trainer.balancing import histogram_shape, pass_count_histogram, upsample, upsample_factors
 from trainer.config import RunConfig
 from trainer.data import derive_seed, load_records, render_prompt
-from trainer.verifiers import verify_batch
+from trainer.evaluation import verify_responses
 
 
 def record_key(record: dict) -> str:
@@ -62,10 +62,8 @@ async def estimate_pass_counts(config: RunConfig, records: list[dict], samples: 
                     prompts=[render_prompt(tokenizer, records[i]) for i in ids], n=samples, temperature=1.0,
                     top_p=0.95, top_k=50, max_tokens=r.max_tokens, seed=derive_seed(config.seed, "offline", ids[0])))
                 flat = [(i, s) for i, group in zip(ids, out.samples, strict=True) for s in group]
-                verdicts = verify_batch(
-                    [config.verifier_for(records[i]["domain"]) for i, _ in flat],
-                    [tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True) for _, s in flat],
-                    [records[i] for i, _ in flat])
+                verdicts = verify_responses(tokenizer, config.verifier_for, [s.token_ids for _, s in flat],
+                                            [records[i] for i, _ in flat])
                 for k, i in enumerate(ids):
                     done[i] = sum(v.correct for v in verdicts[k * samples:(k + 1) * samples])
                     row = {"index": i, "passes": done[i], "samples": samples, "key": record_key(records[i])}

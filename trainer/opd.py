@@ -1,5 +1,7 @@
 """The OPD math (METHOD.md §1): per-token advantages and the clipped policy-gradient loss. Pure tensor functions.
 
+`grpo_advantages` is the outcome-reward-only RL baseline the experiment compares against (no teacher at all).
+
 Shapes: (B, T) for B samples padded to T response tokens; `mask` is 1 on real, trainable tokens.
 """
 
@@ -15,6 +17,19 @@ def opd_advantages(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor, m
     return ((teacher_logprobs - old_logprobs) * mask).detach()
 
 
+def grpo_advantages(rewards: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: A_i = (R_i − mean of its group) / (std of its group + eps), the same for every token of sample i.
+
+    std is the population std of the group; a group whose rewards are all equal gets zero advantage."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    rewards = rewards.to(torch.float64)
+    count = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
+    var = torch.zeros_like(count).index_add_(0, inverse, (rewards - mean[inverse]) ** 2) / count
+    adv = (rewards - mean[inverse]) / (var.sqrt()[inverse] + eps)
+    return (adv.to(mask.dtype)[:, None] * mask).detach()
+
+
 def trajectory_returns(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """G(τ) = token mean of the advantages (0 for an empty or fully masked sample)."""
     return (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -28,18 +43,19 @@ class LossStats:
 
 
 def clipped_pg_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    teacher_logprobs: torch.Tensor, mask: torch.Tensor, clip_low: float = 0.2,
+                    teacher_logprobs: torch.Tensor | None, mask: torch.Tensor, clip_low: float = 0.2,
                     clip_high: float = 0.28, logprob_clip: float = 10.0,
                     num_samples: int | None = None) -> tuple[torch.Tensor, LossStats]:
     """PPO-style clipped surrogate with the teacher–student log-prob clip; token mean per sample, mean over samples.
 
     `num_samples` is the B of the whole batch when this is one micro-batch of it, so micro-batch losses add up to
-    the batch loss."""
+    the batch loss. Without teacher log-probs (the RL baseline) there is no teacher–student clip."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     unclipped = -ratio * advantages
     clipped = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
     per_token = torch.maximum(unclipped, clipped)
-    near_teacher = ((new_logprobs - teacher_logprobs).abs() < logprob_clip).to(per_token.dtype)
+    near_teacher = (torch.ones_like(per_token) if teacher_logprobs is None
+                    else ((new_logprobs - teacher_logprobs).abs() < logprob_clip).to(per_token.dtype))
     per_token = per_token * near_teacher * mask
     per_sample = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
     loss = per_sample.sum() / (num_samples or per_sample.shape[0])

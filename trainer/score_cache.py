@@ -12,6 +12,7 @@ import hashlib
 import logging
 import struct
 import time
+from collections import OrderedDict
 
 import numpy as np
 from redis.asyncio import Redis
@@ -30,15 +31,60 @@ KEY_SCHEMA = b"uniopd-score-key/v1\0"
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
+MEMORY_URL = "memory://"
+
+
+class InProcessStore:
+    """The subset of redis-py's async API the cache uses, in a bounded LRU dict: the fallback when no Redis can be
+    had (e.g. the demo on a machine without redis-server). Scores then live only as long as the process."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._max = max_entries
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        out = []
+        for k in keys:
+            value = self._data.get(k)
+            if value is not None:
+                self._data.move_to_end(k)
+            out.append(value)
+        return out
+
+    def pipeline(self, transaction: bool = False) -> InProcessStore._Pipeline:
+        return InProcessStore._Pipeline(self)
+
+    def _set(self, key: str, value: bytes) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    async def aclose(self) -> None:
+        self._data.clear()
+
+    class _Pipeline:
+        def __init__(self, store: InProcessStore) -> None:
+            self._store, self._ops = store, []
+
+        def set(self, key: str, value: bytes, ex: int | None = None) -> None:
+            self._ops.append((key, value))
+
+        async def execute(self) -> None:
+            for key, value in self._ops:
+                self._store._set(key, value)
+
+
 class ScoreCache:
-    """Teacher response-span log-probs in Redis; `url=None` disables it (all misses, stores dropped)."""
+    """Teacher response-span log-probs in Redis; `url=None` disables it (all misses, stores dropped);
+    `url="memory://"` keeps them in this process (no Redis needed, nothing shared)."""
 
     def __init__(self, url: str | None, ttl_s: int = 7 * 86400, namespace: str = "uniopd:score:v1", *,
                  timeout_s: float = 1.0, reconnect_interval_s: float = 2.0) -> None:
         self.ttl_s = ttl_s
         self.namespace = namespace
         # One immediate retry: the first command after a Redis restart fails on the stale pooled connection.
-        self._redis = None if url is None else Redis.from_url(
+        self._redis = None if url is None else InProcessStore() if url == MEMORY_URL else Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
         self._reconnect_interval_s = reconnect_interval_s
         self._down_since: float | None = None

@@ -48,6 +48,12 @@ class Endpoint:
     api_key: str | None = None
 
 
+def fingerprint_id(digest: str) -> int:
+    """A short numeric identity of a teacher for metrics: the first 6 hex digits of its digest as an int (exact in
+    TensorBoard's float32; `f"{value:06x}"` gives back the prefix that the logs show)."""
+    return int(digest[:6], 16)
+
+
 def backoff_delay(attempt: int, base_s: float, cap_s: float, u: float) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^attempt)); `u` in [0, 1) is the caller's random draw."""
     return u * min(cap_s, base_s * 2.0**attempt)
@@ -116,18 +122,20 @@ class EndpointStats:
 class _Replica:
     def __init__(self, endpoint: Endpoint, timeout_s: float, breaker: CircuitBreaker) -> None:
         self.url = endpoint.url
+        self.api_key = endpoint.api_key
         self.client = TeacherClient(endpoint.url, endpoint.api_key, binary=True, timeout=timeout_s)
         self.breaker = breaker
         self.stats = EndpointStats()
 
 
 class _Pool:
-    """The replicas of one domain and the fingerprint digest they agreed on at handshake."""
+    """The replicas of one domain and the fingerprint digest (and info) they agreed on at handshake."""
 
     def __init__(self, domain: str, replicas: list[_Replica]) -> None:
         self.domain = domain
         self.replicas = replicas
         self.digest: str | None = None
+        self.info: TeacherInfo | None = None
         self._cursor = 0
 
     def next_start(self) -> int:
@@ -179,11 +187,13 @@ class TeacherRouter:
                  breaker_failures: int = 3, breaker_cooldown_s: float = 10.0, backoff_cap_s: float = 10.0) -> None:
         if not pools or any(not endpoints for endpoints in pools.values()):
             raise ValueError("every domain needs at least one teacher endpoint")
+        self._timeout_s = timeout_s
+        self._breaker = (breaker_failures, breaker_cooldown_s)
         # One replica (client, breaker, stats) per URL, shared by the domains a teacher serves.
         self._replicas: dict[str, _Replica] = {}
         for ep in (ep for endpoints in pools.values() for ep in endpoints):
             if ep.url not in self._replicas:
-                self._replicas[ep.url] = _Replica(ep, timeout_s, CircuitBreaker(breaker_failures, breaker_cooldown_s))
+                self._replicas[ep.url] = self._new_replica(ep)
         self._pools = {domain: _Pool(domain, [self._replicas[ep.url] for ep in endpoints])
                        for domain, endpoints in pools.items()}
         self.cache = cache
@@ -196,18 +206,77 @@ class TeacherRouter:
 
     # --- start-up -------------------------------------------------------------------------------------------------
 
-    async def handshake(self, student_tokenizer_fingerprint: str,
-                        allow_tokenizer_mismatch: bool = False) -> dict[str, TeacherInfo]:
-        """GET /v1/info on every endpoint; refuse dead endpoints, replicas that disagree, and a foreign tokenizer."""
+    def _new_replica(self, endpoint: Endpoint) -> _Replica:
+        return _Replica(endpoint, self._timeout_s, CircuitBreaker(*self._breaker))
+
+    async def handshake(self, student_tokenizer_fingerprint: str, allow_tokenizer_mismatch: bool = False,
+                        expected: dict[str, str | None] | None = None) -> dict[str, TeacherInfo]:
+        """GET /v1/info on every endpoint; refuse dead endpoints, replicas that disagree, a foreign tokenizer, and a
+        fingerprint other than the `expected` digest (or digest prefix) of a domain."""
         replicas = list(self._replicas.values())
         infos = dict(zip(self._replicas, await asyncio.gather(*(self._info(r) for r in replicas)), strict=True))
         out = {}
         for domain, pool in self._pools.items():
-            info = self._check_pool(pool, {r.url: infos[r.url] for r in pool.replicas})
-            self._check_tokenizer(domain, info, student_tokenizer_fingerprint, allow_tokenizer_mismatch)
-            pool.digest = info.fingerprint.digest
+            info = self._verify(pool, {r.url: infos[r.url] for r in pool.replicas}, student_tokenizer_fingerprint,
+                                allow_tokenizer_mismatch, (expected or {}).get(domain))
+            pool.digest, pool.info = info.fingerprint.digest, info
             out[domain] = info
         return out
+
+    async def probe(self, domain: str, endpoints: list[Endpoint], student_tokenizer_fingerprint: str,
+                    allow_tokenizer_mismatch: bool = False, expected: str | None = None) -> TeacherInfo:
+        """The handshake of a candidate pool for `domain`, leaving the live pools alone: a swap checks first."""
+        if not endpoints:
+            raise ValueError(f"domain {domain!r}: a teacher pool needs at least one endpoint")
+        replicas = [self._new_replica(ep) for ep in endpoints]
+        try:
+            infos = await asyncio.gather(*(self._info(r) for r in replicas))
+        finally:
+            await asyncio.gather(*(r.client.aclose() for r in replicas))
+        return self._verify(_Pool(domain, replicas), dict(zip([r.url for r in replicas], infos, strict=True)),
+                            student_tokenizer_fingerprint, allow_tokenizer_mismatch, expected)
+
+    def _verify(self, pool: _Pool, infos: dict[str, TeacherInfo], student: str, allow_tokenizer_mismatch: bool,
+                expected: str | None) -> TeacherInfo:
+        info = self._check_pool(pool, infos)
+        self._check_tokenizer(pool.domain, info, student, allow_tokenizer_mismatch)
+        self._check_expected(pool.domain, info, expected)
+        return info
+
+    async def replace_pool(self, domain: str, endpoints: list[Endpoint], info: TeacherInfo) -> None:
+        """Route `domain` to `endpoints` from now on, cache keys under `info`'s fingerprint (from probe()).
+
+        Call between steps. A URL another domain still uses keeps its replica (client, breaker); replicas no domain
+        uses any more are closed."""
+        if domain not in self._pools:
+            raise ValueError(f"no teacher pool for domain {domain!r} (pools: {sorted(self._pools)})")
+        if not endpoints:
+            raise ValueError(f"domain {domain!r}: a teacher pool needs at least one endpoint")
+        before = list(self._replicas.values())
+        pool = _Pool(domain, [self._replica_for(domain, ep) for ep in endpoints])
+        pool.digest, pool.info = info.fingerprint.digest, info
+        self._pools[domain] = pool
+        live = [r for p in self._pools.values() for r in p.replicas]
+        self._replicas = {r.url: r for r in live}
+        await asyncio.gather(*(r.client.aclose() for r in before if all(r is not x for x in live)))
+
+    def _replica_for(self, domain: str, endpoint: Endpoint) -> _Replica:
+        """The live replica of this URL when another domain shares it or its key is unchanged, else a new one."""
+        existing = self._replicas.get(endpoint.url)
+        if existing is None:
+            return self._new_replica(endpoint)
+        shared = any(existing in p.replicas for d, p in self._pools.items() if d != domain)
+        return existing if shared or existing.api_key == endpoint.api_key else self._new_replica(endpoint)
+
+    def info(self, domain: str) -> TeacherInfo:
+        """What the domain's current teacher reported at its handshake (max_length, fingerprint, ...)."""
+        info = self._pools[domain].info
+        if info is None:
+            raise RuntimeError("call handshake() first")
+        return info
+
+    def urls(self, domain: str) -> list[str]:
+        return [r.url for r in self._pools[domain].replicas]
 
     @staticmethod
     async def _info(replica: _Replica) -> TeacherInfo:
@@ -226,6 +295,13 @@ class TeacherRouter:
         if info.domains and pool.domain not in info.domains:
             log.warning("domain %r is routed to teachers that declare domains %s", pool.domain, info.domains)
         return info
+
+    @staticmethod
+    def _check_expected(domain: str, info: TeacherInfo, expected: str | None) -> None:
+        digest = info.fingerprint.digest
+        if expected is not None and not digest.startswith(expected):
+            raise FingerprintMismatch(f"domain {domain!r}: teacher {info.model!r} reports fingerprint {digest}, the "
+                                      f"config expects {expected}: not the teacher this run was told to use")
 
     @staticmethod
     def _check_tokenizer(domain: str, info: TeacherInfo, student: str, allow: bool) -> None:
@@ -353,7 +429,8 @@ class TeacherRouter:
         return self.cache.stats() if self.cache is not None else {"hits": 0, "misses": 0, "errors": 0}
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
-        """Flat per-step metrics since the last reset: `endpoint/{url}/...`, `cache/...`, `domain/{name}/...`."""
+        """Flat per-step metrics since the last reset: `endpoint/{url}/...`, `cache/...`, `domain/{name}/...`, and
+        `teachers/{domain}/fingerprint` (see fingerprint_id)."""
         out: dict[str, float] = {}
         for url, r in self._replicas.items():
             out.update({f"endpoint/{url}/{name}": value for name, value in r.stats.snapshot().items()})
@@ -366,6 +443,8 @@ class TeacherRouter:
             stats = self._domain_stats[domain]
             out.update({f"domain/{domain}/scored": stats.scored, f"domain/{domain}/masked": stats.masked,
                         f"domain/{domain}/cached": stats.cached})
+            if self._pools[domain].digest is not None:
+                out[f"teachers/{domain}/fingerprint"] = fingerprint_id(self._pools[domain].digest)
         if reset:
             self.reset_metrics()
         return out

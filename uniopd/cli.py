@@ -1,4 +1,5 @@
-"""The `uniopd` command line: `teacher serve`, `rollout serve`, `train`, `balance`, `models tiny`, `demo`."""
+"""The `uniopd` command line: `teacher serve`, `rollout serve`, `train`, `balance`, `models tiny|prepare`, `demo`,
+`experiment run|report`."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--backend", choices=backends, default="hf")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys", type=Path, help="file with one bearer API key per line (also: $UNIOPD_API_KEYS)")
+    p.add_argument("--api-keys", type=Path, help="bearer API keys: one per line, or a YAML team file (`teams:`) "
+                   "with per-team quotas (also: $UNIOPD_API_KEYS)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
@@ -84,7 +86,7 @@ def _add_rollout_serve(sub) -> None:
 
 def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """Fail before anything loads, naming the option; returns the API keys."""
-    from services.common.auth import load_api_keys
+    from services.common.auth import KeysFileError, load_api_keys
 
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (expected an HF-format model directory)")
@@ -96,7 +98,10 @@ def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         if path and not path.is_file():
             parser.error(f"--{option.replace('_', '-')} {path}: no such file")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return load_api_keys(args.api_keys)
+    try:
+        return load_api_keys(args.api_keys)
+    except KeysFileError as exc:
+        parser.error(f"--api-keys {exc}")
 
 
 def _run(app, args: argparse.Namespace) -> None:
@@ -106,11 +111,13 @@ def _run(app, args: argparse.Namespace) -> None:
 
 
 def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from services.common.auth import KeyStore
     from services.teacher_server.app import create_app
     from services.teacher_server.backends import load_scorer
     from services.teacher_server.limits import Limits
 
-    keys = _check_server_args(args, parser)
+    _check_server_args(args, parser)
+    keys = KeyStore.from_file(args.api_keys)  # the file was just validated; from now on it reloads as it changes
     if args.max_batch_items > args.max_queue_items:
         parser.error("--max-batch-items must be <= --max-queue-items, or a full request could never be queued")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
@@ -120,12 +127,13 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     def load():
         return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device)
 
-    logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys)} API key(s)" if keys else "disabled")
+    logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
+                                             f"key(s)" if keys.table else "disabled")
     _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys), args)
 
 
 def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from services.common.auth import ADMIN_KEYS_ENV, load_api_keys
+    from services.common.auth import ADMIN_KEYS_ENV, KeysFileError, load_api_keys
     from services.rollout_server.app import create_app
     from services.rollout_server.backends import load_generator
     from services.rollout_server.limits import RolloutLimits
@@ -133,7 +141,10 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     keys = _check_server_args(args, parser)
     if args.weights_root and not args.weights_root.is_dir():
         parser.error(f"--weights-root {args.weights_root}: not a directory")
-    admin = load_api_keys(args.admin_keys, env=ADMIN_KEYS_ENV)
+    try:
+        admin = load_api_keys(args.admin_keys, env=ADMIN_KEYS_ENV)
+    except KeysFileError as exc:
+        parser.error(f"--admin-keys: {exc}")
     limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
                            max_prompts=args.max_prompts, max_n=args.max_n,
                            max_pending_requests=args.max_pending_requests)
@@ -198,10 +209,44 @@ def _balance(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(f"pass-count histogram before {summary['before']}, after {summary['after']}")
 
 
+def _models_prepare(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
+    from uniopd.experiment import prepare_models
+    from uniopd.synthetic.datasets import write_datasets
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name, path in prepare_models(args.out, args.only, args.quick).items():
+        print(f"{name}: {path}")
+    for name, path in write_datasets(args.out / "data").items():
+        print(f"{name}: {path}")
+
+
+def _default_backend() -> str:
+    return "vllm" if importlib.util.find_spec("vllm") else "hf"
+
+
 def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
     from uniopd.demo import run_demo
 
-    asyncio.run(run_demo(cache_dir(), backend=args.backend))
+    run_demo(args.out, cache_dir(), args.teacher_backend, args.rollout_backend, args.redis_url, args.steps,
+             args.quick)
+
+
+def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from uniopd.experiment import PLANS, Experiment
+    from uniopd.experiment_report import write_report
+
+    if args.action == "run":
+        Experiment(PLANS[args.plan], args.out, cache_dir(), args.teacher_backend, args.rollout_backend,
+                   args.redis_url).run()
+    results_path = args.out / "results.json"
+    if not results_path.is_file():
+        parser.error(f"--out {args.out}: no results.json (run `uniopd experiment run` first)")
+    if args.doc:
+        import json
+
+        command = f"uniopd experiment run --plan {args.plan} --out {args.out} --doc {args.doc}"
+        doc = write_report(json.loads(results_path.read_text()), args.doc, command, args.notes)
+        print(f"report: {doc}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden", type=_positive, default=128, help="hidden size (multiple of 64)")
     tiny.add_argument("--layers", type=_positive, default=4)
     tiny.add_argument("--force", action="store_true")
+    prepare = models.add_parser("prepare", help="train (or reuse) the tiny experts and write the synthetic datasets")
+    prepare.add_argument("--out", type=Path, default=cache_dir() / "experts",
+                         help="writes OUT/models/<name>/ (HF format) and OUT/data/*.jsonl")
+    prepare.add_argument("--only", nargs="+", default=["math-teacher", "code-teacher", "strong-teacher", "student"],
+                         choices=["math-teacher", "code-teacher", "strong-teacher", "student"])
+    prepare.add_argument("--quick", action="store_true", help="5%% of the training steps (smoke tests)")
 
     train = top.add_parser("train", help="distill a student from its domain teachers (OPD)")
     train.add_argument("--config", required=True, type=Path, help="run config (YAML)")
@@ -238,20 +289,45 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("--cap", type=_positive, default=8, help="largest upsampling factor")
     balance.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
 
-    demo = top.add_parser("demo", help="build a tiny teacher, serve it, and score an example over HTTP")
-    demo.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    demo = top.add_parser("demo", help="vanilla OPD vs Uni-OPD on the tiny math and code experts, end to end")
+    _add_stack_args(demo)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run logs, results.json and plots")
+    demo.add_argument("--steps", type=_positive, help="optimizer steps per method (default: the demo plan's)")
+    demo.add_argument("--quick", action="store_true",
+                      help="undertrained models and little data: checks that every part runs, in a few minutes")
+
+    experiment = top.add_parser("experiment", help="the miniature reproduction: settings x methods x seeds")
+    actions = experiment.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="run a plan (finished runs are kept and skipped), then report")
+    report = actions.add_parser("report", help="regenerate the report from an experiment directory")
+    for p in (run, report):
+        p.add_argument("--plan", choices=["full", "smoke", "demo"], default="full")
+        p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="experiment directory")
+        p.add_argument("--doc", type=Path, help="markdown report to write (plots go beside it)")
+        p.add_argument("--notes", type=Path, help="markdown inserted into the report as its discussion")
+    _add_stack_args(run)
     return parser
+
+
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("UNIOPD_REDIS_URL"),
+                   help="Redis for the score cache (default $UNIOPD_REDIS_URL; else a local redis-server is "
+                        "launched; else an in-process cache)")
+    p.add_argument("--teacher-backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--rollout-backend", choices=["hf", "vllm"], default=_default_backend(),
+                   help="default: vllm when installed")
 
 
 _HANDLERS = {("teacher", "serve"): _serve_teacher, ("rollout", "serve"): _serve_rollout,
              ("models", "tiny"): _models_tiny, ("train", None): _train,
-             ("balance", None): _balance, ("demo", None): _demo}
+             ("models", "prepare"): _models_prepare, ("balance", None): _balance, ("demo", None): _demo,
+             ("experiment", "run"): _experiment, ("experiment", "report"): _experiment}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "models" and args.hidden % 64:
+    if args.command == "models" and args.action == "tiny" and args.hidden % 64:
         parser.error(f"--hidden {args.hidden}: must be a multiple of 64 (head_dim 32, heads = hidden/32)")
     _HANDLERS[(args.command, getattr(args, "action", None))](args, parser)
 

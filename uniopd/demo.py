@@ -1,46 +1,43 @@
-"""The embedded demo: build a tiny teacher, serve it as a real process, score a chat rollout over HTTP.
-
-Replaced by the full distillation demo once the trainer lands.
-"""
+"""The embedded demo (the README's first command): the "demo" plan of the experiment — vanilla OPD and Uni-OPD
+distilling the math and code teachers into the weak student, a before/after table per domain, and plots."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from proto.client import TeacherClient
-from proto.schemas import ScoreItem
-from uniopd.launch import start_teacher
-from uniopd.tiny_models import build_tiny_model
+from uniopd.experiment import PLANS, Experiment
+from uniopd.experiment_report import plot_curves, plot_returns, teacher_level
 
 
-def ensure_tiny_model(cache: Path, arch: str = "qwen3", seed: int = 0) -> Path:
-    path = cache / "models" / f"tiny-{arch}-s{seed}"
-    if not (path / "model.safetensors").exists():
-        build_tiny_model(path, arch, seed)
-    return path
+def summary_table(results: dict, setting: str = "multi-teacher") -> str:
+    from uniopd.experiment_report import _final, _mean_std
+
+    runs = {k.split("/", 1)[1]: v for k, v in results["runs"].items() if k.startswith(setting + "/")}
+    teacher = teacher_level(results, setting)
+    rows = [f"{'held-out accuracy (%)':<26}" + "".join(f"{d:>10}" for d in teacher)]
+    before = {d: _mean_std([x for s in runs.values() for x in _final(s, d, 0)])[0] for d in teacher}
+    rows.append(f"{'student before training':<26}" + "".join(f"{before[d] * 100:>10.1f}" for d in teacher))
+    for method, seeds in runs.items():
+        after = {d: _mean_std(_final(seeds, d))[0] for d in teacher}
+        rows.append(f"{'after ' + method:<26}" + "".join(f"{after[d] * 100:>10.1f}" for d in teacher))
+    rows.append(f"{'teacher':<26}" + "".join(f"{teacher[d] * 100:>10.1f}" for d in teacher))
+    return "\n".join(rows)
 
 
-async def run_demo(cache: Path, backend: str = "hf") -> None:
-    from transformers import AutoTokenizer
-
-    model = ensure_tiny_model(cache)
-    tok = AutoTokenizer.from_pretrained(model)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
-                                     tokenize=False)
-    prompt_ids = tok(prompt)["input_ids"]
-    response_ids = tok("12 + 30 = 42. The answer is 42.<|im_end|>")["input_ids"]
-    item = ScoreItem(input_ids=prompt_ids + response_ids, response_start=len(prompt_ids), top_k=3)
-    print(f"teacher model: {model}  backend: {backend}")
-    with start_teacher(model, backend, ["--domain", "math"]) as server:
-        async with TeacherClient(server.url, binary=False) as as_json, TeacherClient(server.url) as as_msgpack:
-            info = await as_json.info()
-            print(f"served at {server.url}; fingerprint {info.fingerprint.digest[:16]}, vocab {info.vocab_size}")
-            _, (json_span,) = await as_json.score([item])
-            _, (bin_span,) = await as_msgpack.score([item])
-    print(f"{'token':>14} {'teacher logprob':>16}   top-3 ids")
-    for j, lp in enumerate(bin_span.logprobs):
-        token = tok.convert_ids_to_tokens(response_ids[j])
-        print(f"{token!r:>14} {lp:16.4f}   {bin_span.top_k_ids[j].tolist()}")
-    same = (json_span.logprobs == bin_span.logprobs).all()
-    print(f"JSON and msgpack scores identical: {bool(same)}; "
-          f"bytes on the wire: JSON {as_json.bytes_received}, msgpack {as_msgpack.bytes_received}")
+def run_demo(out: Path, cache: Path, teacher_backend: str, rollout_backend: str, redis_url: str | None,
+             steps: int | None = None, quick: bool = False) -> dict:
+    plan = PLANS["demo"]
+    if quick:  # undertrained models and a small data set: a fast check that every part runs
+        plan = replace(plan, quick_models=True, n_train=24, n_eval=8, eval_samples=2)
+    if steps is not None:
+        plan = replace(plan, steps=steps, eval_every=min(plan.eval_every, steps))
+    results = Experiment(plan, out, cache, teacher_backend, rollout_backend, redis_url).run()
+    figs = out / "plots"
+    figs.mkdir(exist_ok=True)
+    curves = plot_curves(results, "multi-teacher", figs / "accuracy.png")
+    returns = plot_returns(results, "multi-teacher", figs / "returns.png")
+    print()
+    print(summary_table(results))
+    print(f"\nplots: {curves}, {returns}\nrun logs (metrics.jsonl, TensorBoard): {out / 'runs'}")
+    return results

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 
 def free_port() -> int:
@@ -82,3 +83,42 @@ def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str]
         time.sleep(0.2)
     server.stop()
     raise TimeoutError(f"{kind} server not ready after {timeout}s:\n{server.log()[-4000:]}")
+
+
+class RedisServer:
+    """A throwaway redis-server process without persistence (the demo's cache when none is configured; tests'
+    Redis, restartable on the same port to simulate an outage)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def start(self) -> RedisServer:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as c:
+                    c.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()

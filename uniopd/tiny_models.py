@@ -33,9 +33,15 @@ _WORDS = (
 
 
 def synthetic_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
-    """Arithmetic, prose and code-like lines, so BPE learns merges the synthetic domains will use."""
+    """Arithmetic, prose, code-like lines and the synthetic domains' text, so BPE learns the merges they use."""
+    from uniopd.synthetic import code_tasks, math_tasks
+
     rng = random.Random(seed)
     out = []
+    for task in math_tasks.sample_tasks(seed, 300):
+        out += [task.prompt()] + [task.solution(style) for style in math_tasks.STYLES]
+    for task in code_tasks.sample_tasks(seed, 300):
+        out += [task.prompt()] + [task.solution(style) for style in code_tasks.STYLES]
     for _ in range(lines):
         kind = rng.randrange(3)
         if kind == 0:
@@ -56,7 +62,9 @@ def build_tokenizer(seed: int = 0):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # single digits: numbers are spelled the same way in every context, which tiny models need to learn arithmetic
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -75,7 +83,7 @@ def build_tokenizer(seed: int = 0):
     return fast
 
 
-def _config(arch: Arch, vocab_size: int, eos_id: int, hidden: int, layers: int):
+def _config(arch: Arch, vocab_size: int, eos_id: int, hidden: int, layers: int, init_range: float):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -89,7 +97,7 @@ def _config(arch: Arch, vocab_size: int, eos_id: int, hidden: int, layers: int):
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         tie_word_embeddings=False,
-        initializer_range=0.2,
+        initializer_range=init_range,
     )
     if arch == "qwen3":
         from transformers import Qwen3Config
@@ -101,12 +109,13 @@ def _config(arch: Arch, vocab_size: int, eos_id: int, hidden: int, layers: int):
 
 
 def build_tiny_model(
-    out: Path, arch: Arch = "qwen3", seed: int = 0, hidden: int = 128, layers: int = 4
+    out: Path, arch: Arch = "qwen3", seed: int = 0, hidden: int = 128, layers: int = 4, init_range: float = 0.2
 ) -> Path:
     """Write a random tiny causal LM with the shared tokenizer to `out` in HF format (fp32 safetensors).
 
-    The large init range makes the random model's next-token distribution far from uniform, so scores differ
-    visibly between positions and top-k ordering is meaningful in tests.
+    The default large init range makes the random model's next-token distribution far from uniform, so scores differ
+    visibly between positions and top-k ordering is meaningful in tests; models that will be trained use a small one.
+    Generation stops at <|endoftext|> or <|im_end|> (the end of a chat turn).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,10 +124,10 @@ def build_tiny_model(
         raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
     out = Path(out)
     tokenizer = build_tokenizer()
-    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, hidden, layers)
+    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, hidden, layers, init_range)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proto.errors import ApiError, field_path
 from proto.schemas import ErrorBody
-from services.common.auth import ApiKeyChecker
+from services.common.auth import DEFAULT_TEAM, KeyStore, KeyTable, Team
 
 log = logging.getLogger("uniopd.http")
 
@@ -28,7 +28,7 @@ ERRORS = {
     413: "Body, batch or request token count over the limit",
     415: "Unsupported Content-Type",
     422: "A field is invalid (the error names it)",
-    429: "Queue full; retry after the Retry-After seconds",
+    429: "Queue full or a team quota reached; retry after the Retry-After seconds",
     503: "Model not loaded yet",
 }
 _UNSUPPORTED = {"literal_error", "extra_forbidden"}
@@ -74,13 +74,31 @@ def bearer_auth(api_keys: Sequence[str], scheme_name: str = "HTTPBearer", descri
     """Route dependencies that demand one of `api_keys`; none when there are no keys (auth disabled)."""
     if not api_keys:
         return []
-    checker = ApiKeyChecker(list(api_keys))
+    table = KeyTable.plain(api_keys)
     bearer = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=description)
 
     def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        checker.check(creds.credentials if creds else None)
+        table.lookup(creds.credentials if creds else None)
 
     return [Depends(require_key)]
+
+
+def team_auth(keys: KeyStore) -> Callable[..., Awaitable[Team]]:
+    """A route dependency that returns the caller's team. Without keys auth is off and every caller is the team
+    `default`, with no limits. Async, so lookups and reloads of the keys file run on the event loop, one at a time."""
+    if not keys.table:
+        anyone = Team(DEFAULT_TEAM)
+
+        async def anonymous() -> Team:
+            return anyone
+
+        return anonymous
+    bearer = HTTPBearer(auto_error=False, description="API key (its team's quotas apply)")
+
+    async def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Team:  # noqa: B008
+        return keys.current().lookup(creds.credentials if creds else None)
+
+    return caller
 
 
 class HttpMetrics:

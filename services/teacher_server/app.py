@@ -5,39 +5,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from proto.codec import ScoredSpan, decode_score_request, encode_score_response, wants_msgpack
 from proto.errors import ApiError
 from proto.fingerprint import make_fingerprint
-from proto.schemas import API_VERSION, JSON, MSGPACK, Fingerprint, ScoreItem, ScoreRequest, ScoreResponse, TeacherInfo
+from proto.schemas import (
+    API_VERSION,
+    JSON,
+    MSGPACK,
+    Fingerprint,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    TeacherInfo,
+    TeamUsage,
+)
+from services.common.auth import KeyStore, KeyTable, Team
 from services.common.http import (
     BINARY_BODY,
     add_probes,
-    bearer_auth,
     error_responses,
     finish_app,
     install_error_handlers,
     publish_schemas,
     require_loaded,
+    team_auth,
 )
 from services.teacher_server.batcher import MicroBatcher, QueueFull
 from services.teacher_server.limits import Limits, validate_items
 from services.teacher_server.metrics import Metrics
+from services.teacher_server.quotas import OverQuota, QuotaExceeded, Quotas, Ticket
 from services.teacher_server.scorer import Scorer
 
 log = logging.getLogger("uniopd.teacher")
 
+
 class TeacherService:
-    """Holds the scorer once loaded; every scoring route goes through `score`."""
+    """Holds the scorer once loaded; every scoring route goes through `score`, as some team."""
 
     def __init__(self, load: Callable[[], Scorer], domains: Sequence[str], limits: Limits) -> None:
         self._load = load
         self.domains = list(domains)
         self.limits = limits
         self.metrics = Metrics()
+        self.quotas = Quotas(stats=self.metrics)
         self.scorer: Scorer | None = None
         self.fingerprint: Fingerprint | None = None
         self.load_error: str | None = None
@@ -64,15 +80,29 @@ class TeacherService:
     def ready(self) -> Scorer:
         return require_loaded(self.scorer, self.load_error)
 
-    async def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
+    async def score(self, items: Sequence[ScoreItem], team: Team) -> list[ScoredSpan]:
+        """Validate, then admit under the team's quotas (a refused request costs nothing), then queue fairly."""
         validate_items(items, self.ready().info(), self.limits)
+        ticket = self._admit(team, sum(len(it.input_ids) - it.response_start for it in items))
+        spans = None
         try:
-            spans = await self.batcher.submit(items)
+            spans = await self.batcher.submit(items, team.name, team.weight)
         except QueueFull as exc:
+            self.quotas.reject(team, "queue_full")
             retry = max(1, round(self.limits.batch_wait_ms / 1000 + 1))
             raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(retry)}) from None
+        finally:
+            self.quotas.release(ticket, scored=spans is not None)
         self.metrics.scored_tokens.inc(sum(len(s.logprobs) for s in spans))
         return spans
+
+    def _admit(self, team: Team, tokens: int) -> Ticket:
+        try:
+            return self.quotas.admit(team, tokens)
+        except OverQuota as exc:
+            raise ApiError(413, "request_over_quota", str(exc), "items") from None
+        except QuotaExceeded as exc:
+            raise ApiError(429, "quota_exceeded", str(exc), exc.limit, {"Retry-After": str(exc.retry_after)}) from None
 
     def info(self) -> TeacherInfo:
         i = self.ready().info()
@@ -99,34 +129,53 @@ def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
     return refine
 
 
+@contextlib.contextmanager
+def _reload_on_sighup(keys: KeyStore):
+    """`kill -HUP` reloads the keys file (only where there is one, and from the main thread, where signals go)."""
+    hook = keys.path is not None and threading.current_thread() is threading.main_thread()
+    if hook:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
+    try:
+        yield
+    finally:
+        if hook:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
 
 def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: Limits | None = None,
-               api_keys: Sequence[str] = ()) -> FastAPI:
+               api_keys: Sequence[str] | KeyStore = ()) -> FastAPI:
+    """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`."""
     from services.teacher_server.compat import compat_router
 
     service = TeacherService(load, domains, limits or Limits())
+    keys = api_keys if isinstance(api_keys, KeyStore) else KeyStore(KeyTable.plain(api_keys))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         loading = asyncio.create_task(service.start())
-        yield
+        with _reload_on_sighup(keys):
+            yield
         loading.cancel()
         await service.batcher.stop()
 
     app = FastAPI(title="uniopd teacher", version=API_VERSION, lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    auth = bearer_auth(api_keys)
+    caller = team_auth(keys)  # routes take `team: Team = Depends(caller)`: the caller's team, or 401
 
     add_probes(app, service.ready, service.metrics)
 
-    @app.get("/v1/info", dependencies=auth, responses=error_responses(400, 401, 503))
+    @app.get("/v1/info", dependencies=[Depends(caller)], responses=error_responses(400, 401, 503))
     async def info() -> TeacherInfo:
         return service.info()
 
+    @app.get("/v1/usage", responses=error_responses(400, 401))
+    async def usage(team: Team = Depends(caller)) -> TeamUsage:  # noqa: B008
+        """The calling team's own usage and limits (never another team's, never keys)."""
+        return service.quotas.usage(team)
+
     @app.post(
         "/v1/score",
-        dependencies=auth,
         response_class=Response,
         responses={200: {"model": ScoreResponse, "content": {MSGPACK: BINARY_BODY},
                          "description": "JSON, or msgpack when Accept asks for it (see proto/codec.py)"},
@@ -134,14 +183,14 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         openapi_extra={"requestBody": {"required": True, "content": {
             JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: BINARY_BODY}}},
     )
-    async def score(request: Request) -> Response:
+    async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
         req = decode_score_request(await request.body(), request.headers.get("content-type"))
-        spans = await service.score(req.items)
+        spans = await service.score(req.items, team)
         binary = wants_msgpack(request.headers.get("accept"))
         body = encode_score_response(service.fingerprint, spans, binary)
         return Response(body, media_type=MSGPACK if binary else JSON)
 
-    app.include_router(compat_router(service), dependencies=auth)
+    app.include_router(compat_router(service, caller))
     publish_schemas(app, ScoreRequest, refine=_live_limits(service))
     finish_app(app, service.metrics, service.limits.max_body_bytes)
     return app

@@ -3,19 +3,21 @@
 Requests are split into items; the worker waits up to `max_wait_s` after the first arrival (or until the budget is
 full), scores the batch on a single worker thread (so the event loop keeps accepting requests), and hands every
 request its results once all of its items are done. The queue is bounded in items; a full queue refuses at once.
+Items wait in per-team queues, and a batch takes them by deficit round robin over tokens (see fair_queue.py), so a
+team flooding the server delays another team's requests by about one turn, not by its whole backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
+from services.teacher_server.fair_queue import FairQueue
 
 
 class QueueFull(Exception):
@@ -46,8 +48,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
         self._stats = stats or BatchStats()
-        self._queue: deque[tuple[_Job, int]] = deque()
-        self._queued_tokens = 0
+        # A team's credit per turn is a quarter batch (× its weight): a batch interleaves a few teams' turns.
+        self._queue: FairQueue[tuple[_Job, int]] = FairQueue(max_batch_tokens // 4)
         self._in_flight = 0  # items queued or being scored: what the queue bound counts
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
@@ -71,13 +73,13 @@ class MicroBatcher:
         """Run `fn` on the scoring thread (model loading must happen on the thread that later scores)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def submit(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
+    async def submit(self, items: Sequence[ScoreItem], team: str, weight: int) -> list[ScoredSpan]:
+        """Queue the items in `team`'s lane (served in turn with other teams, by `weight`) and wait for their scores."""
         if self._in_flight + len(items) > self.max_queue_items:
             raise QueueFull(f"{self._in_flight} items queued; limit {self.max_queue_items}")
         job = _Job(items, asyncio.get_running_loop().create_future(), [None] * len(items), len(items))
         for i, it in enumerate(items):
-            self._queue.append((job, i))
-            self._queued_tokens += len(it.input_ids)
+            self._queue.push(team, weight, (job, i), len(it.input_ids))
         self._in_flight += len(items)
         self._stats.queue_depth(self._in_flight)
         self._arrived.set()
@@ -90,18 +92,16 @@ class MicroBatcher:
     async def _gather(self) -> list[tuple[_Job, int]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while self._queued_tokens < self.max_batch_tokens and (left := deadline - loop.time()) > 0:
+        while self._queue.tokens < self.max_batch_tokens and (left := deadline - loop.time()) > 0:
             self._arrived.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), left)
         batch, tokens = [], 0
         while self._queue:
-            job, i = self._queue[0]
-            n = len(job.items[i].input_ids)
+            (job, i), n = self._queue.peek()
             if batch and tokens + n > self.max_batch_tokens:
                 break
-            self._queue.popleft()
-            self._queued_tokens -= n
+            self._queue.pop()
             if job.future.done():
                 self._release(1)
                 continue

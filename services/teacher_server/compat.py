@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,6 +31,7 @@ from pydantic import (
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TokenId
+from services.common.auth import Team
 from services.common.http import error_responses
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
@@ -248,12 +250,13 @@ def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
             "text_offset": offsets}
 
 
-def compat_router(service) -> APIRouter:
+def compat_router(service, caller: Callable[..., Awaitable[Team]]) -> APIRouter:
+    """`caller` is the auth dependency that names the calling team (its quotas apply here too)."""
     router = APIRouter(tags=["compatibility"])
 
     @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
                                          **error_responses(*_PROBLEMS)})
-    async def generate(req: SGLangGenerateRequest) -> Any:
+    async def generate(req: SGLangGenerateRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
         seqs, batched = _lists(req.input_ids)
         n = len(seqs)
         _per_sequence(req.return_logprob, n, "return_logprob")
@@ -261,17 +264,17 @@ def compat_router(service) -> APIRouter:
         tops = _per_sequence(req.top_logprobs_num, n, "top_logprobs_num")
         _per_sequence(req.sampling_params, n, "sampling_params")
         built = [_sglang_item(ids, s, t) for ids, s, t in zip(seqs, starts, tops, strict=True)]
-        spans = await service.score([item for item, _ in built])
+        spans = await service.score([item for item, _ in built], team)
         rid = req.rid or uuid.uuid4().hex
         outs = [_sglang_output(item, span, first, rid) for (item, first), span in zip(built, spans, strict=True)]
         return outs if batched else outs[0]
 
     @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
         k = _check_completion(req)
         seqs, _ = _lists(req.prompt)
         items = [ScoreItem(input_ids=s, response_start=1, top_k=k) for s in seqs]
-        spans = await service.score(items)
+        spans = await service.score(items, team)
         choices = []
         for i, (item, span) in enumerate(zip(items, spans, strict=True)):
             choices.append({

@@ -1,0 +1,129 @@
+"""The experiment's smoke plan end to end: quick-trained experts, real teacher servers, a real rollout server and
+Redis, every method and setting for two steps, then the report. The full plan is `uniopd experiment run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.run_log import read_log
+from uniopd.experiment import METHODS, PLANS
+from uniopd.launch import RedisServer
+
+SMOKE = PLANS["smoke"]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory) -> dict:
+    """One model cache for the module: the quick experts are trained once, by the first test that needs them."""
+    return {**os.environ, "UNIOPD_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_env):
+    out = tmp_path_factory.mktemp("experiment")
+    doc = out / "report.md"
+    cmd = [sys.executable, "-m", "uniopd", "experiment", "run", "--plan", "smoke", "--out", str(out), "--doc",
+           str(doc), "--rollout-backend", "hf"]
+    with RedisServer() as redis_server:
+        proc = subprocess.run([*cmd, "--redis-url", redis_server.url], capture_output=True, text=True, timeout=1200,
+                              env=cache_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, doc
+
+
+def test_every_method_and_setting_ran_and_logged_its_metrics(smoke):
+    out, _ = smoke
+    for setting, method in SMOKE.runs:
+        run = out / "runs" / setting / method / "seed0"
+        train = read_log(run / "metrics.jsonl")
+        evals = read_log(run / "metrics.jsonl", kind="eval")
+        assert [r["step"] for r in train] == list(range(1, SMOKE.steps + 1)), (setting, method)
+        assert [r["step"] for r in evals] == [0, SMOKE.steps]  # before training, and at the end
+        assert read_log(run / "metrics.jsonl", kind="returns"), "per-rollout returns are logged"
+        last = train[-1]
+        domains = [d for d in ("math", "code") if f"{d}/accuracy" in last]
+        if method == "grpo":  # the RL baseline never calls a teacher
+            assert "teacher_logprob" not in last and all(last[f"domain/{d}/scored"] == 0 for d in domains)
+        else:
+            assert "teacher_logprob" in last and last["masked_samples"] == 0
+            assert all(last[f"domain/{d}/scored"] + last[f"domain/{d}/cached"] > 0 for d in domains)
+        online = method.startswith("uniopd") and method != "uniopd-no-online"
+        assert ("balance/correct_before" in last) == online, method
+        assert {"calib/violation_fraction", "calib/violation_fraction_after"} <= set(last)
+
+
+def test_uniopd_trains_on_the_balanced_set_and_opd_on_the_original(smoke):
+    out, _ = smoke
+    for method, spec in METHODS.items():
+        config = yaml.safe_load((out / "runs" / "multi-teacher" / method / "seed0" / "config.yaml").read_text())
+        assert all(("balanced" in p) == spec.offline_balance for p in config["data"]["train"]), method
+    hist = json.loads((out / "data" / "balanced" / "math_train.hist.json").read_text())
+    assert sum(hist["before"]) == SMOKE.n_train and hist["written"] >= SMOKE.n_train
+
+
+def test_results_and_report_cover_every_run(smoke):
+    out, doc = smoke
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {f"{s}/{m}" for s, m in SMOKE.runs}
+    assert set(results["teachers"]) == {"math-teacher", "code-teacher", "strong-teacher"}
+    text = doc.read_text()
+    for method in METHODS:
+        assert f"| {method} |" in text
+    for png in ("curves-multi-teacher.png", "returns-multi-teacher.png", "offline-balance.png"):
+        assert (doc.parent / "report" / png).stat().st_size > 1000
+
+
+def test_demo_prints_before_and_after_per_domain(smoke, cache_env, tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "uniopd", "demo", "--quick", "--steps", "1", "--out", str(out),
+                           "--rollout-backend", "hf", "--redis-url", "redis://127.0.0.1:1/0"],
+                          capture_output=True, text=True, timeout=600, env=cache_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "not reachable" in proc.stdout  # the configured Redis is down: it says so and falls back
+    table = proc.stdout[proc.stdout.index("held-out accuracy"):]
+    for row in ("student before training", "after opd", "after uniopd", "teacher"):
+        line = next(line for line in table.splitlines() if line.startswith(row))
+        assert len(line.split()[-2:]) == 2 and all(0 <= float(x) <= 100 for x in line.split()[-2:])
+    assert (out / "plots" / "accuracy.png").stat().st_size > 1000
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_ctrl_c_stops_every_child_process(smoke, cache_env, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "uniopd", "demo", "--quick", "--steps", "50", "--out",
+                             str(tmp_path / "demo"), "--rollout-backend", "hf"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cache_env, start_new_session=True)
+    try:
+        for line in proc.stdout:  # servers, redis-server and a trainer are all running once training starts
+            if "training" in line:
+                break
+        time.sleep(3)
+        assert len(_group_members(proc.pid)) >= 5
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group_members(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,36 @@
+"""Verifying sampled token ids and measuring held-out accuracy: shared by the trainer, offline balancing and the
+experiment (which also measures the teachers, served as samplers, with the same protocol as the student)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from proto.client import RolloutClient
+from proto.rollout import GenerateRequest
+from trainer.verifiers import Verdict, verify_batch
+
+
+def verify_responses(tokenizer, kind_of: Callable[[str], str], responses: Sequence[Sequence[int]],
+                     records: Sequence[dict]) -> list[Verdict]:
+    """Decode each response (special tokens dropped) and verify it with its record's domain verifier."""
+    texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in responses]
+    return verify_batch([kind_of(r["domain"]) for r in records], texts, list(records))
+
+
+async def heldout_accuracy(client: RolloutClient, tokenizer, kind_of: Callable[[str], str],
+                           prompts: Sequence[list[int]], records: Sequence[dict], k: int, seed: int,
+                           max_tokens: int) -> dict[str, float]:
+    """Mean accuracy over k samples per prompt, per domain, at temperature 1 and top-p 1 (METHOD.md §6)."""
+    out = await client.generate(GenerateRequest(prompts=list(prompts), n=k, temperature=1.0, top_p=1.0,
+                                                max_tokens=max_tokens, seed=seed))
+    flat = [(rec, s.token_ids) for rec, group in zip(records, out.samples, strict=True) for s in group]
+    verdicts = await asyncio.to_thread(verify_responses, tokenizer, kind_of, [ids for _, ids in flat],
+                                       [rec for rec, _ in flat])
+    by_domain: dict[str, list[bool]] = defaultdict(list)
+    for (rec, _), v in zip(flat, verdicts, strict=True):
+        by_domain[rec["domain"]].append(v.correct)
+    return {f"{d}/accuracy": float(np.mean(v)) for d, v in sorted(by_domain.items())}

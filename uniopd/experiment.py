@@ -1,0 +1,274 @@
+"""The miniature reproduction (and the demo, a small plan of it): settings × methods × seeds on the trained tiny
+experts, each run a real `uniopd train` against real teacher servers, a real rollout server and Redis started here.
+
+Layout of an experiment directory:
+    data/                 train / held-out jsonl, data/balanced/ the offline-balanced training sets (+ histograms)
+    teachers.json         held-out accuracy of every teacher model, served as a sampler with the student's protocol
+    runs/<setting>/<method>/seed<k>/   config.yaml, metrics.jsonl, done.json (a finished run is never redone)
+    results.json          everything the report needs (uniopd.experiment_report)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from uniopd import expert_models
+from uniopd.launch import RedisServer, ServerProcess, start_rollout, start_teacher
+from uniopd.synthetic.datasets import write_datasets
+
+log = logging.getLogger("uniopd.experiment")
+ADMIN_ENV = "UNIOPD_ROLLOUT_ADMIN_KEY"
+DOMAINS = ("math", "code")
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    offline_balance: bool = False
+    overrides: dict = field(default_factory=dict)
+
+
+_CALIB = {"recipe.calibration.preset": "release-text"}  # mean margin, group scope, spread, δ = 0.4 (METHOD.md §4)
+_ONLINE = {"recipe.online_balance.enabled": True}  # r = 1, per prompt group
+METHODS: dict[str, Method] = {
+    "opd": Method("vanilla OPD"),
+    "uniopd": Method("Uni-OPD: offline + online balancing, margin shift", True, {**_CALIB, **_ONLINE}),
+    "uniopd-no-offline": Method("Uni-OPD without offline balancing", False, {**_CALIB, **_ONLINE}),
+    "uniopd-no-online": Method("Uni-OPD without online balancing", True, _CALIB),
+    "uniopd-no-calib": Method("Uni-OPD without margin calibration", True, _ONLINE),
+    "uniopd-mask": Method("Uni-OPD with the greedy margin mask instead of the shift", True,
+                          {**_CALIB, **_ONLINE, "recipe.calibration.method": "mask"}),
+    "grpo": Method("RL baseline: outcome reward only, GRPO group-normalized advantages",
+                   overrides={"algorithm.estimator": "grpo"}),
+}
+# setting -> domain -> teacher model
+SETTINGS: dict[str, dict[str, str]] = {
+    "multi-teacher": {"math": "math-teacher", "code": "code-teacher"},
+    "single-teacher-math": {"math": "math-teacher"},
+    "single-teacher-code": {"code": "code-teacher"},
+    "strong-to-weak": {"math": "strong-teacher", "code": "strong-teacher"},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: tuple[tuple[str, str], ...]  # (setting, method)
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    quick_models: bool = False
+    n_train: int = 384
+    n_eval: int = 48
+    eval_samples: int = 4
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    lr: float = 2e-4
+    max_tokens: int = 64
+    balance_samples: int = 8
+
+    @property
+    def teachers(self) -> list[str]:
+        return sorted({t for setting, _ in self.runs for t in SETTINGS[setting].values()})
+
+
+_ALL = tuple(("multi-teacher", m) for m in METHODS)
+PLANS: dict[str, Plan] = {
+    "full": Plan(_ALL + tuple((s, m) for s in ("single-teacher-math", "single-teacher-code", "strong-to-weak")
+                               for m in ("opd", "uniopd")), seeds=(0, 1, 2), steps=30, eval_every=10),
+    "demo": Plan((("multi-teacher", "opd"), ("multi-teacher", "uniopd")), seeds=(0,), steps=20, eval_every=10),
+    "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd")), seeds=(0,), steps=2,
+                  eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,
+                  samples_per_prompt=2, max_tokens=48, balance_samples=2),
+}
+
+
+def models_root(cache: Path, quick: bool) -> Path:
+    """Quick models live apart from the full ones, so neither evicts the other from the cache."""
+    return cache / ("experts-quick" if quick else "experts")
+
+
+def prepare_models(root: Path, names: list[str], quick: bool = False) -> dict[str, Path]:
+    """Train (or reuse) the named models under root/models/."""
+    specs = [expert_models.SPECS[n].scaled(expert_models.QUICK_FACTOR) if quick else expert_models.SPECS[n]
+             for n in names]
+    return expert_models.ensure_models(specs, root)
+
+
+def resolve_redis(url: str | None, stack: ExitStack) -> str:
+    """The configured Redis if it answers, else a redis-server launched here, else the in-process cache."""
+    import redis
+
+    from trainer.score_cache import MEMORY_URL
+
+    if url:
+        try:
+            with redis.Redis.from_url(url, socket_timeout=2) as client:
+                client.ping()
+            return url
+        except redis.RedisError as exc:
+            print(f"Redis at {url} is not reachable ({exc}); falling back", flush=True)
+    if shutil.which("redis-server"):
+        return stack.enter_context(RedisServer()).url
+    print("No Redis configured and no redis-server installed: teacher scores are cached in-process only "
+          "(install redis-server, or pass --redis-url, to share them across runs)", flush=True)
+    return MEMORY_URL
+
+
+class Experiment:
+    """Starts the shared servers once; every run is a `uniopd train` subprocess against them."""
+
+    def __init__(self, plan: Plan, out: Path, cache: Path, teacher_backend: str = "hf",
+                 rollout_backend: str = "hf", redis_url: str | None = None) -> None:
+        self.plan, self.out, self.cache = plan, out, cache
+        self.teacher_backend, self.rollout_backend, self.redis_url = teacher_backend, rollout_backend, redis_url
+        self.logs = out / "logs"
+
+    def run(self) -> dict:
+        p = self.plan
+        self.logs.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        self.models = prepare_models(models_root(self.cache, p.quick_models), ["student", *p.teachers],
+                                     p.quick_models)
+        self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval)
+        timings = {"prepare_s": time.perf_counter() - t0}
+        with ExitStack() as stack:
+            self.redis = resolve_redis(self.redis_url, stack)
+            key = secrets.token_hex(16)
+            keys = self.out / "admin-keys"
+            keys.write_text(key + "\n")
+            keys.chmod(0o600)
+            os.environ[ADMIN_ENV] = key
+            self.teacher_urls = {}
+            for name in p.teachers:
+                domains = sorted({d for s, _ in p.runs for d, t in SETTINGS[s].items() if t == name})
+                server = stack.enter_context(start_teacher(
+                    self.models[name], self.teacher_backend, [a for d in domains for a in ("--domain", d)],
+                    self.logs))
+                self.teacher_urls[name] = server.url
+            self.teacher_accuracy()
+            with start_rollout(self.models["student"], self.rollout_backend, ["--admin-keys", str(keys)],
+                               self.logs) as rollout:
+                self.rollout_url = rollout.url
+                if any(METHODS[m].offline_balance for _, m in p.runs):
+                    self.offline_balance()
+                for setting, method in p.runs:
+                    for seed in p.seeds:
+                        self.train(setting, method, seed)
+        timings["total_s"] = time.perf_counter() - t0
+        (self.out / "timings.json").write_text(json.dumps(timings, indent=1))
+        from uniopd.experiment_report import collect
+
+        results = collect(self.out, self.plan)
+        (self.out / "results.json").write_text(json.dumps(results, indent=1))
+        return results
+
+    # ---- pieces ----------------------------------------------------------------------------------------------
+
+    def config(self, setting: str, method: str, seed: int, run_dir: Path) -> dict:
+        p, m = self.plan, METHODS[method]
+        teachers = SETTINGS[setting]
+        train_dir = self.out / "data" / ("balanced" if m.offline_balance else "")
+        tree = {
+            "student": {"model": str(self.models["student"])},
+            "data": {"train": [str(train_dir / f"{d}_train.jsonl") for d in teachers],
+                     "eval": [str(self.data[f"{d}_eval"]) for d in teachers]},
+            "teachers": {d: {"urls": [self.teacher_urls[t]]} for d, t in teachers.items()},
+            "rollout": {"url": getattr(self, "rollout_url", "http://127.0.0.1:1"), "admin_key_env": ADMIN_ENV,
+                        "max_tokens": p.max_tokens},
+            "cache": {"url": getattr(self, "redis", None)},
+            "algorithm": {"samples_per_prompt": p.samples_per_prompt, "prompts_per_step": p.prompts_per_step,
+                          "lr": p.lr, "warmup_steps": 2, "micro_batch_size": 64},
+            "schedule": {"steps": p.steps, "eval_every": p.eval_every, "checkpoint_every": 0,
+                         "eval_samples": p.eval_samples, "log_returns": True},
+            "output_dir": str(run_dir),
+            "seed": seed,
+        }
+        for dotted, value in m.overrides.items():
+            node = tree
+            *parents, leaf = dotted.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = value
+        return tree
+
+    def train(self, setting: str, method: str, seed: int) -> None:
+        run_dir = self.out / "runs" / setting / method / f"seed{seed}"
+        if (run_dir / "done.json").exists():
+            return
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an interrupted run starts over: its partial log would skew the curves
+        run_dir.mkdir(parents=True)
+        config = run_dir / "config.yaml"
+        config.write_text(yaml.safe_dump(self.config(setting, method, seed, run_dir), sort_keys=False))
+        print(f"[{setting} / {method} / seed {seed}] training {self.plan.steps} steps", flush=True)
+        start = time.perf_counter()
+        with (run_dir / "train.log").open("wb") as out:
+            proc = subprocess.run([sys.executable, "-m", "uniopd", "train", "--config", str(config)], stdout=out,
+                                  stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
+        (run_dir / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
+
+    def offline_balance(self) -> None:
+        """One balanced training set per domain, from the initial student's pass counts (shared by all runs)."""
+        from trainer.config import load_config
+        from trainer.offline_balance import run_offline_balance
+
+        out_dir = self.out / "data" / "balanced"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_path = out_dir / "balance.yaml"
+        config_path.write_text(yaml.safe_dump(self.config("multi-teacher", "opd", 0, out_dir)))
+        config = load_config(config_path)
+        for domain in DOMAINS:
+            target = out_dir / f"{domain}_train.jsonl"
+            if not target.exists():
+                print(f"offline balancing: {domain} pass counts from {self.plan.balance_samples} student samples",
+                      flush=True)
+                asyncio.run(run_offline_balance(config, self.data[f"{domain}_train"], target,
+                                                self.plan.balance_samples, cap=8))
+
+    def teacher_accuracy(self) -> None:
+        """Each teacher model served as a sampler, held-out accuracy over the plan's seeds (same k, T=1, top-p 1)."""
+        path = self.out / "teachers.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        for name in self.plan.teachers:
+            if name in result:
+                continue
+            domains = sorted({d for s, _ in self.plan.runs for d, t in SETTINGS[s].items() if t == name})
+            print(f"held-out accuracy of {name} ({', '.join(domains)})", flush=True)
+            with start_rollout(self.models[name], self.rollout_backend, [], self.logs) as server:
+                result[name] = asyncio.run(self._accuracy(server, name, domains))
+            path.write_text(json.dumps(result, indent=1))
+
+    async def _accuracy(self, server: ServerProcess, name: str, domains: list[str]) -> dict[str, list[float]]:
+        from transformers import AutoTokenizer
+
+        from proto.client import RolloutClient
+        from trainer.data import derive_seed, load_records, render_prompt
+        from trainer.evaluation import heldout_accuracy
+
+        tokenizer = AutoTokenizer.from_pretrained(self.models[name])
+        records = load_records([self.data[f"{d}_eval"] for d in domains])
+        prompts = [render_prompt(tokenizer, r) for r in records]
+        per_seed: dict[str, list[float]] = {}
+        async with RolloutClient(server.url) as client:
+            for seed in self.plan.seeds:
+                acc = await heldout_accuracy(client, tokenizer, lambda d: d, prompts, records, self.plan.eval_samples,
+                                             derive_seed(seed, 0, "eval"), self.plan.max_tokens)
+                for key, value in acc.items():
+                    per_seed.setdefault(key, []).append(value)
+        return per_seed

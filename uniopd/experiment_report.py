@@ -1,0 +1,265 @@
+"""Turns an experiment directory into results.json and a markdown report with plots; every number in the report
+comes from the run logs, so `uniopd experiment report` regenerates it without training again."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from trainer.run_log import read_log
+from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def _run(run_dir: Path) -> dict:
+    rows = read_log(run_dir / "metrics.jsonl", kind=None)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    returns = [r for r in rows if r["kind"] == "returns"]
+    start = evals[0]["time"] if evals else (train[0]["time"] if train else 0.0)
+    calib_keys = ("violation_fraction", "misorder_rate", "violation_fraction_after", "misorder_rate_after",
+                  "margin_before", "margin_after", "mean_lambda", "num_masked")
+    calib = {k: _mean_std([r.get(f"calib/{k}") for r in train])[0] for k in calib_keys}
+    balance = {k.removeprefix("balance/"): float(np.nansum([r.get(k) or 0 for r in train]))
+               for k in sorted({k for r in train for k in r if k.startswith("balance/")})}
+    return {
+        "wall_s": json.loads((run_dir / "done.json").read_text())["wall_s"],
+        "evals": [{"step": r["step"], "elapsed_s": r["time"] - start,
+                   **{d: r[f"{d}/accuracy"] for d in DOMAINS if f"{d}/accuracy" in r}} for r in evals],
+        "train_accuracy": [{"step": r["step"], **{d: r.get(f"{d}/accuracy") for d in DOMAINS}} for r in train],
+        "calib": calib,
+        "balance": balance,
+        "step_s": _mean_std([r.get("time/step") for r in train])[0],
+        "returns": {k: [x for r in returns for x in r[k]] for k in ("correct", "G", "G_calibrated", "in_loss")},
+    }
+
+
+def collect(out: Path, plan: Plan) -> dict:
+    runs = defaultdict(dict)
+    for setting, method in plan.runs:
+        for seed in plan.seeds:
+            run_dir = out / "runs" / setting / method / f"seed{seed}"
+            if (run_dir / "done.json").exists():
+                runs[f"{setting}/{method}"][seed] = _run(run_dir)
+    balance = {d: json.loads(p.read_text()) for d in DOMAINS
+               if (p := out / "data" / "balanced" / f"{d}_train.hist.json").exists()}
+    teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").exists() else {}
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,
+            "teachers": teachers, "timings": timings,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()}}
+
+
+# ---- tables ----------------------------------------------------------------------------------------------------
+
+def _fmt(mean: float, std: float, scale: float = 100.0) -> str:
+    return "–" if math.isnan(mean) else f"{mean * scale:.1f} ± {std * scale:.1f}"
+
+
+def _final(seeds: dict, domain: str, index: int = -1) -> list[float]:
+    return [r["evals"][index].get(domain, math.nan) for r in seeds.values() if r["evals"]]
+
+
+def teacher_level(results: dict, setting: str) -> dict[str, float]:
+    t = results["teachers"]
+    return {d: _mean_std(t.get(name, {}).get(f"{d}/accuracy", []))[0] for d, name in SETTINGS[setting].items()}
+
+
+def steps_to_teacher(seeds: dict, target: dict[str, float]) -> tuple[list[int | None], list[float | None]]:
+    """First eval step (and seconds since the step-0 eval) where every domain is at or above its teacher."""
+    steps, secs = [], []
+    for r in seeds.values():
+        hit = next((e for e in r["evals"] if all(e.get(d, -1) >= target[d] for d in target)), None)
+        steps.append(None if hit is None else hit["step"])
+        secs.append(None if hit is None else hit["elapsed_s"])
+    return steps, secs
+
+
+def accuracy_table(results: dict, setting: str) -> list[str]:
+    domains = list(SETTINGS[setting])
+    lines = [f"| method | {' | '.join(domains)} | wall time per run |", "|---|" + "---|" * (len(domains) + 1)]
+    runs = {k.split("/", 1)[1]: v for k, v in results["runs"].items() if k.startswith(setting + "/")}
+    if runs:  # the step-0 evaluation of every run of this setting
+        before = [_fmt(*_mean_std([x for s in runs.values() for x in _final(s, d, 0)])) for d in domains]
+        lines.append(f"| student before training | {' | '.join(before)} | |")
+    for d_name in sorted(set(SETTINGS[setting].values())):
+        accs = results["teachers"].get(d_name, {})
+        cells = [_fmt(*_mean_std(accs.get(f"{d}/accuracy", []))) if SETTINGS[setting][d] == d_name else "·"
+                 for d in domains]
+        lines.append(f"| teacher: {d_name} | {' | '.join(cells)} | |")
+    for method in METHODS:
+        if method not in runs:
+            continue
+        seeds = runs[method]
+        cells = [_fmt(*_mean_std(_final(seeds, d))) for d in domains]
+        wall = _mean_std([r["wall_s"] for r in seeds.values()])
+        lines.append(f"| {method} | {' | '.join(cells)} | {wall[0]:.0f} s |")
+    return lines
+
+
+def calibration_table(results: dict, setting: str) -> list[str]:
+    lines = ["| method | violating groups before | after | mis-ordered pairs before | after | mean margin before |"
+             " after | λ (mean) | masked / step |", "|---|" + "---|" * 8]
+    for method in METHODS:
+        seeds = results["runs"].get(f"{setting}/{method}")
+        if not seeds or method == "grpo":
+            continue
+        c = {k: _mean_std([r["calib"][k] for r in seeds.values()]) for k in next(iter(seeds.values()))["calib"]}
+        pct = [_fmt(*c[k]) for k in ("violation_fraction", "violation_fraction_after", "misorder_rate",
+                                      "misorder_rate_after")]
+        raw = [_fmt(*c[k], scale=1.0) for k in ("margin_before", "margin_after", "mean_lambda", "num_masked")]
+        lines.append(f"| {method} | {' | '.join(pct)} | {' | '.join(raw)} |")
+    return lines
+
+
+def speed_table(results: dict, setting: str) -> list[str]:
+    target = teacher_level(results, setting)
+    lines = ["| method | seeds reaching teacher level | eval step reached (mean) | wall time to reach (mean) |",
+             "|---|---|---|---|"]
+    for method in ("opd", "uniopd", "grpo"):
+        seeds = results["runs"].get(f"{setting}/{method}")
+        if not seeds:
+            continue
+        steps, secs = steps_to_teacher(seeds, target)
+        reached = [s for s in steps if s is not None]
+        t = [s for s in secs if s is not None]
+        lines.append(f"| {method} | {len(reached)} / {len(steps)} | "
+                     f"{np.mean(reached):.1f} | {np.mean(t):.0f} s |" if reached else
+                     f"| {method} | 0 / {len(steps)} | not within {results['plan']['steps']} steps | – |")
+    return lines
+
+
+# ---- plots -----------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(results: dict, setting: str, path: Path) -> Path:
+    plt = _plt()
+    domains = list(SETTINGS[setting])
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 3.8), squeeze=False)
+    target = teacher_level(results, setting)
+    for ax, d in zip(axes[0], domains, strict=True):
+        for method in METHODS:
+            seeds = results["runs"].get(f"{setting}/{method}")
+            if not seeds:
+                continue
+            steps = [e["step"] for e in next(iter(seeds.values()))["evals"]]
+            acc = np.array([[e.get(d, np.nan) for e in r["evals"]] for r in seeds.values()]) * 100
+            mean, std = np.nanmean(acc, 0), np.nanstd(acc, 0)
+            ax.plot(steps, mean, marker="o", label=method)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.12)
+        ax.axhline(target[d] * 100, color="k", ls="--", lw=1, label="teacher")
+        ax.set_title(f"{setting}: {d}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_balance(results: dict, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results["balance"]), figsize=(5.5 * len(results["balance"]), 3.5), squeeze=False)
+    for ax, (d, h) in zip(axes[0], results["balance"].items(), strict=True):
+        bins = np.arange(h["samples"] + 1)
+        ax.bar(bins - 0.2, h["before"], width=0.4, label="before")
+        ax.bar(bins + 0.2, h["after"], width=0.4, label="after")
+        ax.set_title(f"{d}: {h['shape']}-shaped, {h['prompts']} → {h['written']} prompts")
+        ax.set_xlabel(f"student pass count out of {h['samples']}")
+        ax.set_xticks(bins)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_returns(results: dict, setting: str, path: Path) -> Path:
+    """G of correct vs incorrect rollouts: vanilla OPD's (uncalibrated) and Uni-OPD's before and after the shift."""
+    plt = _plt()
+    panels = []
+    for method, key, title in (("opd", "G", "OPD"), ("uniopd", "G", "Uni-OPD, before calibration"),
+                               ("uniopd", "G_calibrated", "Uni-OPD, after calibration")):
+        seeds = results["runs"].get(f"{setting}/{method}")
+        if seeds:
+            g = np.array([x for r in seeds.values() for x in r["returns"][key]], dtype=float)
+            ok = np.array([x for r in seeds.values() for x in r["returns"]["correct"]], dtype=bool)
+            panels.append((title, g, ok))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.5), squeeze=False)
+    for ax, (title, g, ok) in zip(axes[0], panels, strict=False):
+        bins = np.linspace(np.nanpercentile(g, 1), np.nanpercentile(g, 99), 40)
+        ax.hist(g[ok], bins=bins, alpha=0.6, density=True, label=f"correct (n={ok.sum()})")
+        ax.hist(g[~ok], bins=bins, alpha=0.6, density=True, label=f"incorrect (n={(~ok).sum()})")
+        ax.set_title(title)
+        ax.set_xlabel("G(τ) = token-mean advantage")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- the document ----------------------------------------------------------------------------------------------
+
+def write_report(results: dict, doc: Path, command: str, notes: Path | None = None) -> Path:
+    figs = doc.parent / doc.stem
+    figs.mkdir(parents=True, exist_ok=True)
+    plan = results["plan"]
+    settings = [s for s in SETTINGS if any(k.startswith(s + "/") for k in results["runs"])]
+    t = results["timings"]
+    lines = [
+        "# Miniature reproduction of Uni-OPD on trained tiny experts", "",
+        "Generated by `uniopd experiment report` from the run logs; do not edit by hand.", "",
+        f"- Command: `{command}`",
+        f"- Machine: {results['machine']['cpus']} CPU cores, {results['machine']['platform']}, "
+        f"Python {results['machine']['python']}; no GPU.",
+        f"- Wall time: {t.get('total_s', math.nan) / 60:.1f} min in all, of which "
+        f"{t.get('prepare_s', math.nan) / 60:.1f} min preparing models and data.",
+        f"- Seeds: {', '.join(map(str, plan['seeds']))}; {plan['steps']} optimizer steps of "
+        f"{plan['prompts_per_step']} prompts × {plan['samples_per_prompt']} rollouts; lr {plan['lr']}; "
+        f"held-out accuracy = mean over k = {plan['eval_samples']} samples (temperature 1, top-p 1) of "
+        f"{plan['n_eval']} prompts per domain, every {plan['eval_every']} steps. Numbers are mean ± std over seeds, "
+        "in percent.", "",
+    ]
+    if notes and notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    for setting in settings:
+        lines += [f"## {setting}", "", "Held-out accuracy at the last step:", "", *accuracy_table(results, setting), ""]
+        curve = plot_curves(results, setting, figs / f"curves-{setting}.png")
+        lines += [f"![accuracy vs step]({figs.name}/{curve.name})", ""]
+        if setting == "multi-teacher" or len(settings) == 1:
+            lines += ["Order consistency (per step, mean over steps and seeds; 'before' is the raw OPD return G):", "",
+                      *calibration_table(results, setting), "",
+                      "Steps to teacher-level held-out accuracy (every domain at or above its teacher's mean):", "",
+                      *speed_table(results, setting), ""]
+            g = plot_returns(results, setting, figs / f"returns-{setting}.png")
+            lines += [f"![G of correct vs incorrect rollouts]({figs.name}/{g.name})", ""]
+    if results["balance"]:
+        b = plot_balance(results, figs / "offline-balance.png")
+        lines += ["## Offline difficulty balancing", "",
+                  "Pass counts of the initial student on the training prompts, before and after upsampling:", "",
+                  f"![pass-count histograms]({figs.name}/{b.name})", ""]
+    doc.write_text("\n".join(lines) + "\n")
+    return doc

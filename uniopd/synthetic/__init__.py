@@ -1,0 +1,1 @@
+"""Seeded task generators for the demo and the experiment: math word problems and code-from-examples."""

@@ -123,15 +123,19 @@ def test_mask_tie_goes_to_incorrect_and_stops_at_delta():
     assert greedy_mask(returns, np.array([0, 1]), np.array([2, 3]), mode="minmax", delta=0.5).tolist() == [2]
 
 
+def _worked_example() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    returns = [0.5, 0.125, 0.25, 0.125, 0.25, 0.25, 0.375, -0.125, 0.0, 0.25]
+    group = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=float)
+    return torch.tensor(returns, dtype=torch.float64)[:, None], group, correct
+
+
 def test_stats_worked_example():
     # Groups (G): A: correct {0.5, 0.125}, incorrect {0.25, 0.125} → pairs (0.125, 0.25) mis-ordered, (0.125, 0.125)
     # a tie (ordered); min+ 0.125 < max− 0.25 violates. B: {0.25} vs {0.25}: tie, no violation. C: {0.375} vs {−0.125,
     # 0}: ordered. D: all correct, not mixed. Violations 1/3; mis-ordered pairs 1/(4 + 1 + 2) = 1/7.
     # Mean G correct (0.5+0.125+0.25+0.375+0.25)/5 = 0.3; incorrect (0.25+0.125+0.25−0.125+0)/5 = 0.1.
-    returns = [0.5, 0.125, 0.25, 0.125, 0.25, 0.25, 0.375, -0.125, 0.0, 0.25]
-    group = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
-    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=float)
-    adv = torch.tensor(returns, dtype=torch.float64)[:, None]
+    adv, group, correct = _worked_example()
     new, masked, stats = calibrate(adv, torch.ones_like(adv), group, correct, method="none", mode="mean",
                                    scope="global")
     assert torch.equal(new, adv) and not masked.any()
@@ -145,10 +149,7 @@ def test_stats_worked_example():
 
 def test_group_minmax_shift_leaves_no_violation_after():
     # the worked example's groups: a minmax shift to δ > 0 orders every mixed group, and every pair in it
-    returns = [0.5, 0.125, 0.25, 0.125, 0.25, 0.25, 0.375, -0.125, 0.0, 0.25]
-    group = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
-    correct = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=float)
-    adv = torch.tensor(returns, dtype=torch.float64)[:, None]
+    adv, group, correct = _worked_example()
     _, _, stats = calibrate(adv, torch.ones_like(adv), group, correct, method="shift", mode="minmax",
                             scope="group", direction="lift", delta=0.1)
     assert stats.violation_fraction == pytest.approx(1 / 3) and stats.misorder_rate == pytest.approx(1 / 7)

@@ -82,6 +82,7 @@ def test_results_and_report_cover_every_run(smoke):
         assert (doc.parent / "report" / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_demo_prints_before_and_after_per_domain(smoke, cache_env, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "uniopd", "demo", "--quick", "--steps", "1", "--out", str(out),
@@ -108,7 +109,9 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def test_ctrl_c_stops_every_child_process(smoke, cache_env, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupt_stops_every_child_process(smoke, cache_env, tmp_path, how):
     proc = subprocess.Popen([sys.executable, "-m", "uniopd", "demo", "--quick", "--steps", "50", "--out",
                              str(tmp_path / "demo"), "--rollout-backend", "hf"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cache_env, start_new_session=True)
@@ -118,7 +121,10 @@ def test_ctrl_c_stops_every_child_process(smoke, cache_env, tmp_path):
                 break
         time.sleep(3)
         assert len(_group_members(proc.pid)) >= 5
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+        else:
+            proc.terminate()  # `kill`, docker stop: SIGTERM to the demo alone, which must stop its children
         proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while _group_members(proc.pid) and time.monotonic() < deadline:

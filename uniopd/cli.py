@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -224,29 +225,39 @@ def _default_backend() -> str:
     return "vllm" if importlib.util.find_spec("vllm") else "hf"
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C does, so the servers and Redis the demo/experiment started are stopped too."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
     from uniopd.demo import run_demo
 
+    _stop_on_sigterm()
     run_demo(args.out, cache_dir(), args.teacher_backend, args.rollout_backend, args.redis_url, args.steps,
              args.quick)
 
 
 def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from uniopd.experiment import PLANS, Experiment
-    from uniopd.experiment_report import write_report
+    from uniopd.experiment_report import collect, write_report
 
+    plan = PLANS[args.plan]
     if args.action == "run":
-        Experiment(PLANS[args.plan], args.out, cache_dir(), args.teacher_backend, args.rollout_backend,
-                   args.redis_url).run()
-    results_path = args.out / "results.json"
-    if not results_path.is_file():
-        parser.error(f"--out {args.out}: no results.json (run `uniopd experiment run` first)")
+        _stop_on_sigterm()
+        results = Experiment(plan, args.out, cache_dir(), args.teacher_backend, args.rollout_backend,
+                             args.redis_url).run()
+    else:
+        if not (args.out / "runs").is_dir():
+            parser.error(f"--out {args.out}: no runs/ there (run `uniopd experiment run` first)")
+        results = collect(args.out.resolve(), plan)  # from the run logs, so a partial experiment reports too
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if args.doc:
-        import json
-
-        command = f"uniopd experiment run --plan {args.plan} --out {args.out} --doc {args.doc}"
-        doc = write_report(json.loads(results_path.read_text()), args.doc, command, args.notes)
-        print(f"report: {doc}")
+        command = f"uniopd experiment run --plan {args.plan} --out {args.out} --doc {args.doc}" + (
+            f" --notes {args.notes}" if args.notes else "")
+        print(f"report: {write_report(results, args.doc, command, args.notes)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

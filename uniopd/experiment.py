@@ -75,7 +75,7 @@ class Plan:
     eval_samples: int = 4
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
-    lr: float = 2e-4
+    lr: float = 3e-4
     max_tokens: int = 64
     balance_samples: int = 8
 
@@ -87,7 +87,7 @@ class Plan:
 _ALL = tuple(("multi-teacher", m) for m in METHODS)
 PLANS: dict[str, Plan] = {
     "full": Plan(_ALL + tuple((s, m) for s in ("single-teacher-math", "single-teacher-code", "strong-to-weak")
-                               for m in ("opd", "uniopd")), seeds=(0, 1, 2), steps=30, eval_every=10),
+                               for m in ("opd", "uniopd")), seeds=(0, 1, 2), steps=20, eval_every=10),
     "demo": Plan((("multi-teacher", "opd"), ("multi-teacher", "uniopd")), seeds=(0,), steps=20, eval_every=10),
     "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd")), seeds=(0,), steps=2,
                   eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,
@@ -132,7 +132,7 @@ class Experiment:
 
     def __init__(self, plan: Plan, out: Path, cache: Path, teacher_backend: str = "hf",
                  rollout_backend: str = "hf", redis_url: str | None = None) -> None:
-        self.plan, self.out, self.cache = plan, out, cache
+        self.plan, self.out, self.cache = plan, out.resolve(), cache  # configs hold absolute paths
         self.teacher_backend, self.rollout_backend, self.redis_url = teacher_backend, rollout_backend, redis_url
         self.logs = out / "logs"
 

@@ -49,7 +49,7 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("math-teacher", 128, 4, ("steps",), (), steps=1200, seed=1),
     ModelSpec("code-teacher", 128, 4, (), ("def",), steps=1200, seed=2),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
-    ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=1000, sample_size=4000, seed=4),
+    ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=2000, sample_size=4000, seed=4),
 )}
 QUICK_FACTOR = 0.05  # --quick: same recipes, 5% of the steps (CI smoke runs; the models are undertrained)
 
@@ -155,7 +155,6 @@ def ensure_models(specs: list[ModelSpec], root: Path) -> dict[str, Path]:
     too small for a second thread to help (measured: 2 threads took longer per step than 1), so the cores are
     better spent on different models."""
     import multiprocessing
-    import os
 
     todo = [s for s in specs if not is_current(s, root)]
     workers = len(todo)

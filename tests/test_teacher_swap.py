@@ -43,7 +43,7 @@ def write_atomically(path: Path, tree: dict) -> Path:
 
 
 def run_tree(student: Path, teachers: dict, *, rollout: str = "http://127.0.0.1:1", cache: str = "none",
-             out: Path, **top) -> dict:
+             out: Path, steps: int = 8, **top) -> dict:
     """A math-only run on the example data, small enough that a step takes a fraction of a second."""
     tree = yaml.safe_load((EXAMPLE / "run.yaml").read_text())
     tree.update({"student": {"model": str(student)}, "data": {"train": [str(EXAMPLE / "math_train.jsonl")]},
@@ -51,7 +51,7 @@ def run_tree(student: Path, teachers: dict, *, rollout: str = "http://127.0.0.1:
     tree["rollout"].update(url=rollout, max_tokens=8)
     tree["cache"]["url"] = cache
     tree["algorithm"].update(prompts_per_step=2, samples_per_prompt=2, micro_batch_size=4)
-    tree["schedule"] = {"steps": 8, "eval_every": 0, "checkpoint_every": 0, "eval_samples": 1}
+    tree["schedule"] = {"steps": steps, "eval_every": 0, "checkpoint_every": 0, "eval_samples": 1}
     return tree
 
 
@@ -340,8 +340,9 @@ def first_row(rows: list[dict], key: str, value: float) -> dict:
 def test_run_swaps_teachers_on_a_file_edit_and_on_sighup(stack, tmp_path):
     A, B = stack["A"], stack["B"]
     out = tmp_path / "swap"
+    steps = 60  # long enough that the run is still going after the 0.5 s wait below (a step takes ~0.1 s)
     tree = run_tree(stack["student"], {"math": {"urls": [A.url]}}, rollout=stack["rollout"].url,
-                    cache=stack["redis"].url, out=out, seed=1)
+                    cache=stack["redis"].url, out=out, seed=1, steps=steps)
     path = write_atomically(tmp_path / "swap.yaml", tree)
     run = Run(path, out)
     run.wait_for("step 1", lambda rows: len(rows) >= 1)
@@ -366,9 +367,9 @@ def test_run_swaps_teachers_on_a_file_edit_and_on_sighup(stack, tmp_path):
     rows = run.finish()
     stderr = run.stderr.read_text()
 
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     to_b, to_a = first_row(rows, "teachers/swaps", 1), first_row(rows, "teachers/swaps", 2)
-    assert 2 <= to_b["step"] < to_a["step"] <= 8
+    assert 2 <= to_b["step"] < to_a["step"] <= steps
     assert to_a["teachers/reloads"] == 2 and rows[-1]["teachers/swap_refused"] == 0
     fp = fingerprint_id(stack["digest"]["A"])
     assert all(r["teachers/math/fingerprint"] == fp for r in rows)  # B is the same teacher
@@ -389,7 +390,7 @@ def test_run_refuses_a_different_teacher_until_allowed(stack, tmp_path):
     registry = {"teachers": {"math-tiny": {"urls": [A.url], "domains": ["math"]}}}  # not pinned
     write_atomically(tmp_path / "registry.yaml", registry)
     tree = run_tree(stack["student"], {"math": {"teacher": "math-tiny"}}, rollout=stack["rollout"].url,
-                    cache=stack["redis"].url, out=out, seed=2, registry="registry.yaml")
+                    cache=stack["redis"].url, out=out, seed=2, registry="registry.yaml", steps=60)
     path = write_atomically(tmp_path / "change.yaml", tree)
     run = Run(path, out)
     run.wait_for("step 1", lambda rows: len(rows) >= 1)
@@ -399,6 +400,7 @@ def test_run_refuses_a_different_teacher_until_allowed(stack, tmp_path):
     c_before = scored_tokens(C)
     tree["allow_teacher_change"] = True
     write_atomically(path, tree)
+    run.wait_for("the allowed swap", lambda rows: any(r["teachers/swaps"] == 1 for r in rows))
     rows = run.finish()
     stderr = run.stderr.read_text()
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from proto.client import TeacherClient
@@ -152,6 +153,42 @@ teams:
   alpha: {keys: ["key-a1", "key-a2"], tokens_per_minute: 200000, max_concurrent: 4, weight: 2}
   beta:  {keys: ["key-b1"]}
 """
+
+
+async def test_a_team_that_fills_the_queue_does_not_lock_others_out():
+    """The queue bound refuses the team that filled it, but admits another team up to its share of the bound."""
+    import threading
+
+    from proto.codec import ScoredSpan
+    from proto.schemas import ScoreItem
+    from services.teacher_server.batcher import MicroBatcher, QueueFull
+
+    gate = threading.Event()
+
+    def score(items):  # holds every item in flight until the gate opens
+        gate.wait(30)
+        return [ScoredSpan(np.zeros(1, np.float32)) for _ in items]
+
+    batcher = MicroBatcher(score, max_batch_tokens=64, max_wait_s=0, max_queue_items=8)
+    batcher.start()
+    items = [ScoreItem(input_ids=[1, 2, 3], response_start=2)] * 4
+    try:
+        flood = [asyncio.create_task(batcher.submit(items, "flood", 1)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 8
+        with pytest.raises(QueueFull):
+            await batcher.submit(items[:1], "flood", 1)  # the flooding team is over the bound
+        small = asyncio.create_task(batcher.submit(items, "small", 1))  # 4 items = its share of 8 with 2 teams
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 12
+        with pytest.raises(QueueFull):
+            await batcher.submit(items[:1], "small", 1)  # beyond its share
+        gate.set()
+        assert len(await small) == 4 and all(len(r) == 4 for r in await asyncio.gather(*flood))
+        assert batcher.depth == 0
+    finally:
+        gate.set()
+        await batcher.stop()
 
 
 def test_team_file_and_env_keys(tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 
 Requests are split into items; the worker waits up to `max_wait_s` after the first arrival (or until the budget is
 full), scores the batch on a single worker thread (so the event loop keeps accepting requests), and hands every
-request its results once all of its items are done. The queue is bounded in items; a full queue refuses at once.
+request its results once all of its items are done. The queue is bounded in items; a full queue refuses at once,
+except a team holding less than its share of the bound (the bound over the teams with items in flight): a team that
+fills the queue cannot lock the others out. That admits at most one extra bound's worth of items in all.
 Items wait in per-team queues, and a batch takes them by deficit round robin over tokens (see fair_queue.py), so a
 team flooding the server delays another team's requests by about one turn, not by its whole backlog.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ class BatchStats:
 class _Job:
     items: Sequence[ScoreItem]
     future: asyncio.Future
+    team: str
     results: list[ScoredSpan | None] = field(default_factory=list)
     remaining: int = 0
 
@@ -51,6 +55,7 @@ class MicroBatcher:
         # A team's credit per turn is a quarter batch (× its weight): a batch interleaves a few teams' turns.
         self._queue: FairQueue[tuple[_Job, int]] = FairQueue(max_batch_tokens // 4)
         self._in_flight = 0  # items queued or being scored: what the queue bound counts
+        self._team_in_flight: Counter[str] = Counter()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._task: asyncio.Task | None = None
@@ -75,12 +80,13 @@ class MicroBatcher:
 
     async def submit(self, items: Sequence[ScoreItem], team: str, weight: int) -> list[ScoredSpan]:
         """Queue the items in `team`'s lane (served in turn with other teams, by `weight`) and wait for their scores."""
-        if self._in_flight + len(items) > self.max_queue_items:
+        if not self._admits(team, len(items)):
             raise QueueFull(f"{self._in_flight} items queued; limit {self.max_queue_items}")
-        job = _Job(items, asyncio.get_running_loop().create_future(), [None] * len(items), len(items))
+        job = _Job(items, asyncio.get_running_loop().create_future(), team, [None] * len(items), len(items))
         for i, it in enumerate(items):
             self._queue.push(team, weight, (job, i), len(it.input_ids))
         self._in_flight += len(items)
+        self._team_in_flight[team] += len(items)
         self._stats.queue_depth(self._in_flight)
         self._arrived.set()
         try:
@@ -88,6 +94,12 @@ class MicroBatcher:
         finally:
             if not job.future.done():  # caller went away: let the worker skip what is still queued
                 job.future.cancel()
+
+    def _admits(self, team: str, n: int) -> bool:
+        if self._in_flight + n <= self.max_queue_items:
+            return True
+        active = {t for t, c in self._team_in_flight.items() if c} | {team}
+        return self._team_in_flight[team] + n <= self.max_queue_items // len(active)
 
     async def _gather(self) -> list[tuple[_Job, int]]:
         loop = asyncio.get_running_loop()
@@ -103,14 +115,16 @@ class MicroBatcher:
                 break
             self._queue.pop()
             if job.future.done():
-                self._release(1)
+                self._release([job])
                 continue
             batch.append((job, i))
             tokens += n
         return batch
 
-    def _release(self, n: int) -> None:
-        self._in_flight -= n
+    def _release(self, jobs: list[_Job]) -> None:
+        """One entry per item leaving the queue (scored or skipped)."""
+        self._in_flight -= len(jobs)
+        self._team_in_flight.subtract(job.team for job in jobs)
         self._stats.queue_depth(self._in_flight)
 
     async def _run(self) -> None:
@@ -138,4 +152,4 @@ class MicroBatcher:
                     if job.remaining == 0 and not job.future.done():
                         job.future.set_result(job.results)
             finally:
-                self._release(len(batch))
+                self._release([job for job, _ in batch])

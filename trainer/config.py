@@ -233,7 +233,8 @@ class ConfigSource:
     overrides: tuple[str, ...] = ()
 
 
-def _set_dotted(tree: dict, dotted: str, value) -> None:
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    """tree['a']['b'] = value for 'a.b', making the sections on the way."""
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
@@ -255,7 +256,7 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        set_dotted(tree, key.strip(), yaml.safe_load(raw))
     base = Path(path).resolve().parent
     try:
         config = RunConfig.model_validate(tree)

@@ -4,6 +4,7 @@ experiment (which also measures the teachers, served as samplers, with the same 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -13,12 +14,20 @@ from proto.client import RolloutClient
 from proto.rollout import GenerateRequest
 from trainer.verifiers import Verdict, verify_batch
 
+log = logging.getLogger("uniopd.train")
+
 
 def verify_responses(tokenizer, kind_of: Callable[[str], str], responses: Sequence[Sequence[int]],
                      records: Sequence[dict]) -> list[Verdict]:
-    """Decode each response (special tokens dropped) and verify it with its record's domain verifier."""
+    """Decode each response (special tokens dropped) and verify it with its record's domain verifier; failed
+    verifications count as incorrect (METHOD.md), and are logged with an example of why."""
     texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in responses]
-    return verify_batch([kind_of(r["domain"]) for r in records], texts, list(records))
+    verdicts = verify_batch([kind_of(r["domain"]) for r in records], texts, list(records))
+    errors = [v.error for v in verdicts if v.error is not None]
+    if errors:
+        log.warning("%d of %d verifications failed (counted incorrect), e.g. %s", len(errors), len(verdicts),
+                    errors[0][:200])
+    return verdicts
 
 
 async def heldout_accuracy(client: RolloutClient, tokenizer, kind_of: Callable[[str], str],

@@ -142,11 +142,7 @@ class Trainer:
                                     [r.example.record for r in rollouts])
         for r, v in zip(rollouts, verdicts, strict=True):
             r.correct = v.correct
-        errors = [v.error for v in verdicts if v.error is not None]
-        if errors:  # counted as incorrect, per METHOD.md; say so, with an example of why
-            log.warning("%d of %d verifications failed (counted incorrect), e.g. %s", len(errors), len(verdicts),
-                        errors[0][:200])
-        return len(errors)
+        return sum(v.error is not None for v in verdicts)
 
     async def score(self, rollouts: list[Rollout]) -> None:
         """Teacher log-probs of each response; a sequence longer than its teacher accepts stays unscored (masked)

@@ -7,20 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from uniopd.experiment import PLANS, Experiment
-from uniopd.experiment_report import plot_curves, plot_returns, teacher_level
+from uniopd.experiment_report import before_after, plot_curves, plot_returns, teacher_level
 
 
 def summary_table(results: dict, setting: str = "multi-teacher") -> str:
-    from uniopd.experiment_report import _final, _mean_std
-
-    runs = {k.split("/", 1)[1]: v for k, v in results["runs"].items() if k.startswith(setting + "/")}
     teacher = teacher_level(results, setting)
     rows = [f"{'held-out accuracy (%)':<26}" + "".join(f"{d:>10}" for d in teacher)]
-    before = {d: _mean_std([x for s in runs.values() for x in _final(s, d, 0)])[0] for d in teacher}
-    rows.append(f"{'student before training':<26}" + "".join(f"{before[d] * 100:>10.1f}" for d in teacher))
-    for method, seeds in runs.items():
-        after = {d: _mean_std(_final(seeds, d))[0] for d in teacher}
-        rows.append(f"{'after ' + method:<26}" + "".join(f"{after[d] * 100:>10.1f}" for d in teacher))
+    for name, acc in before_after(results, setting).items():
+        label = "student before training" if name == "before" else f"after {name}"
+        rows.append(f"{label:<26}" + "".join(f"{acc[d][0] * 100:>10.1f}" for d in teacher))
     rows.append(f"{'teacher':<26}" + "".join(f"{teacher[d] * 100:>10.1f}" for d in teacher))
     return "\n".join(rows)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer.config import set_dotted
 from uniopd import expert_models
 from uniopd.launch import RedisServer, ServerProcess, start_rollout, start_teacher
 from uniopd.synthetic.datasets import write_datasets
@@ -82,6 +83,10 @@ class Plan:
     @property
     def teachers(self) -> list[str]:
         return sorted({t for setting, _ in self.runs for t in SETTINGS[setting].values()})
+
+    def domains_of(self, teacher: str) -> list[str]:
+        """The domains this teacher model scores in some setting of the plan."""
+        return sorted({d for setting, _ in self.runs for d, t in SETTINGS[setting].items() if t == teacher})
 
 
 _ALL = tuple(("multi-teacher", m) for m in METHODS)
@@ -153,7 +158,7 @@ class Experiment:
             os.environ[ADMIN_ENV] = key
             self.teacher_urls = {}
             for name in p.teachers:
-                domains = sorted({d for s, _ in p.runs for d, t in SETTINGS[s].items() if t == name})
+                domains = p.domains_of(name)
                 server = stack.enter_context(start_teacher(
                     self.models[name], self.teacher_backend, [a for d in domains for a in ("--domain", d)],
                     self.logs))
@@ -196,11 +201,7 @@ class Experiment:
             "seed": seed,
         }
         for dotted, value in m.overrides.items():
-            node = tree
-            *parents, leaf = dotted.split(".")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = value
+            set_dotted(tree, dotted, value)
         return tree
 
     def train(self, setting: str, method: str, seed: int) -> None:
@@ -247,7 +248,7 @@ class Experiment:
         for name in self.plan.teachers:
             if name in result:
                 continue
-            domains = sorted({d for s, _ in self.plan.runs for d, t in SETTINGS[s].items() if t == name})
+            domains = self.plan.domains_of(name)
             print(f"held-out accuracy of {name} ({', '.join(domains)})", flush=True)
             with start_rollout(self.models[name], self.rollout_backend, [], self.logs) as server:
                 result[name] = asyncio.run(self._accuracy(server, name, domains))

@@ -88,25 +88,37 @@ def steps_to_teacher(seeds: dict, target: dict[str, float]) -> tuple[list[int | 
     return steps, secs
 
 
+def setting_runs(results: dict, setting: str) -> dict[str, dict]:
+    """method -> seed -> run, for one setting."""
+    return {k.split("/", 1)[1]: v for k, v in results["runs"].items() if k.startswith(setting + "/")}
+
+
+def before_after(results: dict, setting: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Held-out accuracy (mean, std over seeds) per domain: "before" (the step-0 evaluation of every run of the
+    setting), then each method's last evaluation, in METHODS order."""
+    runs = setting_runs(results, setting)
+    domains = list(SETTINGS[setting])
+    rows = {"before": {d: _mean_std([x for s in runs.values() for x in _final(s, d, 0)]) for d in domains}} \
+        if runs else {}
+    rows.update({m: {d: _mean_std(_final(runs[m], d)) for d in domains} for m in METHODS if m in runs})
+    return rows
+
+
 def accuracy_table(results: dict, setting: str) -> list[str]:
     domains = list(SETTINGS[setting])
     lines = [f"| method | {' | '.join(domains)} | wall time per run |", "|---|" + "---|" * (len(domains) + 1)]
-    runs = {k.split("/", 1)[1]: v for k, v in results["runs"].items() if k.startswith(setting + "/")}
-    if runs:  # the step-0 evaluation of every run of this setting
-        before = [_fmt(*_mean_std([x for s in runs.values() for x in _final(s, d, 0)])) for d in domains]
-        lines.append(f"| student before training | {' | '.join(before)} | |")
+    rows = before_after(results, setting)
+    if "before" in rows:
+        lines.append(f"| student before training | {' | '.join(_fmt(*rows['before'][d]) for d in domains)} | |")
     for d_name in sorted(set(SETTINGS[setting].values())):
         accs = results["teachers"].get(d_name, {})
         cells = [_fmt(*_mean_std(accs.get(f"{d}/accuracy", []))) if SETTINGS[setting][d] == d_name else "·"
                  for d in domains]
         lines.append(f"| teacher: {d_name} | {' | '.join(cells)} | |")
-    for method in METHODS:
-        if method not in runs:
-            continue
-        seeds = runs[method]
-        cells = [_fmt(*_mean_std(_final(seeds, d))) for d in domains]
-        wall = _mean_std([r["wall_s"] for r in seeds.values()])
-        lines.append(f"| {method} | {' | '.join(cells)} | {wall[0]:.0f} s |")
+    runs = setting_runs(results, setting)
+    for method in (m for m in rows if m != "before"):
+        wall = _mean_std([r["wall_s"] for r in runs[method].values()])
+        lines.append(f"| {method} | {' | '.join(_fmt(*rows[method][d]) for d in domains)} | {wall[0]:.0f} s |")
     return lines
 
 

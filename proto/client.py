@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from proto.codec import ScoredSpan, decode_score_response, encode_score_request
+from proto.codec import ScoredSpan, b64, decode_score_response, encode_score_request
 from proto.errors import ApiError
 from proto.rollout import GenerateRequest, RolloutInfo, Rollouts, WeightsLoaded, decode_generate_response
 from proto.schemas import JSON, MSGPACK, Fingerprint, ScoreItem, TeacherInfo, TeamUsage
@@ -62,8 +62,10 @@ class TeacherClient(_Client):
         self._raise_for(resp)
         return TeamUsage.model_validate_json(resp.content)
 
-    async def score(self, items: Sequence[ScoreItem]) -> tuple[Fingerprint, list[ScoredSpan]]:
-        body = encode_score_request(items, self.binary)
+    async def score(self, items: Sequence[ScoreItem],
+                    images: Sequence[bytes] = ()) -> tuple[Fingerprint, list[ScoredSpan]]:
+        """`images`: the PNG/JPEG bytes that items' `image_indices` point into, each sent once."""
+        body = encode_score_request(items, self.binary, images)
         resp = await self._http.post("/v1/score", content=body,
                                      headers={"Content-Type": self._kind, "Accept": self._kind})
         self._raise_for(resp)
@@ -100,3 +102,20 @@ class RolloutClient(_Client):
         resp = await self._http.post("/v1/weights", json={"path": path}, headers=self._admin)
         self._raise_for(resp)
         return WeightsLoaded.model_validate_json(resp.content)
+
+
+def share_images(per_row: Sequence[Sequence[bytes]]) -> tuple[list[bytes], list[list[int]]]:
+    """Each distinct image once, and every row's images as indices into that list: a group of samples of one
+    prompt, or many prompts showing one picture, send its bytes once."""
+    index: dict[bytes, int] = {}
+    rows = [[index.setdefault(img, len(index)) for img in row] for row in per_row]
+    return list(index), rows
+
+
+def generate_request(prompts: Sequence[list[int]], images: Sequence[Sequence[bytes]] = (),
+                     **sampling) -> GenerateRequest:
+    """A GenerateRequest for prompts with their images (per prompt, in placeholder order), each image sent once."""
+    shared, refs = share_images(images)
+    if not shared:
+        return GenerateRequest(prompts=list(prompts), **sampling)
+    return GenerateRequest(prompts=list(prompts), images=[b64(img) for img in shared], image_indices=refs, **sampling)

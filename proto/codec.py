@@ -1,6 +1,8 @@
 """The two encodings of /v1/score: JSON for humans, msgpack with packed little-endian arrays for trainers.
 
-Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int}]}
+Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int,
+                             "image_indices": [int]}],
+                  "images": [bin<PNG or JPEG bytes>, ...]}
 Binary response: {"api_version", "fingerprint": {...},
                   "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
                   "top_k": bin<int32[items]>, "top_k_ids": bin<int32[sum(lengths*top_k)]>,
@@ -10,6 +12,8 @@ Arrays of all items are concatenated, so a response costs a handful of msgpack o
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,20 +93,54 @@ def decode_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
             for i, item in enumerate(items):
                 if isinstance(item, dict) and "input_ids" in item:
                     item["input_ids"] = _unpack_ids(item["input_ids"], f"items[{i}].input_ids")
-        return ScoreRequest.model_validate(obj)
+        images = _raw_images(obj.pop("images", []) if isinstance(obj, dict) else [])
+        request = ScoreRequest.model_validate(obj)
+        request.images = images
+        return request
     except ValidationError as exc:
         raise validation_error(exc) from None
 
 
-def encode_score_request(items: Sequence[ScoreItem], binary: bool) -> bytes:
+def _raw_images(images: object) -> list[bytes]:
+    """msgpack carries images as raw bytes (JSON as base64 strings, which the model decodes)."""
+    if not isinstance(images, list):
+        raise ApiError(422, "invalid_field", "images: must be an array of binary PNG/JPEG data", "images")
+    for i, img in enumerate(images):
+        if not isinstance(img, bytes):
+            raise ApiError(422, "invalid_field", f"images[{i}]: must be binary PNG/JPEG data", f"images[{i}]")
+    return images
+
+
+def image_bytes(images: Sequence[str | bytes], field: str = "images") -> list[bytes]:
+    """Request images as bytes: JSON sends base64 strings, msgpack raw bytes. Invalid base64 is the caller's 422."""
+    out = []
+    for i, img in enumerate(images):
+        if isinstance(img, bytes):
+            out.append(img)
+            continue
+        try:
+            out.append(base64.b64decode(img, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "invalid_field", f"{field}[{i}]: not valid base64", f"{field}[{i}]") from None
+    return out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Sequence[bytes] = ()) -> bytes:
     if not binary:
-        return ScoreRequest(items=list(items)).model_dump_json().encode()
+        body = ScoreRequest(items=list(items)).model_dump(mode="json", exclude_defaults=True)
+        if images:
+            body["images"] = [b64(img) for img in images]
+        return json.dumps(body, separators=(",", ":")).encode()
     packed = [
         {"input_ids": np.asarray(it.input_ids, dtype=_I4).tobytes(), "response_start": it.response_start,
-         "top_k": it.top_k}
+         "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {})}
         for it in items
     ]
-    return msgpack.packb({"items": packed})
+    return msgpack.packb({"items": packed, **({"images": list(images)} if images else {})})
 
 
 def pack_arrays(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:

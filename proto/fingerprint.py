@@ -40,8 +40,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def make_fingerprint(model: str, revision: str, tokenizer: str, dtype: str, backend: str) -> Fingerprint:
+def make_fingerprint(model: str, revision: str, tokenizer: str, dtype: str, backend: str,
+                     processor: str = "") -> Fingerprint:
     fields = {"model": model, "revision": revision, "tokenizer": tokenizer, "dtype": dtype, "backend": backend,
               "scoring_mode": SCORING_MODE}
+    if processor:  # text teachers keep the digests (and cached scores) they had before images existed
+        fields["processor"] = processor
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return Fingerprint(**fields, digest=digest)

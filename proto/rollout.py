@@ -48,11 +48,18 @@ class GenerateRequest(BaseModel):
     max_tokens: StrictInt = Field(ge=1, le=2**31 - 1)
     stop_token_ids: list[TokenId] = Field(default_factory=list, description="Stop tokens besides the model's EOS.")
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    images: list[str] = Field(default_factory=list, description="PNG or JPEG images (base64), each sent once "
+                                                                 "however many prompts show it.")
+    image_indices: list[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]] | None = Field(
+        default=None, description="Per prompt, the images it shows, one per image placeholder token in it, in order.")
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> GenerateRequest:
         if (self.prompts is None) == (self.messages is None):
             raise ValueError("give exactly one of prompts (token ids) or messages (chat)")
+        if self.image_indices is not None and len(self.image_indices) != self.num_prompts:
+            raise ValueError(f"image_indices has {len(self.image_indices)} entries; one per prompt "
+                             f"({self.num_prompts}) is needed")
         return self
 
     @property
@@ -85,6 +92,7 @@ class RolloutInfo(BaseModel):
     backend: str
     weight_version: int
     eos_token_ids: list[int]
+    image_token_id: int | None = Field(default=None, description="The image placeholder token; null: text only.")
     limits: dict[str, int]
 
 

@@ -31,12 +31,19 @@ class ScoreItem(BaseModel):
     top_k: StrictInt = Field(
         default=0, ge=0, le=2**31 - 1, description="Also return the teacher's k most likely tokens per position."
     )
+    image_indices: list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=list, description="The request images this item shows, one per image placeholder token in "
+                                          "its prompt, in order. The teacher expands each placeholder into its image "
+                                          "tokens and counts the response span from the end of the sequence.")
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[ScoreItem] = Field(min_length=1)
+    images: list[str] = Field(
+        default_factory=list, description="PNG or JPEG images, base64 in JSON (raw bytes in msgpack), each sent once "
+                                          "however many items show it.")
 
 
 class Fingerprint(BaseModel):
@@ -48,6 +55,7 @@ class Fingerprint(BaseModel):
     dtype: str
     backend: str
     scoring_mode: str = SCORING_MODE
+    processor: str = Field(default="", description="sha256 of the image processor settings; empty for a text model.")
     digest: str = Field(description="sha256 over all fields above; the score cache keys on it.")
 
 
@@ -77,6 +85,7 @@ class TeacherInfo(BaseModel):
     backend: str
     domains: list[str]
     fingerprint: Fingerprint
+    image_token_id: int | None = Field(default=None, description="The image placeholder token; null: text only.")
     limits: dict[str, int] = Field(description="Request limits enforced by this server.")
 
 

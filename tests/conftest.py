@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from uniopd.launch import RedisServer, free_port, start_teacher  # noqa: F401 (RedisServer: shared by tests)
-from uniopd.tiny_models import build_tiny_model
+from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))]
@@ -18,6 +18,11 @@ BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, re
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", "qwen3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm", seed=0)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

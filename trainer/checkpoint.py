@@ -23,7 +23,10 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer, keep: int) -> Path:
+def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer, keep: int,
+                    processor=None) -> Path:
+    """`processor`: a multimodal student's, saved first so the tokenizer saved after it stays the student's own (a
+    processor re-registers its image tokens on its copy)."""
     final = checkpoint_dir(out, progress.step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -33,6 +36,8 @@ def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer
     accelerator.wait_for_everyone()  # ...before the main process renames the directory
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         (tmp / PROGRESS).write_text(json.dumps(asdict(progress)))
         shutil.rmtree(final, ignore_errors=True)

@@ -24,6 +24,7 @@ class Example:
     record: dict
     domain: str
     prompt_ids: list[int]
+    images: tuple[bytes, ...] = ()  # PNG/JPEG bytes, one per image placeholder in the prompt, in order
 
 
 def load_records(paths: list[Path], domains: set[str] | None = None) -> list[dict]:
@@ -42,6 +43,8 @@ def load_records(paths: list[Path], domains: set[str] | None = None) -> list[dic
                 raise DataError(f"{where}: a record needs a string 'domain'")
             if not isinstance(rec.get("prompt"), str) and not isinstance(rec.get("messages"), list):
                 raise DataError(f"{where}: a record needs 'prompt' (text) or 'messages' (chat)")
+            if "images" in rec:
+                rec["images"] = _image_paths(rec["images"], Path(path).parent, where)
             if domains is not None and rec["domain"] not in domains:
                 raise DataError(f"{where}: domain {rec['domain']!r} has no teacher (configured: {sorted(domains)})")
             records.append(rec)
@@ -50,14 +53,30 @@ def load_records(paths: list[Path], domains: set[str] | None = None) -> list[dic
     return records
 
 
+def _image_paths(images: object, root: Path, where: str) -> list[str]:
+    """A record's `images`: files relative to its jsonl file (or absolute), resolved now so errors name the line."""
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: 'images' must be a list of image file paths")
+    paths = [root / p for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{where}: image {p} does not exist")
+    return [str(p) for p in paths]
+
+
 def render_prompt(tokenizer, record: dict) -> list[int]:
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def record_images(record: dict) -> tuple[bytes, ...]:
+    return tuple(Path(p).read_bytes() for p in record.get("images", ()))
+
+
 def make_examples(tokenizer, records: list[dict]) -> list[Example]:
-    return [Example(r, r["domain"], render_prompt(tokenizer, r)) for r in records]
+    """Prompts tokenized once; images read once (they are small next to a model, and read-only from here on)."""
+    return [Example(r, r["domain"], render_prompt(tokenizer, r), record_images(r)) for r in records]
 
 
 class DataStream:

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from proto.client import RolloutClient
-from proto.rollout import GenerateRequest
+from proto.client import RolloutClient, generate_request
+from trainer.data import record_images
 from trainer.verifiers import Verdict, verify_batch
 
 log = logging.getLogger("uniopd.train")
@@ -34,8 +34,8 @@ async def heldout_accuracy(client: RolloutClient, tokenizer, kind_of: Callable[[
                            prompts: Sequence[list[int]], records: Sequence[dict], k: int, seed: int,
                            max_tokens: int) -> dict[str, float]:
     """Mean accuracy over k samples per prompt, per domain, at temperature 1 and top-p 1 (METHOD.md §6)."""
-    out = await client.generate(GenerateRequest(prompts=list(prompts), n=k, temperature=1.0, top_p=1.0,
-                                                max_tokens=max_tokens, seed=seed))
+    out = await client.generate(generate_request(prompts, [record_images(r) for r in records], n=k, temperature=1.0,
+                                                 top_p=1.0, max_tokens=max_tokens, seed=seed))
     flat = [(rec, s.token_ids) for rec, group in zip(records, out.samples, strict=True) for s in group]
     verdicts = await asyncio.to_thread(verify_responses, tokenizer, kind_of, [ids for _, ids in flat],
                                        [rec for rec, _ in flat])

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from proto.client import RolloutClient
+from proto.client import RolloutClient, generate_request
 from proto.fingerprint import tokenizer_fingerprint
-from proto.rollout import GenerateRequest
-from proto.schemas import ScoreItem
+from proto.schemas import ScoreItem, TeacherInfo
+from services.common.models import auto_model_class
+from services.common.multimodal import Vision, is_multimodal
 from trainer.balancing import online_balance
 from trainer.calibration import calibrate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
@@ -54,17 +55,27 @@ class Rollout:
     teacher: np.ndarray | None = None
 
 
+def _scorable(r: Rollout, teacher: TeacherInfo) -> bool:
+    """What the teacher would refuse is masked alone, not sent to fail its whole request: too long, or a token the
+    teacher does not have (a multimodal student's image tokens, for a text teacher) or an image token in a response."""
+    response = r.response
+    return (len(r.example.prompt_ids) + len(response) <= teacher.max_length
+            and (not len(response) or int(response.max()) < teacher.vocab_size)
+            and (teacher.image_token_id is None or teacher.image_token_id not in response))
+
+
 class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False) -> None:
         from accelerate import Accelerator
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = c = config
         self.accelerator = Accelerator()
         torch.manual_seed(c.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(c.student.model)
         dtype = torch.bfloat16 if c.student.dtype == "bfloat16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(c.student.model, dtype=dtype)
+        model = auto_model_class(c.student.model).from_pretrained(c.student.model, dtype=dtype)
+        self.vision = Vision(c.student.model) if is_multimodal(c.student.model) else None
         a = c.algorithm
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         warmup = max(1, a.warmup_steps * a.updates_per_batch)
@@ -131,9 +142,9 @@ class Trainer:
 
     async def sample(self, examples: list[Example], n: int, seed: int) -> list[Rollout]:
         r = self.config.rollout
-        out = await self.rollout.generate(GenerateRequest(
-            prompts=[ex.prompt_ids for ex in examples], n=n, temperature=r.temperature, top_p=r.top_p,
-            max_tokens=r.max_tokens, seed=seed))
+        out = await self.rollout.generate(generate_request(
+            [ex.prompt_ids for ex in examples], [ex.images for ex in examples], n=n, temperature=r.temperature,
+            top_p=r.top_p, max_tokens=r.max_tokens, seed=seed))
         return [Rollout(ex, i, s.token_ids, s.logprobs, s.finish_reason)
                 for i, (ex, group) in enumerate(zip(examples, out.samples, strict=True)) for s in group]
 
@@ -145,17 +156,17 @@ class Trainer:
         return sum(v.error is not None for v in verdicts)
 
     async def score(self, rollouts: list[Rollout]) -> None:
-        """Teacher log-probs of each response; a sequence longer than its teacher accepts stays unscored (masked)
-        instead of failing the whole request it would travel in."""
-        fits = [r for r in rollouts
-                if len(r.example.prompt_ids) + len(r.response) <= self.router.info(r.example.domain).max_length]
+        """Teacher log-probs of each response; a sequence its teacher would refuse stays unscored (masked)."""
+        fits = [r for r in rollouts if _scorable(r, self.router.info(r.example.domain))]
         requests = [(r.example.domain, ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
                                                  response_start=len(r.example.prompt_ids))) for r in fits]
-        for r, scores in zip(fits, await self.router.score(requests), strict=True):
+        images = [r.example.images for r in fits]
+        for r, scores in zip(fits, await self.router.score(requests, images), strict=True):
             r.teacher = scores
 
     def logprobs(self, chunk: list[Rollout]) -> torch.Tensor:
-        return response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk])
+        return response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk],
+                                 [r.example.images for r in chunk], self.vision)
 
     @torch.no_grad()
     def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray) -> torch.Tensor:
@@ -354,7 +365,7 @@ class Trainer:
     def checkpoint(self) -> None:
         progress = Progress(step=self.step, data=self.stream.state())
         save_checkpoint(self.config.output_dir, progress, self.accelerator, self.model, self.tokenizer,
-                        self.config.schedule.keep_checkpoints)
+                        self.config.schedule.keep_checkpoints, self.vision.processor if self.vision else None)
 
     async def run(self) -> None:
         s = self.config.schedule

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from proto.client import RolloutClient
-from proto.rollout import GenerateRequest
+from proto.client import RolloutClient, generate_request
 from trainer.balancing import histogram_shape, pass_count_histogram, upsample, upsample_factors
 from trainer.config import RunConfig
-from trainer.data import derive_seed, load_records, render_prompt
+from trainer.data import derive_seed, load_records, record_images, render_prompt
 from trainer.evaluation import verify_responses
 
 
@@ -58,9 +57,10 @@ async def estimate_pass_counts(config: RunConfig, records: list[dict], samples: 
         with tqdm(total=len(records), initial=len(done), desc="pass counts") as bar, progress.open("a") as log:
             for start in range(0, len(todo), chunk):
                 ids = todo[start:start + chunk]
-                out = await client.generate(GenerateRequest(
-                    prompts=[render_prompt(tokenizer, records[i]) for i in ids], n=samples, temperature=1.0,
-                    top_p=0.95, top_k=50, max_tokens=r.max_tokens, seed=derive_seed(config.seed, "offline", ids[0])))
+                out = await client.generate(generate_request(
+                    [render_prompt(tokenizer, records[i]) for i in ids], [record_images(records[i]) for i in ids],
+                    n=samples, temperature=1.0, top_p=0.95, top_k=50, max_tokens=r.max_tokens,
+                    seed=derive_seed(config.seed, "offline", ids[0])))
                 flat = [(i, s) for i, group in zip(ids, out.samples, strict=True) for s in group]
                 verdicts = verify_responses(tokenizer, config.verifier_for, [s.token_ids for _, s in flat],
                                             [records[i] for i, _ in flat])

@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 from redis.asyncio import Redis
@@ -99,12 +100,15 @@ class ScoreCache:
         return self._redis is not None and self._down_since is None
 
     @staticmethod
-    def key(fingerprint_digest: str, item: ScoreItem) -> str:
-        """sha256 over the key schema, teacher digest, scoring options and token ids (int32 LE), as hex."""
+    def key(fingerprint_digest: str, item: ScoreItem, images: Sequence[bytes] = ()) -> str:
+        """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE) and, for items with
+        images, the images' content hashes in placeholder order, as hex."""
         h = hashlib.sha256(KEY_SCHEMA)
         h.update(fingerprint_digest.encode() + b"\0")
         h.update(struct.pack("<ii", item.top_k, item.response_start))
         h.update(np.asarray(item.input_ids, dtype=_I4).tobytes())
+        for image in images:  # text items hash exactly as before images existed
+            h.update(b"\0image:" + hashlib.sha256(image).digest())
         return h.hexdigest()
 
     def _redis_key(self, key: str) -> str:

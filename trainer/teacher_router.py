@@ -12,13 +12,13 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 
-from proto.client import TeacherClient
+from proto.client import TeacherClient, share_images
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TeacherInfo
 from trainer.score_cache import ScoreCache
@@ -315,18 +315,25 @@ class TeacherRouter:
 
     # --- scoring --------------------------------------------------------------------------------------------------
 
-    async def score(self, requests: list[tuple[str, ScoreItem]]) -> list[np.ndarray | None]:
-        """Response-span teacher log-probs per request (read-only float32), or None where no replica could score it."""
+    async def score(self, requests: list[tuple[str, ScoreItem]],
+                    images: Sequence[Sequence[bytes]] | None = None) -> list[np.ndarray | None]:
+        """Response-span teacher log-probs per request (read-only float32), or None where no replica could score it.
+
+        `images[i]`: request i's PNG/JPEG bytes, one per image placeholder in its prompt; the router sets the items'
+        `image_indices`, sends each distinct image once per HTTP request, and keys the cache on their hashes.
+        """
         self._validate(requests)
+        images = images or [()] * len(requests)
         results: list[np.ndarray | None] = [None] * len(requests)
-        keys = [ScoreCache.key(self._pools[d].digest, item) for d, item in requests]
+        keys = [ScoreCache.key(self._pools[d].digest, item, shown)
+                for (d, item), shown in zip(requests, images, strict=True)]
         if self.cache is not None and requests:
             lengths = [len(item.input_ids) - item.response_start for _, item in requests]
             results = await self.cache.get_many(keys, lengths)
         for (domain, _), hit in zip(requests, results, strict=True):
             self._domain_stats[domain].cached += hit is not None
         chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None])
-        spans = await asyncio.gather(*(self._score_chunk(self._pools[d], [requests[i][1] for i in idx])
+        spans = await asyncio.gather(*(self._score_chunk(self._pools[d], *_with_images(requests, images, idx))
                                        for d, idx in chunks))
         fresh = {}
         for (domain, idx), chunk_spans in zip(chunks, spans, strict=True):
@@ -360,7 +367,7 @@ class TeacherRouter:
         m = self.max_items_per_request
         return [(d, idx[s:s + m]) for d, idx in by_domain.items() for s in range(0, len(idx), m)]
 
-    async def _score_chunk(self, pool: _Pool, items: list[ScoreItem]) -> list[np.ndarray] | None:
+    async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[np.ndarray] | None:
         """One chunk with up to `retries` retries, each on the next healthy replica; None when all attempts failed."""
         start = pool.next_start()
         wait = 0.0
@@ -374,21 +381,21 @@ class TeacherRouter:
             index, replica = picked
             start = index + 1
             try:
-                return await self._attempt(pool, replica, items, is_retry=attempt > 0)
+                return await self._attempt(pool, replica, items, images, is_retry=attempt > 0)
             except _Retryable as exc:
                 wait = min(exc.retry_after_s, self.backoff_cap_s)
             except _Fatal:
                 return None
         return None
 
-    async def _attempt(self, pool: _Pool, replica: _Replica, items: list[ScoreItem],
+    async def _attempt(self, pool: _Pool, replica: _Replica, items: list[ScoreItem], images: list[bytes],
                        is_retry: bool) -> list[np.ndarray]:
         """One HTTP call; raises _Retryable (endpoint's fault: counted, feeds the breaker) or _Fatal (our fault)."""
         replica.stats.calls += 1
         replica.stats.retries += is_retry
         t0 = time.perf_counter()
         try:
-            fingerprint, spans = await replica.client.score(items)
+            fingerprint, spans = await replica.client.score(items, images)
             if fingerprint.digest != pool.digest:
                 raise _Retryable(f"fingerprint changed since handshake: {pool.digest} -> {fingerprint.digest}")
             expected = [len(it.input_ids) - it.response_start for it in items]
@@ -460,3 +467,12 @@ class TeacherRouter:
         await asyncio.gather(*(r.client.aclose() for r in self._replicas.values()))
         if self.cache is not None:
             await self.cache.aclose()
+
+
+def _with_images(requests: list[tuple[str, ScoreItem]], images: Sequence[Sequence[bytes]],
+                 idx: list[int]) -> tuple[list[ScoreItem], list[bytes]]:
+    """One HTTP request's items, pointing into its distinct images."""
+    shared, refs = share_images([images[i] for i in idx])
+    items = [requests[i][1].model_copy(update={"image_indices": r}) if r else requests[i][1]
+             for i, r in zip(idx, refs, strict=True)]
+    return items, shared

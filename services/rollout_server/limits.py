@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 from proto.errors import ApiError
+from services.common.images import ImageLimits
+from services.common.multimodal import check_image_refs
 from services.rollout_server.generator import GeneratorInfo
 
 
@@ -15,13 +18,16 @@ class RolloutLimits:
     max_prompts: int = 4096
     max_n: int = 64
     max_pending_requests: int = 64
+    images: ImageLimits = field(default_factory=ImageLimits)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in asdict(self).items()}
+        scalars = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "images"}
+        return scalars | self.images.as_dict()
 
 
 def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids: list[int], info: GeneratorInfo,
-                     limits: RolloutLimits) -> None:
+                     limits: RolloutLimits, image_indices: Sequence[Sequence[int]] | None = None,
+                     n_images: int = 0) -> None:
     if len(prompts) > limits.max_prompts:
         raise ApiError(413, "batch_too_large", f"{len(prompts)} prompts; limit is {limits.max_prompts}", "prompts")
     if n > limits.max_n:
@@ -30,6 +36,8 @@ def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids
         if len(p) + max_tokens > info.max_length:
             raise ApiError(422, "too_long", f"prompts[{i}] has {len(p)} tokens; with max_tokens {max_tokens} that "
                            f"exceeds the max length {info.max_length}", f"prompts[{i}]")
+        check_image_refs(p, len(p), image_indices[i] if image_indices else (), n_images, info.image_token_id,
+                         f"prompts[{i}]", f"image_indices[{i}]")
         for j, t in enumerate(p):
             if t >= info.vocab_size:
                 raise ApiError(422, "invalid_token", f"prompts[{i}][{j}] = {t} is outside [0, {info.vocab_size})",

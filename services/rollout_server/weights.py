@@ -10,10 +10,12 @@ from proto.errors import ApiError
 def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes in HF checkpoint format, from a weightless (meta-device) copy of the model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from services.common.models import auto_model_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = auto_model_class(model_dir).from_config(AutoConfig.from_pretrained(model_dir))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request, Response
 
-from proto.codec import ScoredSpan, decode_score_request, encode_score_response, wants_msgpack
+from proto.codec import ScoredSpan, decode_score_request, encode_score_response, image_bytes, wants_msgpack
 from proto.errors import ApiError
 from proto.fingerprint import make_fingerprint
 from proto.schemas import (
@@ -36,6 +36,7 @@ from services.common.http import (
     require_loaded,
     team_auth,
 )
+from services.common.images import decode_images
 from services.teacher_server.batcher import MicroBatcher, QueueFull
 from services.teacher_server.limits import Limits, validate_items
 from services.teacher_server.metrics import Metrics
@@ -70,23 +71,29 @@ class TeacherService:
             log.exception("model failed to load")
             return
         i = scorer.info()
-        self.fingerprint = make_fingerprint(i.model, i.revision, i.tokenizer_fingerprint, i.dtype, i.backend)
+        self.fingerprint = make_fingerprint(i.model, i.revision, i.tokenizer_fingerprint, i.dtype, i.backend,
+                                            i.processor_fingerprint)
         self.scorer = scorer
         log.info("ready: %s (%s, %s), fingerprint %s", i.model, i.backend, i.dtype, self.fingerprint.digest[:12])
 
-    def _score_batch(self, items: list[ScoreItem]) -> list[ScoredSpan]:
-        return self.scorer.score(items)
+    def _score_batch(self, items: list[ScoreItem], images: list[tuple] | None) -> list[ScoredSpan]:
+        return self.scorer.score(items, images)
 
     def ready(self) -> Scorer:
         return require_loaded(self.scorer, self.load_error)
 
-    async def score(self, items: Sequence[ScoreItem], team: Team) -> list[ScoredSpan]:
+    async def score(self, items: Sequence[ScoreItem], team: Team, images: Sequence[bytes] = ()) -> list[ScoredSpan]:
         """Validate, then admit under the team's quotas (a refused request costs nothing), then queue fairly."""
-        validate_items(items, self.ready().info(), self.limits)
+        info = self.ready().info()
+        if images and info.image_token_id is None:
+            raise ApiError(422, "images_unsupported", "images: this teacher is text-only and takes no images", "images")
+        validate_items(items, info, self.limits, len(images))
+        decoded = await asyncio.to_thread(decode_images, images, self.limits.images) if images else []
+        per_item = [tuple(decoded[j] for j in it.image_indices) for it in items] if decoded else None
         ticket = self._admit(team, sum(len(it.input_ids) - it.response_start for it in items))
         spans = None
         try:
-            spans = await self.batcher.submit(items, team.name, team.weight)
+            spans = await self.batcher.submit(items, team.name, team.weight, per_item)
         except QueueFull as exc:
             self.quotas.reject(team, "queue_full")
             retry = max(1, round(self.limits.batch_wait_ms / 1000 + 1))
@@ -109,7 +116,8 @@ class TeacherService:
         return TeacherInfo(api_version=API_VERSION, model=i.model, revision=i.revision,
                            tokenizer_fingerprint=i.tokenizer_fingerprint, vocab_size=i.vocab_size,
                            max_length=i.max_length, max_top_k=i.max_top_k, dtype=i.dtype, backend=i.backend,
-                           domains=self.domains, fingerprint=self.fingerprint, limits=self.limits.as_dict())
+                           domains=self.domains, fingerprint=self.fingerprint, image_token_id=i.image_token_id,
+                           limits=self.limits.as_dict())
 
 
 def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
@@ -185,7 +193,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     )
     async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
         req = decode_score_request(await request.body(), request.headers.get("content-type"))
-        spans = await service.score(req.items, team)
+        spans = await service.score(req.items, team, image_bytes(req.images))
         binary = wants_msgpack(request.headers.get("accept"))
         body = encode_score_response(service.fingerprint, spans, binary)
         return Response(body, media_type=MSGPACK if binary else JSON)

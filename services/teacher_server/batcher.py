@@ -38,6 +38,7 @@ class BatchStats:
 @dataclass
 class _Job:
     items: Sequence[ScoreItem]
+    images: Sequence[tuple] | None  # per item, its decoded images; None for a request without images
     future: asyncio.Future
     team: str
     results: list[ScoredSpan | None] = field(default_factory=list)
@@ -45,7 +46,7 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, score: Callable[[list[ScoreItem]], list[ScoredSpan]], max_batch_tokens: int,
+    def __init__(self, score: Callable[[list[ScoreItem], list[tuple] | None], list[ScoredSpan]], max_batch_tokens: int,
                  max_wait_s: float, max_queue_items: int, stats: BatchStats | None = None) -> None:
         self._score = score
         self.max_batch_tokens = max_batch_tokens
@@ -78,11 +79,12 @@ class MicroBatcher:
         """Run `fn` on the scoring thread (model loading must happen on the thread that later scores)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def submit(self, items: Sequence[ScoreItem], team: str, weight: int) -> list[ScoredSpan]:
+    async def submit(self, items: Sequence[ScoreItem], team: str, weight: int,
+                     images: Sequence[tuple] | None = None) -> list[ScoredSpan]:
         """Queue the items in `team`'s lane (served in turn with other teams, by `weight`) and wait for their scores."""
         if not self._admits(team, len(items)):
             raise QueueFull(f"{self._in_flight} items queued; limit {self.max_queue_items}")
-        job = _Job(items, asyncio.get_running_loop().create_future(), team, [None] * len(items), len(items))
+        job = _Job(items, images, asyncio.get_running_loop().create_future(), team, [None] * len(items), len(items))
         for i, it in enumerate(items):
             self._queue.push(team, weight, (job, i), len(it.input_ids))
         self._in_flight += len(items)
@@ -137,10 +139,12 @@ class MicroBatcher:
             if not batch:
                 continue
             items = [job.items[i] for job, i in batch]
+            images = [job.images[i] if job.images else () for job, i in batch]
             jobs = {id(job): job for job, _ in batch}
             self._stats.batch(len(items), len(jobs), sum(len(it.input_ids) for it in items))
             try:
-                spans = await loop.run_in_executor(self._executor, self._score, items)
+                spans = await loop.run_in_executor(self._executor, self._score, items,
+                                                   images if any(images) else None)
             except Exception as exc:
                 for job in jobs.values():
                     if not job.future.done():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from proto.errors import ApiError
 from proto.schemas import ScoreItem
+from services.common.images import ImageLimits
+from services.common.multimodal import check_image_refs
 from services.teacher_server.scorer import ScorerInfo
 
 
@@ -20,12 +22,14 @@ class Limits:
     max_queue_items: int = 4096
     max_batch_tokens: int = 16384
     batch_wait_ms: float = 5.0
+    images: ImageLimits = field(default_factory=ImageLimits)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in asdict(self).items()}
+        scalars = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "images"}
+        return scalars | self.images.as_dict()
 
 
-def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits) -> None:
+def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits, n_images: int = 0) -> None:
     """Everything the scorer relies on; a request that passes can't make a backend fail on its content."""
     if len(items) > limits.max_batch_items:
         raise ApiError(413, "batch_too_large", f"{len(items)} items; limit is {limits.max_batch_items}", "items")
@@ -42,6 +46,8 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits)
                            f"{where}.response_start")
         if it.top_k > info.max_top_k:
             raise ApiError(422, "invalid_field", f"{where}.top_k must be <= {info.max_top_k}", f"{where}.top_k")
+        check_image_refs(it.input_ids, it.response_start, it.image_indices, n_images, info.image_token_id, where,
+                         f"{where}.image_indices")
         ids = np.asarray(it.input_ids, dtype=np.int64)
         bad = np.flatnonzero(ids >= info.vocab_size)
         if bad.size:

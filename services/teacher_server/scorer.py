@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
 from services.common.models import ModelInfo
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,9 @@ class ScorerInfo(ModelInfo):
 class Scorer(Protocol):
     def info(self) -> ScorerInfo: ...
 
-    def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
-        """Teacher log-probs of each item's response span; items are already validated against info()."""
+    def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence[Image]] | None = None) -> list[ScoredSpan]:
+        """Teacher log-probs of each item's response span; items are already validated against info().
+
+        `images[i]` are item i's decoded images, in placeholder order (a multimodal scorer only).
+        """
         ...

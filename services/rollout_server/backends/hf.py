@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from proto.rollout import Sample
-from services.common.models import describe, load_hf_model
+from services.common.models import describe, load_hf_model, max_positions
+from services.common.multimodal import Vision, is_multimodal, on_model
 from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eos_ids
 
 
@@ -16,7 +17,8 @@ class HFGenerator:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
                  max_length: int | None = None) -> None:
         self.model = load_hf_model(model_dir, dtype, device)
-        limit = self.model.config.max_position_embeddings
+        self.vision = Vision(model_dir) if is_multimodal(model_dir) else None
+        limit = max_positions(self.model)
         vocab = self.model.get_output_embeddings().weight.shape[0]
         base = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit))
         self._info = GeneratorInfo(**vars(base), eos_token_ids=eos_ids(model_dir))
@@ -25,9 +27,17 @@ class HFGenerator:
         return self._info
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], options: SamplingOptions) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], options: SamplingOptions,
+                 images: list[tuple] | None = None) -> list[list[Sample]]:
         from transformers import GenerationConfig
 
+        n, pixels = options.n, {}
+        if images is not None:
+            # each sample is its own row: generate's num_return_sequences would repeat image tensors per prompt,
+            # not per image
+            prompts, pixels = self.vision.expand([p for p in prompts for _ in range(n)],
+                                                 [im for im in images for _ in range(n)])
+            n = 1
         stops = set(self._info.eos_token_ids) | set(options.stop_token_ids)
         width = max(len(p) for p in prompts)
         pad = self._info.eos_token_ids[0]
@@ -40,12 +50,14 @@ class HFGenerator:
         config = GenerationConfig(
             do_sample=sampled, temperature=options.temperature if sampled else None,
             top_p=options.top_p if sampled else None, top_k=options.top_k if sampled else None,
-            num_return_sequences=options.n, max_new_tokens=options.max_tokens, eos_token_id=sorted(stops),
-            pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+            num_return_sequences=n, max_new_tokens=options.max_tokens, eos_token_id=sorted(stops),
+            pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
+            suppress_tokens=sorted(self.vision.image_token_ids) if self.vision else None)
         if options.seed is not None:
             torch.manual_seed(options.seed)
         device = self.model.device
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                  **on_model(pixels, self.model))
         tokens = out.sequences[:, width:]
         logprobs = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         flat = [_trim(t, lp, stops) for t, lp in zip(tokens.cpu().numpy(), logprobs.cpu().numpy(), strict=True)]

@@ -7,28 +7,33 @@ from pathlib import Path
 import numpy as np
 
 from proto.rollout import Sample
-from services.common.models import describe, make_vllm_engine
+from services.common.models import describe, make_vllm_engine, tokens_prompt
+from services.common.multimodal import Vision, is_multimodal
 from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eos_ids
 
 
 class VLLMGenerator:
-    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None) -> None:
-        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1)
+    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
+                 max_images: int = 16) -> None:
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1, max_images=max_images)
         self._info = GeneratorInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)),
                                    eos_token_ids=eos_ids(model_dir))
+        # a multimodal student never samples image tokens: they mean nothing without pixels
+        self._suppress = {t: -100.0 for t in Vision(model_dir).image_token_ids} if is_multimodal(model_dir) else None
 
     def info(self) -> GeneratorInfo:
         return self._info
 
-    def generate(self, prompts: list[list[int]], options: SamplingOptions) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], options: SamplingOptions,
+                 images: list[tuple] | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(n=options.n, temperature=options.temperature, top_p=options.top_p,
                                 top_k=options.top_k, max_tokens=options.max_tokens,
                                 stop_token_ids=list(set(options.stop_token_ids) | set(self._info.eos_token_ids)),
-                                seed=options.seed, logprobs=0, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+                                seed=options.seed, logprobs=0, detokenize=False, logit_bias=self._suppress)
+        requests = [tokens_prompt(p, images[i] if images else ()) for i, p in enumerate(prompts)]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         return [[_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outs]
 
     def load_weights(self, tensors: dict) -> None:

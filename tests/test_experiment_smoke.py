@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from trainer.run_log import read_log
-from uniopd.experiment import METHODS, PLANS
+from uniopd.experiment import DOMAINS, METHODS, PLANS, student_of
 from uniopd.launch import RedisServer
 
 SMOKE = PLANS["smoke"]
@@ -50,7 +50,7 @@ def test_every_method_and_setting_ran_and_logged_its_metrics(smoke):
         assert [r["step"] for r in evals] == [0, SMOKE.steps]  # before training, and at the end
         assert read_log(run / "metrics.jsonl", kind="returns"), "per-rollout returns are logged"
         last = train[-1]
-        domains = [d for d in ("math", "code") if f"{d}/accuracy" in last]
+        domains = [d for d in DOMAINS if f"{d}/accuracy" in last]
         if method == "grpo":  # the RL baseline never calls a teacher
             assert "teacher_logprob" not in last and all(last[f"domain/{d}/scored"] == 0 for d in domains)
         else:
@@ -63,22 +63,30 @@ def test_every_method_and_setting_ran_and_logged_its_metrics(smoke):
 
 def test_uniopd_trains_on_the_balanced_set_and_opd_on_the_original(smoke):
     out, _ = smoke
-    for method, spec in METHODS.items():
-        config = yaml.safe_load((out / "runs" / "multi-teacher" / method / "seed0" / "config.yaml").read_text())
-        assert all(("balanced" in p) == spec.offline_balance for p in config["data"]["train"]), method
+    for setting, method in SMOKE.runs:
+        config = yaml.safe_load((out / "runs" / setting / method / "seed0" / "config.yaml").read_text())
+        balanced = f"balanced-{student_of(setting)}" if student_of(setting) != "student" else "balanced"
+        assert all((f"/{balanced}/" in p) == METHODS[method].offline_balance for p in config["data"]["train"]), method
     hist = json.loads((out / "data" / "balanced" / "math_train.hist.json").read_text())
     assert sum(hist["before"]) == SMOKE.n_train and hist["written"] >= SMOKE.n_train
+    # the multimodal student's balanced sets come from its own pass counts, images included
+    visual = json.loads((out / "data" / "balanced-mm-student" / "visual_train.hist.json").read_text())
+    assert sum(visual["before"]) == SMOKE.n_train
+    cross = yaml.safe_load((out / "runs" / "cross-modal" / "opd" / "seed0" / "config.yaml").read_text())
+    assert cross["student"]["model"].endswith("mm-student") and cross["verifiers"] == {"visual": "math"}
 
 
 def test_results_and_report_cover_every_run(smoke):
     out, doc = smoke
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {f"{s}/{m}" for s, m in SMOKE.runs}
-    assert set(results["teachers"]) == {"math-teacher", "code-teacher", "strong-teacher"}
+    assert set(results["teachers"]) == {"math-teacher", "code-teacher", "strong-teacher", "visual-teacher"}
     text = doc.read_text()
     for method in METHODS:
         assert f"| {method} |" in text
-    for png in ("curves-multi-teacher.png", "returns-multi-teacher.png", "offline-balance.png"):
+    assert "## cross-modal" in text and "visual" in text
+    for png in ("curves-multi-teacher.png", "returns-multi-teacher.png", "offline-balance.png",
+                "curves-cross-modal.png"):
         assert (doc.parent / "report" / png).stat().st_size > 1000
 
 

@@ -275,9 +275,20 @@ def test_llava_on_the_transformers_backend(tiny_llava, tok, tmp_path):
     with start_teacher(tiny_llava, "hf", ["--dtype", "float32"], log_dir=tmp_path) as server:
         fingerprint, spans = score(server.url, [ScoreItem(input_ids=ids, response_start=start, image_indices=[0, 1])],
                                    images)
-    want = VisionReference(tiny_llava).span(ids, start, images)
-    np.testing.assert_allclose(spans[0].logprobs, want, atol=1e-4)
+    reference = VisionReference(tiny_llava)
+    np.testing.assert_allclose(spans[0].logprobs, reference.span(ids, start, images), atol=1e-4)
     assert fingerprint.processor
+    prompt = ids[:start]
+
+    async def sample():
+        async with RolloutClient(rollout.url) as client:
+            return await client.generate(generate_request([prompt], [images], n=2, max_tokens=6, seed=1))
+
+    with start_rollout(tiny_llava, "hf", ["--dtype", "float32"], log_dir=tmp_path) as rollout:
+        out = asyncio.run(sample())
+    for s in out.samples[0]:
+        full = prompt + s.token_ids.tolist()
+        np.testing.assert_allclose(s.logprobs, reference.span(full, start, images), atol=1e-3)
 
 
 def test_vllm_backend_names_an_architecture_it_cannot_serve(tiny_llava, tmp_path):

@@ -261,7 +261,7 @@ def write_report(results: dict, doc: Path, command: str, notes: Path | None = No
         lines += [f"## {setting}", "", "Held-out accuracy at the last step:", "", *accuracy_table(results, setting), ""]
         curve = plot_curves(results, setting, figs / f"curves-{setting}.png")
         lines += [f"![accuracy vs step]({figs.name}/{curve.name})", ""]
-        if setting == "multi-teacher" or len(settings) == 1:
+        if setting in ("multi-teacher", "cross-modal") or len(settings) == 1:
             lines += ["Order consistency (per step, mean over steps and seeds; 'before' is the raw OPD return G):", "",
                       *calibration_table(results, setting), "",
                       "Steps to teacher-level held-out accuracy (every domain at or above its teacher's mean):", "",

@@ -15,6 +15,7 @@ import pytest
 
 from proto.client import RolloutClient, TeacherClient, generate_request
 from proto.errors import ApiError
+from proto.fingerprint import tokenizer_fingerprint
 from proto.schemas import ScoreItem
 from tests.conftest import BACKENDS
 from trainer.score_cache import ScoreCache
@@ -307,3 +308,31 @@ def test_vllm_backend_names_an_architecture_it_cannot_serve(tiny_llava, tmp_path
     assert done.returncode == 2
     assert "--backend vllm: vLLM's LlavaForConditionalGeneration does not load here" in done.stderr
     assert "use --backend hf" in done.stderr
+
+
+def test_router_sends_each_image_once_and_splits_at_the_teachers_image_limit(vlm_teacher, tok):
+    """Six prompts x two samples with six distinct images, to a teacher taking 4 images per request: the router cuts
+    the chunk where a fifth image would join, and every group's image travels once per request it appears in."""
+    from trainer.teacher_router import Endpoint, TeacherRouter
+
+    images = [png(40 + i) for i in range(6)]
+    requests, shown = [], []
+    for i in range(6):
+        ids, start = chat_ids(tok, f"{IMAGE}\nPrompt {i}.", f"Answer {i}.")
+        for _ in range(2):
+            requests.append(("visual", ScoreItem(input_ids=ids, response_start=start)))
+            shown.append([images[i]])
+
+    async def go():
+        router = TeacherRouter({"visual": [Endpoint(vlm_teacher.url)]}, cache=None)
+        try:
+            await router.handshake(tokenizer_fingerprint(tok))
+            scores = await router.score(requests, shown)
+            return scores, router.metrics(reset=True)
+        finally:
+            await router.aclose()
+
+    scores, metrics = asyncio.run(go())
+    assert all(s is not None for s in scores)
+    assert metrics[f"endpoint/{vlm_teacher.url}/calls"] == 2  # 4 images, then 2
+    np.testing.assert_array_equal(scores[0], scores[1])  # the two samples of a group are the same sequence here

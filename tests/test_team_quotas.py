@@ -165,7 +165,7 @@ async def test_a_team_that_fills_the_queue_does_not_lock_others_out():
 
     gate = threading.Event()
 
-    def score(items):  # holds every item in flight until the gate opens
+    def score(items, images):  # holds every item in flight until the gate opens
         gate.wait(30)
         return [ScoredSpan(np.zeros(1, np.float32)) for _ in items]
 

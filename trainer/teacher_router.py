@@ -332,7 +332,7 @@ class TeacherRouter:
             results = await self.cache.get_many(keys, lengths)
         for (domain, _), hit in zip(requests, results, strict=True):
             self._domain_stats[domain].cached += hit is not None
-        chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None])
+        chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None], images)
         spans = await asyncio.gather(*(self._score_chunk(self._pools[d], *_with_images(requests, images, idx))
                                        for d, idx in chunks))
         fresh = {}
@@ -359,13 +359,28 @@ class TeacherRouter:
             if item.top_k:
                 raise ValueError("the router returns response log-probs only; top_k must be 0")
 
-    def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int]) -> list[tuple[str, list[int]]]:
-        """Misses grouped per domain, cut into requests of at most max_items_per_request items."""
+    def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
+                images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
+        """Misses grouped per domain, cut into requests of at most max_items_per_request items and at most the
+        teacher's max_images distinct images."""
         by_domain: dict[str, list[int]] = defaultdict(list)
         for i in misses:
             by_domain[requests[i][0]].append(i)
-        m = self.max_items_per_request
-        return [(d, idx[s:s + m]) for d, idx in by_domain.items() for s in range(0, len(idx), m)]
+        chunks = []
+        for domain, idx in by_domain.items():
+            max_images = self._pools[domain].info.limits.get("max_images", 0) if self._pools[domain].info else 0
+            chunk: list[int] = []
+            shown: set[bytes] = set()
+            for i in idx:
+                more = shown | set(images[i])
+                if chunk and (len(chunk) == self.max_items_per_request or (max_images and len(more) > max_images)):
+                    chunks.append((domain, chunk))
+                    chunk, more = [], set(images[i])
+                chunk.append(i)
+                shown = more
+            if chunk:
+                chunks.append((domain, chunk))
+        return chunks
 
     async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[np.ndarray] | None:
         """One chunk with up to `retries` retries, each on the next healthy replica; None when all attempts failed."""

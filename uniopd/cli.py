@@ -34,7 +34,6 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
-    from services.common.images import ImageLimits
     from services.common.models import DTYPES
 
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
@@ -47,7 +46,9 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    images = ImageLimits()
+
+
+def _add_image_args(p: argparse.ArgumentParser, images) -> None:
     p.add_argument("--max-images", type=_positive, default=images.max_images, help="images per request "
                    "(multimodal models)")
     p.add_argument("--max-image-bytes", type=_positive, default=images.max_image_bytes,
@@ -82,6 +83,7 @@ def _add_teacher_serve(sub) -> None:
     p.add_argument("--max-batch-items", type=_positive, default=d.max_batch_items, help="items per request")
     p.add_argument("--max-request-tokens", type=_positive, default=d.max_request_tokens)
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
+    _add_image_args(p, d.images)
 
 
 def _add_rollout_serve(sub) -> None:
@@ -99,6 +101,7 @@ def _add_rollout_serve(sub) -> None:
     p.add_argument("--max-pending-requests", type=_positive, default=d.max_pending_requests)
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
     p.add_argument("--max-weights-bytes", type=_positive, default=d.max_weights_bytes)
+    _add_image_args(p, d.images)
 
 
 def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
@@ -146,8 +149,7 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                     images=_image_limits(args))
 
     def load():
-        return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device,
-                           args.max_images)
+        return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device)
 
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
                                              f"key(s)" if keys.table else "disabled")
@@ -172,7 +174,7 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                            max_pending_requests=args.max_pending_requests, images=_image_limits(args))
 
     def load():
-        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device, args.max_images)
+        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)
 
     logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s",
                                              f"{len(keys)} API key(s)" if keys else "disabled",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto.fingerprint import model_revision, tokenizer_fingerprint
-from services.common.multimodal import Vision, is_multimodal, text_config
+from services.common.multimodal import MAX_IMAGES_PER_SEQUENCE, Vision, is_multimodal, text_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -75,8 +75,7 @@ def max_positions(model) -> int:
 CPU_TOKEN_BUDGET = 65536
 
 
-def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int,
-                     max_images: int = 16):
+def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int):
     """An in-process vLLM engine and the longest prompt it accepts (one position is kept for a generated token)."""
     # In-process: the services drive the engine from one worker thread, and start-up halves.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -96,7 +95,7 @@ def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, 
     # budget that holds every scheduled sequence at full length means prefill is never chunked.
     seqs = max(1, CPU_TOKEN_BUDGET // (length + 1))
     budget = {"max_num_seqs": seqs, "max_num_batched_tokens": seqs * (length + 1)} if cpu else {}
-    images = {"limit_mm_per_prompt": {"image": max_images}} if is_multimodal(model_dir) else {}
+    images = {"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_SEQUENCE}} if is_multimodal(model_dir) else {}
     llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=length + 1, max_logprobs=max_logprobs,
               enforce_eager=cpu, seed=0, **budget, **images)
     return llm, length, config.vocab_size

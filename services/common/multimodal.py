@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Images one sequence may show: vLLM sizes its engine for this many per prompt (requests may carry more in all).
+MAX_IMAGES_PER_SEQUENCE = 16
 # Keys of a processor's output that are token-level, not image tensors for the model.
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
 
@@ -91,6 +93,9 @@ def check_image_refs(ids: Sequence[int], prompt_len: int, refs: Sequence[int], n
             raise ApiError(422, "images_unsupported", f"{refs_field}: this model is text-only and takes no images",
                            refs_field)
         return
+    if len(refs) > MAX_IMAGES_PER_SEQUENCE:
+        raise ApiError(413, "too_many_images", f"{refs_field}: {len(refs)} images in one sequence; limit is "
+                       f"{MAX_IMAGES_PER_SEQUENCE}", refs_field)
     for j, r in enumerate(refs):
         if r >= n_images:
             raise ApiError(422, "invalid_field", f"{refs_field}[{j}] = {r}, but the request has {n_images} images",

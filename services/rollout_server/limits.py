@@ -18,7 +18,7 @@ class RolloutLimits:
     max_prompts: int = 4096
     max_n: int = 64
     max_pending_requests: int = 64
-    images: ImageLimits = field(default_factory=ImageLimits)
+    images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=4096))  # one per prompt
 
     def as_dict(self) -> dict[str, int]:
         scalars = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "images"}

@@ -22,7 +22,7 @@ class Limits:
     max_queue_items: int = 4096
     max_batch_tokens: int = 16384
     batch_wait_ms: float = 5.0
-    images: ImageLimits = field(default_factory=ImageLimits)
+    images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
 
     def as_dict(self) -> dict[str, int]:
         scalars = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "images"}

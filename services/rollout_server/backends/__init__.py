@@ -10,7 +10,7 @@ BACKENDS = ("hf", "vllm")
 
 
 def load_generator(backend: str, model_dir: str | Path, dtype: str, max_length: int | None,
-                   device: str = "auto", max_images: int = 16) -> Generator:
+                   device: str = "auto") -> Generator:
     if backend == "hf":
         from services.rollout_server.backends.hf import HFGenerator
 
@@ -18,5 +18,5 @@ def load_generator(backend: str, model_dir: str | Path, dtype: str, max_length: 
     if backend == "vllm":
         from services.rollout_server.backends.vllm import VLLMGenerator
 
-        return VLLMGenerator(model_dir, dtype=dtype, max_length=max_length, max_images=max_images)
+        return VLLMGenerator(model_dir, dtype=dtype, max_length=max_length)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

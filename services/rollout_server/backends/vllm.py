@@ -13,9 +13,8 @@ from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eo
 
 
 class VLLMGenerator:
-    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
-                 max_images: int = 16) -> None:
-        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1, max_images=max_images)
+    def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None) -> None:
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1)
         self._info = GeneratorInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)),
                                    eos_token_ids=eos_ids(model_dir))
         # a multimodal student never samples image tokens: they mean nothing without pixels

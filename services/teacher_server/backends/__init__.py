@@ -10,7 +10,7 @@ BACKENDS = ("hf", "vllm")
 
 
 def load_scorer(backend: str, model_dir: str | Path, dtype: str, max_length: int | None, max_top_k: int,
-                device: str = "auto", max_images: int = 16) -> Scorer:
+                device: str = "auto") -> Scorer:
     if backend == "hf":
         from services.teacher_server.backends.hf import HFScorer
 
@@ -18,5 +18,5 @@ def load_scorer(backend: str, model_dir: str | Path, dtype: str, max_length: int
     if backend == "vllm":
         from services.teacher_server.backends.vllm import VLLMScorer
 
-        return VLLMScorer(model_dir, dtype=dtype, max_length=max_length, max_top_k=max_top_k, max_images=max_images)
+        return VLLMScorer(model_dir, dtype=dtype, max_length=max_length, max_top_k=max_top_k)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -15,8 +15,8 @@ from services.teacher_server.scorer import ScorerInfo
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
-                 max_top_k: int = 20, max_images: int = 16) -> None:
-        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_top_k, max_images)
+                 max_top_k: int = 20) -> None:
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_top_k)
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k)
 
     def info(self) -> ScorerInfo:

@@ -129,6 +129,7 @@ def test_image_digest_is_sha256_of_the_encoded_bytes():
 def test_limits_as_dict():
     assert ImageLimits(max_images=2).as_dict() == {
         "max_images": 2, "max_image_bytes": 4 << 20, "max_image_pixels": 4096 * 4096, "max_side": 8192,
+        "max_request_pixels": 64 << 20,
     }
     assert IMAGE_FORMATS == ("PNG", "JPEG")
 
@@ -151,6 +152,23 @@ def test_oversized_second_image_names_its_index():
         decode_images([small, big], limits)
     assert_refused(info.value, 413, "image_too_large", "images[1]")
     assert str(len(big)) in info.value.message
+
+
+def test_total_pixels_of_a_request_are_refused_before_decoding_any(no_decoding):
+    # each canvas passes the per-image limits and compresses to a few KB: only their sum gives them away
+    canvases = [gray1_png(2048, 2048) for _ in range(5)]
+    limits = ImageLimits(max_request_pixels=4 * 2048 * 2048)
+    with pytest.raises(ApiError) as info:
+        decode_images(canvases, limits)
+    assert_refused(info.value, 413, "image_too_large", "images")
+    assert f"{5 * 2048 * 2048} pixels in all" in info.value.message
+
+
+def test_total_pixels_at_the_limit_are_decoded():
+    blobs = [encode(Image.new("RGB", (4, 3)), "PNG")] * 2
+    assert len(decode_images(blobs, ImageLimits(max_request_pixels=24))) == 2
+    with pytest.raises(ApiError):
+        decode_images(blobs, ImageLimits(max_request_pixels=23))
 
 
 def test_field_prefix_is_used_for_nested_paths():

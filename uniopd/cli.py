@@ -56,13 +56,16 @@ def _add_image_args(p: argparse.ArgumentParser, images) -> None:
     p.add_argument("--max-image-pixels", type=_positive, default=images.max_image_pixels,
                    help="width x height of one image, checked from its header before decoding")
     p.add_argument("--max-image-side", type=_positive, default=images.max_side)
+    p.add_argument("--max-request-pixels", type=_positive, default=images.max_request_pixels,
+                   help="width x height of all images of one request together, checked before decoding any")
 
 
 def _image_limits(args: argparse.Namespace):
     from services.common.images import ImageLimits
 
     return ImageLimits(max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                       max_image_pixels=args.max_image_pixels, max_side=args.max_image_side)
+                       max_image_pixels=args.max_image_pixels, max_side=args.max_image_side,
+                       max_request_pixels=args.max_request_pixels)
 
 
 def _add_teacher_serve(sub) -> None:

@@ -33,6 +33,7 @@ class ImageLimits:
     max_image_bytes: int = 4 << 20  # encoded size of one image
     max_image_pixels: int = 4096 * 4096  # width x height of one image, from its header, before decoding
     max_side: int = 8192  # either side, from its header
+    max_request_pixels: int = 64 << 20  # all images of one request together (~192 MB decoded as RGB)
 
     def as_dict(self) -> dict[str, int]:
         """The limits as the flat dict a service publishes."""
@@ -45,15 +46,33 @@ def image_digest(data: bytes) -> str:
 
 
 def decode_images(blobs: Sequence[bytes], limits: ImageLimits, field: str = "images") -> list[Image]:
-    """Every image decoded with `decode_image`; the count is checked first so an oversized request costs nothing."""
+    """Every image decoded as RGB, in order. The count, then every header, then the pixels of all images together
+    are checked before any pixel is decoded: many small-file, large-canvas images would otherwise pass one by one."""
     if len(blobs) > limits.max_images:
         raise ApiError(413, "too_many_images", f"{field}: {len(blobs)} images exceeds the limit of "
                        f"{limits.max_images}", field)
-    return [decode_image(blob, limits, f"{field}[{i}]") for i, blob in enumerate(blobs)]
+    opened: list[Image] = []
+    try:
+        for i, blob in enumerate(blobs):
+            opened.append(_open(blob, limits, f"{field}[{i}]"))
+        total = sum(im.size[0] * im.size[1] for im in opened)
+        if total > limits.max_request_pixels:
+            raise ApiError(413, "image_too_large", f"{field}: {total} pixels in all exceeds the per-request limit "
+                           f"of {limits.max_request_pixels}", field)
+        return [_decode(im, f"{field}[{i}]") for i, im in enumerate(opened)]
+    finally:
+        for im in opened:
+            im.close()
 
 
 def decode_image(data: bytes, limits: ImageLimits, field: str) -> Image:
     """The image fully decoded as RGB, or ApiError naming `field`: 413 when too large, 422 when not a usable image."""
+    with _open(data, limits, field) as image:
+        return _decode(image, field)
+
+
+def _open(data: bytes, limits: ImageLimits, field: str) -> Image:
+    """The image opened lazily (header read, no pixels) and checked against the per-image limits."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -69,25 +88,38 @@ def decode_image(data: bytes, limits: ImageLimits, field: str) -> Image:
         raise ApiError(413, "image_too_large", f"{field}: {exc}", field) from None
     except Exception as exc:  # a header the plugin half-parsed: ValueError, EOFError, zlib.error...
         raise ApiError(422, "invalid_image", f"{field}: malformed image ({exc})", field) from None
-    with image:
-        width, height = image.size
-        # Above PIL's own threshold it only warns and would still decode; refuse that too.
-        pil_limit = Image.MAX_IMAGE_PIXELS
-        max_pixels = min(limits.max_image_pixels, pil_limit) if pil_limit else limits.max_image_pixels
-        if width * height > max_pixels:
-            raise ApiError(413, "image_too_large", f"{field}: {width}x{height} pixels exceeds the limit of "
-                           f"{max_pixels}", field)
-        if max(width, height) > limits.max_side:
-            raise ApiError(413, "image_too_large", f"{field}: {width}x{height} pixels exceeds the limit of "
-                           f"{limits.max_side} per side", field)
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:  # APNG, or a multi-picture JPEG (MPO): which frame the model sees would be a guess
-            raise ApiError(422, "invalid_image", f"{field}: animated images are not accepted ({frames} frames)", field)
-        try:
-            image.load()
-            return image.convert("RGB")
-        except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, zlib.error...
-            raise ApiError(422, "invalid_image", f"{field}: cannot decode {image.format} ({exc})", field) from None
+    try:
+        _check_header(image, limits, field)
+    except ApiError:
+        image.close()
+        raise
+    return image
+
+
+def _check_header(image: Image, limits: ImageLimits, field: str) -> None:
+    from PIL import Image
+
+    width, height = image.size
+    # Above PIL's own threshold it only warns and would still decode; refuse that too.
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    max_pixels = min(limits.max_image_pixels, pil_limit) if pil_limit else limits.max_image_pixels
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large", f"{field}: {width}x{height} pixels exceeds the limit of "
+                       f"{max_pixels}", field)
+    if max(width, height) > limits.max_side:
+        raise ApiError(413, "image_too_large", f"{field}: {width}x{height} pixels exceeds the limit of "
+                       f"{limits.max_side} per side", field)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:  # APNG, or a multi-picture JPEG (MPO): which frame the model sees would be a guess
+        raise ApiError(422, "invalid_image", f"{field}: animated images are not accepted ({frames} frames)", field)
+
+
+def _decode(image: Image, field: str) -> Image:
+    try:
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, zlib.error...
+        raise ApiError(422, "invalid_image", f"{field}: cannot decode {image.format} ({exc})", field) from None
 
 
 def _unidentified(data: bytes, field: str) -> ApiError:

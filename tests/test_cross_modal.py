@@ -16,6 +16,8 @@ from uniopd.launch import start_rollout, start_teacher
 from uniopd.synthetic.datasets import write_datasets
 from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
+CROSS_MODAL_EXAMPLE = EXAMPLE.parent / "cross-modal"
+
 
 @pytest.fixture(scope="module")
 def cross_modal(tiny_vlm, tmp_path_factory):
@@ -35,16 +37,16 @@ def cross_modal(tiny_vlm, tmp_path_factory):
 
 
 def write_config(stack, out: Path) -> Path:
-    tree = yaml.safe_load((EXAMPLE / "run.yaml").read_text())
+    tree = yaml.safe_load((CROSS_MODAL_EXAMPLE / "run.yaml").read_text())  # the README's example, on tiny models
+    assert tree["recipe"] == {"calibration": {"preset": "release-mm"}, "online_balance": {"enabled": True}}
     tree["student"]["model"] = str(stack["student"])
     tree["data"] = {"train": [str(EXAMPLE / "code_train.jsonl"), str(stack["data"]["visual_train"])],
                     "eval": [str(EXAMPLE / "code_eval.jsonl"), str(stack["data"]["visual_eval"])]}
-    tree["teachers"] = {"code": {"urls": [stack["code"].url]}, "visual": {"urls": [stack["visual"].url]}}
-    tree["verifiers"] = {"code": "code", "visual": "math"}
+    for domain, teacher in tree["teachers"].items():
+        teacher["urls"] = [stack[domain].url]
     tree["rollout"].update(url=stack["rollout"].url, max_tokens=12)
     tree["cache"]["url"] = stack["redis"].url
     tree["algorithm"].update(prompts_per_step=4, samples_per_prompt=2, micro_batch_size=4)
-    tree["recipe"] = {"calibration": {"preset": "release-mm"}, "online_balance": {"enabled": True}}
     tree["schedule"] = {"steps": 3, "eval_every": 3, "checkpoint_every": 3, "eval_samples": 1}
     tree["output_dir"] = str(out)
     path = out.parent / f"{out.name}.yaml"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, PLANS, student_of
+from uniopd.experiment import DOMAINS, METHODS, PLANS, read_timings, student_of
+from uniopd.experiment_report import write_report
 from uniopd.launch import RedisServer
 
 SMOKE = PLANS["smoke"]
@@ -88,6 +89,21 @@ def test_results_and_report_cover_every_run(smoke):
     for png in ("curves-multi-teacher.png", "returns-multi-teacher.png", "offline-balance.png",
                 "curves-cross-modal.png"):
         assert (doc.parent / "report" / png).stat().st_size > 1000
+
+
+def test_report_sums_the_wall_time_of_every_invocation(smoke, tmp_path):
+    out, _ = smoke
+    [timings] = read_timings(out / "timings.json")
+    assert timings["trained"] == len(SMOKE.runs) * len(SMOKE.seeds) and timings["total_s"] > timings["prepare_s"]
+    results = json.loads((out / "results.json").read_text())
+    results["timings"] = [{"prepare_s": 60, "total_s": 120, "trained": 9}, {"prepare_s": 0, "total_s": 60,
+                                                                            "trained": 30}]
+    text = write_report(results, tmp_path / "report.md", "cmd").read_text()
+    assert ("Wall time: 3.0 min in all, of which 1.0 min preparing models and data, over 2 invocations that "
+            "trained 9, 30 runs.") in text
+    legacy = tmp_path / "timings.json"  # written by versions that kept the last invocation only
+    legacy.write_text(json.dumps({"prepare_s": 1.0, "total_s": 2.0}))
+    assert read_timings(legacy) == [{"prepare_s": 1.0, "total_s": 2.0}]
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ def chat_ids(tok, question: str, answer: str) -> tuple[list[int], int]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def vlm_teacher(request, tiny_vlm, tmp_path_factory):
     server = start_teacher(tiny_vlm, request.param, ["--domain", "visual", "--dtype", "float32", "--max-images", "4",
-                                                     "--max-image-pixels", str(128 * 128)],
+                                                     "--max-image-pixels", str(128 * 128),
+                                                     "--max-request-pixels", str(3 * 128 * 128)],
                            log_dir=tmp_path_factory.mktemp(f"vlm-{request.param}"))
     server.backend = request.param
     yield server
@@ -155,6 +156,7 @@ def test_hostile_and_malformed_images_are_refused(vlm_teacher, tok):
         ({"items": [item], "images": [b64(gif.getvalue())]}, 422, "unsupported_image_format", "images[0]"),
         ({"items": [item], "images": ["@@not base64@@"]}, 422, "invalid_field", "images[0]"),
         ({"items": [item], "images": [b64(png(i)) for i in range(5)]}, 413, "too_many_images", "images"),
+        ({"items": [item], "images": [b64(png(i, size=128)) for i in range(4)]}, 413, "image_too_large", "images"),
         ({"items": [item], "images": []}, 422, "invalid_field", "items[0].image_indices[0]"),
         ({"items": [{**item, "image_indices": []}], "images": [b64(png(1))]}, 422, "image_mismatch",
          "items[0].image_indices"),

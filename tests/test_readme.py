@@ -25,3 +25,32 @@ def test_readme_commands_use_real_entry_points():
 
     assert build_parser().parse_args(["demo"]).command == "demo"
     assert (ROOT / "scripts" / "setup.sh").stat().st_mode & 0o111
+
+
+def readme_uniopd_invocations() -> list[list[str]]:
+    """The arguments of every `uniopd ...` command in the README's bash blocks (continuations joined)."""
+    import shlex
+
+    calls = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, word in enumerate(words):
+                if Path(word).name == "uniopd" and (i == 0 or words[i - 1] in ("-m", "&&") or "/" in word):
+                    rest = words[i + 1:]
+                    end = next((j for j, w in enumerate(rest) if w in ("&&", "&", "|", ";")), len(rest))
+                    calls.append(rest[:end])
+    return calls
+
+
+def test_every_readme_uniopd_command_parses():
+    from uniopd.cli import build_parser
+
+    calls = readme_uniopd_invocations()
+    assert len(calls) >= 10 and ["demo"] in calls
+    parser = build_parser()
+    for args in calls:
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: uniopd {' '.join(args)}") from None

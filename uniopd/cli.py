@@ -290,6 +290,7 @@ def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from uniopd.experiment import PLANS
     from uniopd.expert_models import SPECS
     from uniopd.tiny_models import ARCHES, VLM_ARCHES
 
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = actions.add_parser("run", help="run a plan (finished runs are kept and skipped), then report")
     report = actions.add_parser("report", help="regenerate the report from an experiment directory")
     for p in (run, report):
-        p.add_argument("--plan", choices=["full", "smoke", "demo"], default="full")
+        p.add_argument("--plan", choices=list(PLANS), default="full")
         p.add_argument("--out", type=Path, default=Path("runs/experiment"), help="experiment directory")
         p.add_argument("--doc", type=Path, help="markdown report to write (plots go beside it)")
         p.add_argument("--notes", type=Path, help="markdown inserted into the report as its discussion")

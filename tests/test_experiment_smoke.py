@@ -82,6 +82,7 @@ def test_results_and_report_cover_every_run(smoke):
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {f"{s}/{m}" for s, m in SMOKE.runs}
     assert set(results["teachers"]) == {"math-teacher", "code-teacher", "strong-teacher", "visual-teacher"}
+    assert set(results["balance"]) == {"math", "code", "code, mm-student", "visual, mm-student"}
     text = doc.read_text()
     for method in METHODS:
         assert f"| {method} |" in text

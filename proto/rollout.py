@@ -17,11 +17,8 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from proto.codec import media_type, pack_arrays
+from proto.codec import FLOAT32, INT32, media_type, pack_arrays, unpack_arrays
 from proto.schemas import API_VERSION, MSGPACK_ALIASES, TokenId
-
-_I4 = np.dtype("<i4")
-_F4 = np.dtype("<f4")
 
 FinishReason = Literal["stop", "length"]
 Number = StrictFloat | StrictInt
@@ -131,11 +128,11 @@ def encode_generate_response(r: Rollouts, binary: bool) -> bytes:
         return msgpack.packb({
             "api_version": API_VERSION, "model": r.model, "weight_version": r.weight_version,
             "n": len(r.samples[0]) if r.samples else 0,
-            "prompt_lengths": np.array([len(p) for p in r.prompt_ids], dtype=_I4).tobytes(),
-            "prompt_ids": pack_arrays(r.prompt_ids, _I4),
-            "lengths": np.array([len(s.token_ids) for s in flat], dtype=_I4).tobytes(),
-            "token_ids": pack_arrays([s.token_ids for s in flat], _I4),
-            "logprobs": pack_arrays([s.logprobs for s in flat], _F4),
+            "prompt_lengths": np.array([len(p) for p in r.prompt_ids], dtype=INT32).tobytes(),
+            "prompt_ids": pack_arrays(r.prompt_ids, INT32),
+            "lengths": np.array([len(s.token_ids) for s in flat], dtype=INT32).tobytes(),
+            "token_ids": pack_arrays([s.token_ids for s in flat], INT32),
+            "logprobs": pack_arrays([s.logprobs for s in flat], FLOAT32),
             "finish_reasons": [s.finish_reason for s in flat],
         })
     return json.dumps({
@@ -149,25 +146,17 @@ def encode_generate_response(r: Rollouts, binary: bool) -> bytes:
 def decode_generate_response(body: bytes, content_type: str | None) -> Rollouts:
     if media_type(content_type) not in MSGPACK_ALIASES:
         obj = GenerateResponse.model_validate_json(body)
-        samples = [[Sample(np.array(c.token_ids, dtype=_I4), np.array(c.logprobs, dtype=_F4), c.finish_reason)
+        samples = [[Sample(np.array(c.token_ids, dtype=INT32), np.array(c.logprobs, dtype=FLOAT32), c.finish_reason)
                     for c in group] for group in obj.completions]
-        return Rollouts(obj.model, obj.weight_version, [np.array(p, dtype=_I4) for p in obj.prompt_ids], samples)
+        return Rollouts(obj.model, obj.weight_version, [np.array(p, dtype=INT32) for p in obj.prompt_ids], samples)
     obj = msgpack.unpackb(body, raw=False)
-    split = _splitter(obj)
-    prompts = split("prompt_ids", "prompt_lengths", _I4)
-    tokens = split("token_ids", "lengths", _I4)
-    logprobs = split("logprobs", "lengths", _F4)
+    lengths = np.frombuffer(obj["lengths"], dtype=INT32)
+    prompts = unpack_arrays(obj["prompt_ids"], np.frombuffer(obj["prompt_lengths"], dtype=INT32), INT32)
+    tokens = unpack_arrays(obj["token_ids"], lengths, INT32)
+    logprobs = unpack_arrays(obj["logprobs"], lengths, FLOAT32)
     flat = [Sample(t, lp, f) for t, lp, f in zip(tokens, logprobs, obj["finish_reasons"], strict=True)]
     n = obj["n"]
     return Rollouts(obj["model"], obj["weight_version"], prompts, [flat[i:i + n] for i in range(0, len(flat), n)])
-
-
-def _splitter(obj: dict):
-    def split(values: str, lengths: str, dtype: np.dtype) -> list[np.ndarray]:
-        sizes = np.frombuffer(obj[lengths], dtype=_I4)
-        return np.split(np.frombuffer(obj[values], dtype=dtype), np.cumsum(sizes)[:-1]) if len(sizes) else []
-
-    return split
 
 
 def response_tokens(samples: Sequence[Sequence[Sample]]) -> int:

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny models built offline, teacher servers as real processes, a direct transformers reference."""
+"""Shared fixtures: tiny models built offline, teacher servers as real processes (the e2e tier), a direct transformers
+reference, and the CLI run in-process."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,23 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cli_error_in_process(monkeypatch, capsys) -> Callable[[list[str]], str]:
+    """`uniopd ARGS` in this process, expected to refuse its arguments: checks exit status 2, returns stderr. A server
+    it would start fails the test instead of blocking it."""
+    from uniopd import cli
+
+    def never_serve(app, args) -> None:
+        raise AssertionError("the CLI accepted the arguments and would serve")
+
+    monkeypatch.setattr(cli, "_run", never_serve)
+
+    def run(args: list[str]) -> str:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(args)
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    return run

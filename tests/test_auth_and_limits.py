@@ -13,6 +13,8 @@ from proto.schemas import MSGPACK
 from tests.conftest import random_items
 from uniopd.launch import start_teacher
 
+pytestmark = pytest.mark.e2e  # a real teacher process per fixture
+
 FILE_KEY = "team-a-0123456789"
 ENV_KEY = "team-b-abcdef"
 

@@ -1,4 +1,4 @@
-"""Data balancing (METHOD.md §3 online, §2 offline): hand-computed cases and properties."""
+"""Data balancing (docs/method.md §3 online, §2 offline): hand-computed cases and properties."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, INF]
 
 
 def _reference_targets(c: int, i: int, r: float) -> tuple[int, int]:
-    """METHOD §3 in exact rational arithmetic (r as its decimal string), written apart from the implementation."""
+    """docs/method.md §3 in exact rational arithmetic (r as a decimal string), apart from the implementation."""
     if c == 0 or i == 0:
         return c, i
     if r == 0 or r == INF:

@@ -1,4 +1,4 @@
-"""Margin calibration (METHOD.md §4): hand-computed cases for every mode × scope × direction, and properties."""
+"""Margin calibration (docs/method.md §4): hand-computed cases for every mode × scope × direction, and properties."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.balancing import scope_units, split_verdicts
-from trainer.calibration import PRESETS, calibrate, greedy_mask, margin, order_consistency
+from trainer.calibration import CalibrationSpec, calibrate, greedy_mask, margin, order_consistency
+from trainer.config import CALIBRATION_PRESETS, CalibrationConfig
 from trainer.opd import trajectory_returns
 
 NAN = math.nan
+
+
+def preset(name: str, **fields) -> CalibrationSpec:
+    """The spec a run config with this preset (and these fields set) hands the math."""
+    return CalibrationConfig(preset=name, **fields).spec()
 
 # The worked batch (T = 2, float64). Dyadic values, so the sums below are exact.
 #   sample group verdict     A (mask)              G
@@ -57,8 +63,8 @@ SHIFT_CASES = [
 
 @pytest.mark.parametrize(("mode", "scope", "direction", "offsets", "mean_lambda"), SHIFT_CASES)
 def test_shift_worked_examples(mode, scope, direction, offsets, mean_lambda):
-    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", mode=mode, scope=scope,
-                                   direction=direction, delta=0.5)
+    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT, CalibrationSpec(method="shift", mode=mode, scope=scope,
+                                   direction=direction, delta=0.5))
     want = ADV + torch.tensor(offsets, dtype=torch.float64)[:, None] * MASK
     assert torch.equal(new, want) and new[1, 1] == 9.0 and not masked.any()
     assert stats.mean_lambda == mean_lambda and stats.margin_after == 0.5 and stats.num_masked == 0
@@ -66,23 +72,17 @@ def test_shift_worked_examples(mode, scope, direction, offsets, mean_lambda):
     assert stats.margin_before == (-0.125 if (mode, scope) == ("mean", "group") else 0.25 if mode == "mean" else -0.5)
 
 
-def test_direction_aliases_match():
-    for alias, name in (("correct_up", "lift"), ("incorrect_down", "push"), ("both", "spread")):
-        a = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", mode="mean", scope="group", direction=alias, delta=1)
-        b = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", mode="mean", scope="group", direction=name, delta=1)
-        assert torch.equal(a[0], b[0])
-
-
 def test_unit_at_or_above_delta_is_unchanged():
     # release-mm (mean, lift, δ = 0): g0 has m = 0.25 ≥ 0, unchanged; g1 has m = −0.5, so λ = 0.5 lifts s5 only.
-    new, _, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", **PRESETS["release-mm"])
+    new, _, stats = calibrate(ADV, MASK, GROUP, CORRECT, preset("release-mm"))
     want = ADV.clone()
     want[5] += 0.5
     assert torch.equal(new, want) and stats.units_shifted == 1 and stats.mean_lambda == 0.5
     assert stats.margin_after == (0.25 + 0.0) / 2
     # Just above δ is unchanged too: δ = 0.24 < 0.25 leaves g0 alone and lifts s5 by 0.74.
-    new, _, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", mode="mean", scope="group", direction="lift",
-                              delta=0.24)
+    new, _, stats = calibrate(ADV, MASK, GROUP, CORRECT,
+                              CalibrationSpec(method="shift", mode="mean", scope="group", direction="lift",
+                              delta=0.24))
     assert torch.equal(new[:5], ADV[:5]) and new[5].tolist() == pytest.approx([0.74, 0.24]) and stats.units_shifted == 1
 
 
@@ -108,7 +108,8 @@ MASK_CASES = [
 
 @pytest.mark.parametrize(("mode", "scope", "delta", "removed", "before", "after"), MASK_CASES)
 def test_mask_worked_examples(mode, scope, delta, removed, before, after):
-    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT, method="mask", mode=mode, scope=scope, delta=delta)
+    new, masked, stats = calibrate(ADV, MASK, GROUP, CORRECT,
+                                   CalibrationSpec(method="mask", mode=mode, scope=scope, delta=delta))
     assert np.flatnonzero(masked).tolist() == removed and stats.num_masked == len(removed)
     want = ADV.clone()
     want[removed] = 0.0
@@ -136,8 +137,9 @@ def test_stats_worked_example():
     # 0}: ordered. D: all correct, not mixed. Violations 1/3; mis-ordered pairs 1/(4 + 1 + 2) = 1/7.
     # Mean G correct (0.5+0.125+0.25+0.375+0.25)/5 = 0.3; incorrect (0.25+0.125+0.25−0.125+0)/5 = 0.1.
     adv, group, correct = _worked_example()
-    new, masked, stats = calibrate(adv, torch.ones_like(adv), group, correct, method="none", mode="mean",
-                                   scope="global")
+    new, masked, stats = calibrate(adv, torch.ones_like(adv), group, correct,
+                                   CalibrationSpec(method="none", mode="mean",
+                                   scope="global"))
     assert torch.equal(new, adv) and not masked.any()
     assert stats.violation_fraction == pytest.approx(1 / 3) and stats.misorder_rate == pytest.approx(1 / 7)
     assert stats.mixed_groups == 3 and stats.units == 1  # violations are per group even with scope "global"
@@ -150,8 +152,8 @@ def test_stats_worked_example():
 def test_group_minmax_shift_leaves_no_violation_after():
     # the worked example's groups: a minmax shift to δ > 0 orders every mixed group, and every pair in it
     adv, group, correct = _worked_example()
-    _, _, stats = calibrate(adv, torch.ones_like(adv), group, correct, method="shift", mode="minmax",
-                            scope="group", direction="lift", delta=0.1)
+    _, _, stats = calibrate(adv, torch.ones_like(adv), group, correct, CalibrationSpec(method="shift", mode="minmax",
+                            scope="group", direction="lift", delta=0.1))
     assert stats.violation_fraction == pytest.approx(1 / 3) and stats.misorder_rate == pytest.approx(1 / 7)
     assert stats.violation_fraction_after == 0 and stats.misorder_rate_after == 0
 
@@ -165,13 +167,14 @@ def test_margin_modes_and_empty_sets():
 
 def test_empty_batch_single_samples_and_no_mixed_units():
     adv, mask = torch.zeros(0, 3), torch.zeros(0, 3)
-    new, masked, stats = calibrate(adv, mask, np.array([], int), np.array([]), method="shift", mode="mean",
-                                   scope="group", direction="lift", delta=0.4)
+    new, masked, stats = calibrate(adv, mask, np.array([], int), np.array([]),
+                                   CalibrationSpec(method="shift", mode="mean",
+                                   scope="group", direction="lift", delta=0.4))
     assert new.shape == (0, 3) and masked.shape == (0,) and stats.units == 0 and math.isnan(stats.margin_before)
     adv = torch.tensor([[0.5], [-0.5], [0.25]])
     for method in ("shift", "mask"):  # three single-sample groups: nothing to calibrate
         new, masked, stats = calibrate(adv, torch.ones_like(adv), np.array([0, 1, 2]), np.array([1.0, 0.0, NAN]),
-                                       method=method, mode="minmax", scope="group", direction="push", delta=1.0)
+                                       CalibrationSpec(method, "minmax", "group", "push", 1.0))
         assert torch.equal(new, adv) and not masked.any() and stats.units == 0 and stats.mixed_groups == 0
 
 
@@ -179,27 +182,31 @@ def test_sample_without_tokens_is_in_no_set():
     # s1 (incorrect) has an all-zero mask: G is pinned at 0; it is left out, so the unit {s0} ∪ {s2} has m = 0.5 − 0.
     adv = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
-    new, _, stats = calibrate(adv, mask, np.zeros(3, int), np.array([1.0, 0.0, 0.0]), method="shift", mode="mean",
-                              scope="group", direction="push", delta=1.0)
+    new, _, stats = calibrate(adv, mask, np.zeros(3, int), np.array([1.0, 0.0, 0.0]),
+                              CalibrationSpec(method="shift", mode="mean",
+                              scope="group", direction="push", delta=1.0))
     assert new[1].tolist() == [0.0, 0.0] and new[2].tolist() == [-0.5, -0.5] and stats.margin_after == 1.0
 
 
 def test_minus_one_reads_as_no_verdict_and_presets():
-    a = calibrate(ADV, MASK, GROUP, np.where(np.isnan(CORRECT), -1, CORRECT), method="shift", **PRESETS["release-text"])
-    b = calibrate(ADV, MASK, GROUP, CORRECT, method="shift", **PRESETS["release-text"])
+    a = calibrate(ADV, MASK, GROUP, np.where(np.isnan(CORRECT), -1, CORRECT), preset("release-text"))
+    b = calibrate(ADV, MASK, GROUP, CORRECT, preset("release-text"))
     assert torch.equal(a[0], b[0])
-    assert "delta" not in PRESETS["paper"]  # METHOD.md gives no δ for the paper: the caller's config supplies it
+    assert "delta" not in CALIBRATION_PRESETS["paper"]  # the paper gives no δ: the caller's config supplies it
     with pytest.raises(ValueError, match="delta"):
-        calibrate(ADV, MASK, GROUP, CORRECT, method="shift", **PRESETS["paper"])
-    for bad in ({"method": "clip"}, {"mode": "median"}, {"scope": "batch"}, {"direction": "up"}):
+        preset("paper")
+    assert preset("paper", delta=0.1) == CalibrationSpec("shift", "minmax", "group", "lift", 0.1)
+    for bad in ({"method": "clip"}, {"mode": "median"}, {"scope": "batch"}, {"direction": "up"}, {"delta": None},
+                {"rho": 1.5}):
         kwargs = {"method": "shift", "mode": "mean", "scope": "group", "direction": "lift", "delta": 0.1} | bad
-        with pytest.raises(ValueError):
-            calibrate(ADV, MASK, GROUP, CORRECT, **kwargs)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CalibrationSpec(**kwargs)
 
 
 def test_float32_shift_reaches_delta():
-    new, _, stats = calibrate(ADV.float(), MASK.float(), GROUP, CORRECT, method="shift", mode="mean", scope="group",
-                              direction="spread", delta=0.4)
+    new, _, stats = calibrate(ADV.float(), MASK.float(), GROUP, CORRECT,
+                              CalibrationSpec(method="shift", mode="mean", scope="group",
+                              direction="spread", delta=0.4))
     assert new.dtype == torch.float32 and stats.margin_after == pytest.approx(0.4, abs=1e-6)
 
 
@@ -246,8 +253,9 @@ NEAR = st.none() | st.sampled_from([0.0, -1e-3, 1e-3, -0.05, 0.05])
 def test_shift_properties(batch, mode, scope, direction, delta, near):
     adv, mask, group, correct = batch
     delta = _near_a_margin(adv, mask, group, correct, mode, scope, delta, near)
-    new, masked, _ = calibrate(adv, mask, group, correct, method="shift", mode=mode, scope=scope, direction=direction,
-                               delta=delta)
+    new, masked, _ = calibrate(adv, mask, group, correct,
+                               CalibrationSpec(method="shift", mode=mode, scope=scope, direction=direction,
+                               delta=delta))
     assert not masked.any()
     assert torch.equal(new[mask == 0], adv[mask == 0])  # masked-out tokens never change
     g_old, g_new = trajectory_returns(adv, mask).numpy(), trajectory_returns(new, mask).numpy()
@@ -285,8 +293,9 @@ def _allowed_improvement(g, p_left, n_left, k_pos, k_neg, mode):
 def test_mask_properties(batch, mode, scope, delta, near, rho):
     adv, mask, group, correct = batch
     delta = _near_a_margin(adv, mask, group, correct, mode, scope, delta, near)
-    new, masked, stats = calibrate(adv, mask, group, correct, method="mask", mode=mode, scope=scope, delta=delta,
-                                   rho=rho)
+    new, masked, stats = calibrate(adv, mask, group, correct,
+                                   CalibrationSpec(method="mask", mode=mode, scope=scope, delta=delta,
+                                   rho=rho))
     assert torch.equal(new[masked], torch.zeros_like(adv[masked])) and torch.equal(new[~masked], adv[~masked])
     g = trajectory_returns(adv, mask).numpy()
     in_a_set = np.zeros(len(group), bool)

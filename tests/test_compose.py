@@ -173,6 +173,7 @@ def test_trainer_config_names_the_compose_services(compose):
         assert any(path.is_relative_to(target) for target in mounts(trainer)), f"{path} is on no volume"
 
 
+@pytest.mark.e2e
 def test_redis_command_starts_with_lru_eviction(compose):
     port = free_port()
     proc = subprocess.Popen([*argv(compose["services"]["redis"]), "--port", str(port), "--bind", "127.0.0.1"],
@@ -272,6 +273,7 @@ def assets(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_cpu_variant_runs_end_to_end(compose, assets):
     redis_server = RedisServer().start()
     stack = Stack(compose, assets, redis_server.url)

@@ -16,6 +16,8 @@ from uniopd.launch import start_rollout, start_teacher
 from uniopd.synthetic.datasets import write_datasets
 from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
+pytestmark = pytest.mark.e2e  # real servers, redis-server and a uniopd train run
+
 CROSS_MODAL_EXAMPLE = EXAMPLE.parent / "cross-modal"
 
 

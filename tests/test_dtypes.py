@@ -11,6 +11,8 @@ from proto.client import TeacherClient
 from tests.conftest import BACKENDS, random_items
 from uniopd.launch import start_teacher
 
+pytestmark = pytest.mark.e2e  # real server processes, both backends
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_scores_close_to_fp32(backend, tiny_model, reference, tmp_path):

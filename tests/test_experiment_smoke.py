@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, PLANS, read_timings, student_of
+from uniopd.experiment_plan import DOMAINS, METHODS, PLANS, read_timings, student_of
 from uniopd.experiment_report import write_report
 from uniopd.launch import RedisServer
 
@@ -41,6 +41,7 @@ def smoke(tmp_path_factory, cache_env):
     return out, doc
 
 
+@pytest.mark.e2e
 def test_every_method_and_setting_ran_and_logged_its_metrics(smoke):
     out, _ = smoke
     for setting, method in SMOKE.runs:
@@ -62,6 +63,7 @@ def test_every_method_and_setting_ran_and_logged_its_metrics(smoke):
         assert {"calib/violation_fraction", "calib/violation_fraction_after"} <= set(last)
 
 
+@pytest.mark.e2e
 def test_uniopd_trains_on_the_balanced_set_and_opd_on_the_original(smoke):
     out, _ = smoke
     for setting, method in SMOKE.runs:
@@ -77,6 +79,7 @@ def test_uniopd_trains_on_the_balanced_set_and_opd_on_the_original(smoke):
     assert cross["student"]["model"].endswith("mm-student") and cross["verifiers"] == {"visual": "math"}
 
 
+@pytest.mark.e2e
 def test_results_and_report_cover_every_run(smoke):
     out, doc = smoke
     results = json.loads((out / "results.json").read_text())
@@ -92,6 +95,7 @@ def test_results_and_report_cover_every_run(smoke):
         assert (doc.parent / "report" / png).stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_report_sums_the_wall_time_of_every_invocation(smoke, tmp_path):
     out, _ = smoke
     [timings] = read_timings(out / "timings.json")

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from uniopd.launch import start_rollout
+
+pytestmark = pytest.mark.e2e  # real server processes fuzzed over HTTP
 
 
 def fuzz(server, workdir: Path, headers: tuple[str, ...] = ()) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import resource
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from proto.errors import ApiError
-from services.common.images import IMAGE_FORMATS, ImageLimits, decode_image, decode_images, image_digest
+from services.common.images import IMAGE_FORMATS, ImageLimits, decode_images
 
 LIMITS = ImageLimits()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,9 +43,14 @@ def gray1_png(width: int, height: int, rows: int | None = None) -> bytes:
     return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
-def refusal(data: bytes, limits: ImageLimits = LIMITS, field: str = "images[0]") -> ApiError:
+def decode_one(data: bytes, limits: ImageLimits = LIMITS) -> Image.Image:
+    """One image, decoded as a request of that one image is (its field is images[0])."""
+    return decode_images([data], limits)[0]
+
+
+def refusal(data: bytes, limits: ImageLimits = LIMITS) -> ApiError:
     with pytest.raises(ApiError) as info:
-        decode_image(data, limits, field)
+        decode_one(data, limits)
     return info.value
 
 
@@ -60,7 +64,7 @@ def assert_refused(err: ApiError, status: int, code: str, field: str = "images[0
 
 def test_png_round_trip_preserves_every_pixel():
     pixels = noise()
-    image = decode_image(encode(Image.fromarray(pixels), "PNG"), LIMITS, "images[0]")
+    image = decode_one(encode(Image.fromarray(pixels), "PNG"))
     assert (image.mode, image.size) == ("RGB", (48, 32))
     assert image.getpixel((0, 0)) == tuple(pixels[0, 0])
     assert image.getpixel((47, 31)) == tuple(pixels[31, 47])
@@ -69,7 +73,7 @@ def test_png_round_trip_preserves_every_pixel():
 
 def test_jpeg_round_trip_is_close():
     pixels = np.full((32, 48, 3), (200, 40, 90), dtype=np.uint8)
-    image = decode_image(encode(Image.fromarray(pixels), "JPEG", quality=95), LIMITS, "images[0]")
+    image = decode_one(encode(Image.fromarray(pixels), "JPEG", quality=95))
     assert (image.mode, image.size) == ("RGB", (48, 32))
     assert np.abs(np.asarray(image).astype(int) - pixels).max() <= 4
 
@@ -88,7 +92,7 @@ def test_jpeg_round_trip_is_close():
     ids=["RGBA", "L", "LA", "1", "I;16", "P", "CMYK-JPEG"],
 )
 def test_every_mode_becomes_rgb(source, fmt, expected):
-    image = decode_image(encode(source, fmt), LIMITS, "images[0]")
+    image = decode_one(encode(source, fmt))
     assert (image.mode, image.size) == ("RGB", (6, 4))
     assert np.abs(np.asarray(image).astype(int) - expected).max() <= 2
 
@@ -102,7 +106,7 @@ def test_decode_images_keeps_order_and_accepts_the_limits_exactly():
 
 
 def test_hand_made_png_helper_is_a_valid_png():
-    image = decode_image(gray1_png(300, 200), LIMITS, "images[0]")
+    image = decode_one(gray1_png(300, 200))
     assert (image.mode, image.size) == ("RGB", (300, 200))
     assert not np.asarray(image).any()
 
@@ -111,19 +115,12 @@ def test_concurrent_decoding_from_threads():
     arrays = [noise(16, 16, seed) for seed in range(32)]
     blobs = [encode(Image.fromarray(a), "PNG") for a in arrays]
     with ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(lambda b: decode_image(b, LIMITS, "images[0]"), blobs))
+        images = list(pool.map(decode_one, blobs))
     for array, image in zip(arrays, images, strict=True):
         np.testing.assert_array_equal(np.asarray(image), array)
 
 
-# ---- digest and published limits ----------------------------------------------------------------------------------
-
-
-def test_image_digest_is_sha256_of_the_encoded_bytes():
-    a, b = encode(Image.new("RGB", (2, 2)), "PNG"), encode(Image.new("RGB", (2, 2), (1, 0, 0)), "PNG")
-    assert image_digest(a) == hashlib.sha256(a).hexdigest()
-    assert image_digest(a) != image_digest(b)
-    assert image_digest(b"") == hashlib.sha256(b"").hexdigest()
+# ---- published limits ----------------------------------------------------------------------------------
 
 
 def test_limits_as_dict():
@@ -281,8 +278,8 @@ def test_not_an_image_is_invalid(data):
 
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
 def test_other_formats_are_unsupported(fmt):
-    err = refusal(encode(Image.fromarray(noise()), fmt), field="images[4]")
-    assert_refused(err, 422, "unsupported_image_format", "images[4]")
+    err = refusal(encode(Image.fromarray(noise()), fmt))
+    assert_refused(err, 422, "unsupported_image_format")
     assert fmt in err.message
 
 

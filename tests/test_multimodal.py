@@ -110,6 +110,7 @@ def score(url: str, items, images, binary: bool = True):
     return asyncio.run(go())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("binary", [True, False], ids=["msgpack", "json"])
 def test_image_scoring_matches_transformers_with_several_images(vlm_teacher, vreference, tok, binary):
     """Items with one, two and three images, sharing images, and a text-only item, in one request: every response
@@ -139,6 +140,7 @@ def post_score(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/score", json=body, timeout=30)
 
 
+@pytest.mark.e2e
 def test_hostile_and_malformed_images_are_refused(vlm_teacher, tok):
     ids, start = chat_ids(tok, f"{IMAGE}\nHow many?", "Two.")
     item = {"input_ids": ids, "response_start": start, "image_indices": [0]}
@@ -173,6 +175,7 @@ def test_hostile_and_malformed_images_are_refused(vlm_teacher, tok):
     assert post_score(vlm_teacher.url, {"items": [item], "images": [b64(png(1))]}).status_code == 200
 
 
+@pytest.mark.e2e
 def test_a_text_teacher_refuses_images(teacher, tok):
     ids, start = chat_ids(tok, "Plain text.", "Yes.")
     resp = post_score(teacher.url, {"items": [{"input_ids": ids, "response_start": start}],
@@ -221,6 +224,7 @@ def vlm_rollout(request, tiny_vlm, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.e2e
 def test_generation_with_images_samples_from_the_image_conditioned_model(vlm_rollout, vreference, tok):
     """The sampler's log-prob of each generated token equals the direct forward with the right image (and not with
     another one), for prompts with different images sharing one request and n samples each."""
@@ -247,6 +251,7 @@ def test_generation_with_images_samples_from_the_image_conditioned_model(vlm_rol
             assert np.abs(vreference.span(ids, len(prompt), [other]) - want).max() > 1e-3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_images_are_seen_through_the_new_weights_after_every_update(backend, tiny_vlm, vreference, tok, tmp_path):
     """Weight pushes to a multimodal student: no image embedding computed under old weights is reused, and repeated
@@ -290,6 +295,7 @@ def test_images_are_seen_through_the_new_weights_after_every_update(backend, tin
             assert np.abs(references[other].span(ids, len(prompt), [image]) - want).max() > 1e-2
 
 
+@pytest.mark.e2e
 def test_rollout_refuses_bad_image_requests(vlm_rollout, tok):
     prompt = chat_ids(tok, f"{IMAGE}\nDescribe.", "")[0][:-1]
 
@@ -313,6 +319,7 @@ def tiny_llava(tmp_path_factory):
     return build_tiny_vlm(tmp_path_factory.mktemp("llava") / "tiny-llava", seed=0, arch="llava")
 
 
+@pytest.mark.e2e
 def test_llava_on_the_transformers_backend(tiny_llava, tok, tmp_path):
     """LLaVA expands one placeholder into 16 image tokens (Idefics3: 19, with its own wrapper tokens): the same
     token-level expansion serves both."""
@@ -337,6 +344,7 @@ def test_llava_on_the_transformers_backend(tiny_llava, tok, tmp_path):
         np.testing.assert_allclose(s.logprobs, reference.span(full, start, images), atol=1e-3)
 
 
+@pytest.mark.e2e
 def test_vllm_backend_names_an_architecture_it_cannot_serve(tiny_llava, tmp_path):
     pytest.importorskip("vllm")
     import json
@@ -355,6 +363,7 @@ def test_vllm_backend_names_an_architecture_it_cannot_serve(tiny_llava, tmp_path
     assert "use --backend hf" in done.stderr
 
 
+@pytest.mark.e2e
 def test_router_sends_each_image_once_and_splits_at_the_teachers_image_limit(vlm_teacher, tok):
     """Six prompts x two samples with six distinct images, to a teacher taking 4 images per request: the router cuts
     the chunk where a fifth image would join, and every group's image travels once per request it appears in."""

@@ -14,10 +14,12 @@ def readme_commands() -> list[str]:
 
 
 def test_ci_runs_the_readme_test_command():
-    demo, tests = readme_commands()
-    assert "uniopd demo" in demo and "pytest" in tests
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert tests in ci
+    """Verbatim, in order: the README's test command, then its e2e command, as one `&&` chain of .ci/run."""
+    demo, tests, e2e = readme_commands()
+    assert "uniopd demo" in demo and tests.endswith("python -m pytest") and e2e.endswith("pytest -m e2e")
+    chains = [[c.strip() for c in line.split("&&")] for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    readme = [c.strip() for c in tests.split("&&")] + [e2e]
+    assert any(chain[: len(readme)] == readme for chain in chains)
 
 
 def test_readme_commands_use_real_entry_points():

@@ -202,6 +202,7 @@ def test_environment_secrets_are_not_visible(monkeypatch):
     assert result.stdout.startswith(f"{names}\n")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not IS_ROOT, reason="privilege drop and mount/pid namespaces are for root")
 def test_kernel_layers_when_root():
     import tempfile

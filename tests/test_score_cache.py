@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
 from proto.schemas import ScoreItem
 from trainer.score_cache import ScoreCache
@@ -28,6 +29,7 @@ def test_key_depends_on_fingerprint_tokens_and_options():
     assert len(base) == 64 and int(base, 16) >= 0
 
 
+@pytest.mark.e2e
 async def test_round_trip_raw_float32_with_ttl(redis_server):
     cache = ScoreCache(redis_server.url, ttl_s=3600)
     values = {"k1": np.array([-0.5, -1.25, -3.0], dtype=np.float32), "k2": np.array([-2.0], dtype=np.float32)}
@@ -39,10 +41,11 @@ async def test_round_trip_raw_float32_with_ttl(redis_server):
     with redis_server.client() as c:
         assert c.get(f"{cache.namespace}:k1") == values["k1"].astype("<f4").tobytes()  # raw bytes, no pickle/JSON
         assert 3590 < c.ttl(f"{cache.namespace}:k1") <= 3600
-    assert (cache.hits, cache.misses, cache.errors) == (2, 1, 0) and cache.available
+    assert (cache.hits, cache.misses, cache.errors) == (2, 1, 0)
     await cache.aclose()
 
 
+@pytest.mark.e2e
 async def test_corrupt_or_wrong_length_value_is_a_miss(redis_server):
     cache = ScoreCache(redis_server.url)
     with redis_server.client() as c:
@@ -59,10 +62,11 @@ async def test_disabled_cache_misses_and_drops():
     cache = ScoreCache(None)
     await cache.set_many({"k": np.zeros(3, dtype=np.float32)})
     assert await cache.get_many(["k", "j"]) == [None, None]
-    assert not cache.available and cache.misses == 2 and cache.errors == 0
+    assert cache.misses == 2 and cache.errors == 0
     await cache.aclose()
 
 
+@pytest.mark.e2e
 async def test_outage_degrades_to_misses_and_recovers(redis_server, caplog):
     cache = ScoreCache(redis_server.url, reconnect_interval_s=0)
     value = np.array([-1.0, -2.0], dtype=np.float32)
@@ -72,17 +76,18 @@ async def test_outage_degrades_to_misses_and_recovers(redis_server, caplog):
         assert await cache.get_many(["k"]) == [None]
         await cache.set_many({"k": value})
         assert await cache.get_many(["k"]) == [None]
-    assert cache.errors == 3 and not cache.available
+    assert cache.errors == 3
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1  # once per outage
 
     redis_server.start()  # same port, empty (no persistence)
     assert await cache.get_many(["k"]) == [None]
-    assert cache.available and cache.errors == 3
+    assert cache.errors == 3
     await cache.set_many({"k": value})
     assert np.array_equal((await cache.get_many(["k"]))[0], value)
     await cache.aclose()
 
 
+@pytest.mark.e2e
 async def test_outage_does_not_contact_redis_again_within_reconnect_interval(redis_server):
     cache = ScoreCache(redis_server.url, reconnect_interval_s=3600)
     redis_server.stop()
@@ -104,4 +109,4 @@ async def test_in_process_cache_round_trips_and_evicts_least_recently_used():
     await cache.set_many({"c": c})
     got = await cache.get_many(["a", "b", "c"], lengths=[2, 2, 2])
     assert got[1] is None and np.array_equal(got[0], a) and np.array_equal(got[2], c)
-    assert cache.stats() == {"hits": 3, "misses": 1, "errors": 0} and cache.available
+    assert cache.stats() == {"hits": 3, "misses": 1, "errors": 0}

@@ -82,6 +82,7 @@ def test_write_datasets_writes_loadable_jsonl(tmp_path):
     assert len(load_records([paths["code_train"], paths["math_train"]], {"math", "code"})) == 32
 
 
+@pytest.mark.e2e
 def test_expert_models_are_trained_once_and_retrained_when_the_recipe_changes(tmp_path):
     from uniopd.expert_models import ModelSpec, ensure_models
 

@@ -161,6 +161,7 @@ async def ready_router(pools, student_fp, **kwargs) -> TeacherRouter:
     return router
 
 
+@pytest.mark.e2e
 async def test_each_domain_is_scored_by_its_own_teacher(teachers, student_fp):
     rng = np.random.default_rng(0)
     math_items, code_items = random_items(rng, 5), random_items(rng, 4)
@@ -184,6 +185,7 @@ async def test_each_domain_is_scored_by_its_own_teacher(teachers, student_fp):
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_second_identical_call_is_served_from_cache(teachers, student_fp, redis_server):
     items = random_items(np.random.default_rng(1), 6)
     router = await ready_router({"math": [teachers["math"]]}, student_fp, cache=ScoreCache(redis_server.url), **FAST)
@@ -199,6 +201,7 @@ async def test_second_identical_call_is_served_from_cache(teachers, student_fp, 
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_changed_teacher_never_hits_the_old_teachers_entries(teachers, student_fp, redis_server):
     items = random_items(np.random.default_rng(2), 4)
     requests = [("math", it) for it in items]
@@ -215,6 +218,7 @@ async def test_changed_teacher_never_hits_the_old_teachers_entries(teachers, stu
     await new.aclose()
 
 
+@pytest.mark.e2e
 async def test_failover_to_live_replica_then_breaker_skips_the_dead_one(teachers, spare, student_fp):
     live = teachers["math"]
     router = await ready_router({"math": [live, spare]}, student_fp, max_items_per_request=2, breaker_failures=2,
@@ -236,6 +240,7 @@ async def test_failover_to_live_replica_then_breaker_skips_the_dead_one(teachers
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_all_replicas_dead_masks_the_domain_and_still_returns(teachers, spare, student_fp):
     router = await ready_router({"math": [spare], "code": [teachers["code"]]}, student_fp, retries=2, **FAST)
     spare.stop()
@@ -249,6 +254,7 @@ async def test_all_replicas_dead_masks_the_domain_and_still_returns(teachers, sp
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_redeployed_teacher_with_other_fingerprint_is_a_failure_and_not_cached(
         spare, other_model, student_fp, redis_server, log_dir, caplog):
     router = await ready_router({"math": [spare]}, student_fp, cache=ScoreCache(redis_server.url), retries=1, **FAST)
@@ -278,6 +284,7 @@ def foreign_tokenizer_teacher(tiny_model, tmp_path_factory, log_dir):
     server.stop()
 
 
+@pytest.mark.e2e
 async def test_handshake_refuses_a_tokenizer_mismatch_unless_allowed(foreign_tokenizer_teacher, student_fp, caplog):
     router = TeacherRouter({"math": [Endpoint(foreign_tokenizer_teacher.url)]}, **FAST)
     with pytest.raises(TokenizerMismatch) as err:
@@ -292,6 +299,7 @@ async def test_handshake_refuses_a_tokenizer_mismatch_unless_allowed(foreign_tok
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_handshake_refuses_replicas_with_different_fingerprints(teachers, student_fp):
     router = TeacherRouter({"math": [Endpoint(teachers["math"].url), Endpoint(teachers["code"].url)]}, **FAST)
     with pytest.raises(FingerprintMismatch) as err:
@@ -301,6 +309,7 @@ async def test_handshake_refuses_replicas_with_different_fingerprints(teachers, 
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_handshake_refuses_an_unreachable_endpoint(teachers, student_fp):
     dead = f"http://127.0.0.1:{free_port()}"
     router = TeacherRouter({"math": [Endpoint(teachers["math"].url), Endpoint(dead)]}, **FAST)
@@ -309,6 +318,7 @@ async def test_handshake_refuses_an_unreachable_endpoint(teachers, student_fp):
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_score_refuses_unknown_domain_and_unhandshaken_router(teachers, student_fp):
     router = TeacherRouter({"math": [Endpoint(teachers["math"].url)]}, **FAST)
     item = random_items(np.random.default_rng(8), 1)[0]
@@ -321,6 +331,7 @@ async def test_score_refuses_unknown_domain_and_unhandshaken_router(teachers, st
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_one_teacher_serving_two_domains_is_one_endpoint(teachers, student_fp):
     math = teachers["math"]
     router = await ready_router({"math": [math], "algebra": [math]}, student_fp, **FAST)

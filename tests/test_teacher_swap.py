@@ -187,6 +187,7 @@ def test_the_fingerprint_ids_are_exact_in_float32():
     assert f"{fingerprint_id(DIGEST):06x}" == DIGEST[:6]
 
 
+@pytest.mark.e2e
 async def test_swap_to_another_teacher_is_refused_then_allowed_and_the_cache_never_serves_the_old_scores(
         stack, student_fp, tmp_path, caplog):
     A, C = stack["A"], stack["C"]
@@ -237,6 +238,7 @@ async def test_swap_to_another_teacher_is_refused_then_allowed_and_the_cache_nev
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_replace_pool_keeps_a_replica_another_domain_still_uses(stack, student_fp):
     A, C = stack["A"], stack["C"]
     router = TeacherRouter({"math": [Endpoint(A.url)], "algebra": [Endpoint(A.url)]}, **FAST)
@@ -253,6 +255,7 @@ async def test_replace_pool_keeps_a_replica_another_domain_still_uses(stack, stu
     await router.aclose()
 
 
+@pytest.mark.e2e
 async def test_registry_pins_the_fingerprint_at_start_and_at_a_swap(stack, student_fp, tmp_path, caplog):
     A, B, C = stack["A"], stack["B"], stack["C"]
     registry = {"teachers": {"math-tiny": {"urls": [A.url], "domains": ["math"],
@@ -337,6 +340,7 @@ def first_row(rows: list[dict], key: str, value: float) -> dict:
     return next(r for r in rows if r[key] == value)
 
 
+@pytest.mark.e2e
 def test_run_swaps_teachers_on_a_file_edit_and_on_sighup(stack, tmp_path):
     A, B = stack["A"], stack["B"]
     out = tmp_path / "swap"
@@ -384,6 +388,7 @@ def test_run_swaps_teachers_on_a_file_edit_and_on_sighup(stack, tmp_path):
     assert record["teachers"]["math"]["urls"] == [A.url] and record["step"] == to_a["step"] - 1
 
 
+@pytest.mark.e2e
 def test_run_refuses_a_different_teacher_until_allowed(stack, tmp_path):
     A, C = stack["A"], stack["C"]
     out = tmp_path / "change"

@@ -23,6 +23,7 @@ from proto.client import TeacherClient
 from services.common.auth import DEFAULT_TEAM, KeysFileError, KeyStore, Team, load_api_keys, load_key_table
 from services.teacher_server.fair_queue import FairQueue
 from services.teacher_server.quotas import OverQuota, QuotaExceeded, Quotas
+from tests.test_teacher_app_teams import ALL_KEYS, QUOTA_TEAMS
 from uniopd.launch import start_teacher
 
 
@@ -267,6 +268,7 @@ def test_key_store_reloads_on_change_and_keeps_keys_on_a_bad_file(tmp_path, monk
     assert not store.reload() and store.current().lookup("key-b2").name == "beta"
 
 
+@pytest.mark.e2e
 def test_cli_refuses_a_bad_keys_file(tiny_model, tmp_path):
     path = tmp_path / "keys.yaml"
     path.write_text("teams:\n  alpha: {keys: [k1], max_concurrent: -1}\n")
@@ -276,17 +278,14 @@ def test_cli_refuses_a_bad_keys_file(tiny_model, tmp_path):
     assert f"--api-keys {path}: teams.alpha.max_concurrent: Input should be greater than 0" in done.stderr
 
 
+def test_cli_refuses_a_bad_keys_file_in_process(cli_error_in_process, tiny_model, tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("teams:\n  alpha: {keys: [k1], max_concurrent: -1}\n")
+    err = cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--api-keys", str(path)])
+    assert f"--api-keys {path}: teams.alpha.max_concurrent: Input should be greater than 0" in err
+
+
 # ---- quotas on a real server ---------------------------------------------------------------------------------------
-
-QUOTA_TEAMS = """teams:
-  alpha: {keys: [key-alpha], tokens_per_minute: 100}
-  beta:  {keys: [key-beta]}
-  gamma: {keys: [key-gamma], max_concurrent: 1}
-  delta: {keys: [key-delta], tokens_per_minute: 1000}
-  epsilon: {keys: [key-epsilon], tokens_per_minute: 10}
-"""
-ALL_KEYS = ("key-alpha", "key-beta", "key-gamma", "key-delta", "key-epsilon")
-
 
 @pytest.fixture(scope="module")
 def shared(tiny_model, tmp_path_factory):
@@ -298,6 +297,7 @@ def shared(tiny_model, tmp_path_factory):
         yield server
 
 
+@pytest.mark.e2e
 def test_tokens_per_minute_answers_429_with_retry_after(shared):
     url = shared.url + "/v1/score"
     assert httpx.post(url, json=body(60), headers=auth("key-alpha"), timeout=30).status_code == 200
@@ -317,6 +317,7 @@ def test_tokens_per_minute_answers_429_with_retry_after(shared):
         assert httpx.post(url, json=body(60), headers=auth("key-beta"), timeout=30).status_code == 200
 
 
+@pytest.mark.e2e
 def test_concurrency_limit_answers_429_and_other_teams_proceed(shared):
     async def go():
         async with httpx.AsyncClient(base_url=shared.url, timeout=30) as client:
@@ -336,6 +337,7 @@ def test_concurrency_limit_answers_429_and_other_teams_proceed(shared):
     assert httpx.post(shared.url + "/v1/score", json=body(5), headers=auth("key-gamma"), timeout=30).status_code == 200
 
 
+@pytest.mark.e2e
 def test_usage_shows_only_the_callers_team(shared):
     headers = auth("key-delta")
     assert httpx.post(shared.url + "/v1/score", json=body(30, items=2), headers=headers, timeout=30).status_code == 200
@@ -357,6 +359,7 @@ def test_usage_shows_only_the_callers_team(shared):
     assert asyncio.run(via_client()).scored_tokens == 60
 
 
+@pytest.mark.e2e
 def test_metrics_count_per_team_never_per_key(shared):
     url, headers = shared.url + "/v1/score", auth("key-epsilon")
     assert httpx.post(url, json=body(8), headers=headers, timeout=30).status_code == 200
@@ -370,6 +373,7 @@ def test_metrics_count_per_team_never_per_key(shared):
 
 # ---- reloading the keys file ---------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_keys_file_reloads_without_restart(tiny_model, tmp_path):
     path = tmp_path / "keys.yaml"
     path.write_text("teams:\n  one: {keys: [key-1], tokens_per_minute: 100000}\n  two: {keys: [key-two]}\n")
@@ -463,6 +467,7 @@ def flood_while_small_requests_run(server, small_key: str) -> int:
     return asyncio.run(go())
 
 
+@pytest.mark.e2e
 def test_a_flood_does_not_starve_another_team(contended):
     during = flood_while_small_requests_run(contended, "key-small")
     # Served in turn: the small requests wait for about one scorer call, in which at most a flood request or two
@@ -470,6 +475,7 @@ def test_a_flood_does_not_starve_another_team(contended):
     assert during <= 3, f"{during} flood requests completed while team small waited"
 
 
+@pytest.mark.e2e
 def test_control_the_same_requests_in_one_team_wait_behind_the_flood(contended):
     during = flood_while_small_requests_run(contended, "key-flood-2")  # same team: one FIFO lane
     assert during >= FLOOD_WORKERS // 2, f"only {during} flood requests completed first: the setup shows nothing"

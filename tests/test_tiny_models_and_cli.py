@@ -35,28 +35,50 @@ def test_llama_arch_loads_with_chat_template(tmp_path):
     assert len(tokenizer_fingerprint(tok)) == 64
 
 
+CLI_ERRORS = [
+    (["teacher", "serve", "--model", "/nonexistent"], "--model"),
+    (["teacher", "serve", "--model", ".", "--backend", "tgi"], "--backend"),
+    (["teacher", "serve", "--model", ".", "--max-top-k", "0"], "--max-top-k"),
+    (["models", "tiny", "--out", "/tmp/x", "--hidden", "100"], "--hidden"),
+    (["models", "tiny", "--out", "/tmp/x", "--arch", "gpt2"], "--arch"),
+]
+
+
 def _cli_error(args: list[str]) -> str:
     done = subprocess.run([sys.executable, "-m", "uniopd", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     return done.stderr
 
 
-@pytest.mark.parametrize(("args", "named"), [
-    (["teacher", "serve", "--model", "/nonexistent"], "--model"),
-    (["teacher", "serve", "--model", ".", "--backend", "tgi"], "--backend"),
-    (["teacher", "serve", "--model", ".", "--max-top-k", "0"], "--max-top-k"),
-    (["models", "tiny", "--out", "/tmp/x", "--hidden", "100"], "--hidden"),
-    (["models", "tiny", "--out", "/tmp/x", "--arch", "gpt2"], "--arch"),
-])
+@pytest.mark.e2e
+@pytest.mark.parametrize(("args", "named"), CLI_ERRORS)
 def test_cli_errors_name_the_option(args, named):
     assert named in _cli_error(args)
 
 
+@pytest.mark.parametrize(("args", "named"), CLI_ERRORS)
+def test_cli_errors_name_the_option_in_process(cli_error_in_process, args, named):
+    assert named in cli_error_in_process(args)
+
+
+@pytest.mark.e2e
 def test_serve_refuses_missing_key_file(tiny_model):
     assert "--api-keys" in _cli_error(["teacher", "serve", "--model", str(tiny_model), "--api-keys", "/no/such"])
 
 
+def test_serve_refuses_missing_key_file_in_process(cli_error_in_process, tiny_model):
+    assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--api-keys",
+                                                 "/no/such"])
+
+
+@pytest.mark.e2e
 def test_models_tiny_refuses_to_overwrite(tmp_path):
     (tmp_path / "keep.txt").write_text("data")
     assert "--out" in _cli_error(["models", "tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "keep.txt").read_text() == "data"
+
+
+def test_models_tiny_refuses_to_overwrite_in_process(cli_error_in_process, tmp_path):
+    (tmp_path / "keep.txt").write_text("data")
+    assert "--out" in cli_error_in_process(["models", "tiny", "--out", str(tmp_path)])
     assert (tmp_path / "keep.txt").read_text() == "data"

@@ -24,6 +24,8 @@ from trainer.run_log import read_log
 from uniopd.launch import start_rollout, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
+pytestmark = pytest.mark.e2e  # real servers, redis-server and training runs
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd-tiny"
 ADMIN = "e2e-admin-key"
 ENV = {"UNIOPD_ROLLOUT_ADMIN_KEY": ADMIN}

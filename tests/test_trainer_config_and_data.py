@@ -45,11 +45,31 @@ def test_example_config_loads_with_overrides(config_file):
     ("recipe.calibration.method=both", "recipe.calibration.method"),
     ("recipe.calibration.delta=oops", "recipe.calibration.delta"),
     ("recipe.online_balance.ratio=-1", "recipe.online_balance.ratio"),
+    ("algorithm.updates_per_batch=5", "algorithm"),  # 4 x 4 samples do not split into 5 minibatches
 ])
 def test_invalid_configs_name_the_field(config_file, override, field):
     with pytest.raises(ConfigError) as exc:
         load_config(config_file, [override])
     assert str(exc.value).startswith(field), str(exc.value)
+
+
+def test_every_problem_is_reported_at_once(config_file):
+    """A typo, a missing section and a bad value: one message lists all three, each with its field."""
+    tree = yaml.safe_load(config_file.read_text())
+    del tree["rollout"]
+    tree["algorithm"] = {"lr": -1, "learning_rate": 1e-5}
+    config_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError) as exc:
+        load_config(config_file)
+    lines = str(exc.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["rollout", "algorithm.lr", "algorithm.learning_rate"], lines
+
+
+def test_missing_files_are_reported_together(config_file):
+    with pytest.raises(ConfigError) as exc:
+        load_config(config_file, ["data.train=[/no/a.jsonl, /no/b.jsonl]", "student.model=/no/model"])
+    assert [line.split(":")[0] for line in str(exc.value).splitlines()] == ["data.train", "data.train",
+                                                                             "student.model"]
 
 
 def test_recipe_presets_fill_unset_fields(config_file):

@@ -1,4 +1,4 @@
-"""Student-perspective data balancing of Uni-OPD (METHOD.md §2 offline, §3 online). Pure functions.
+"""Student-perspective data balancing of Uni-OPD (docs/method.md §2 offline, §3 online). Pure functions.
 
 Verdicts: `correct` is a length-N float array, 1.0 = correct, 0.0 = incorrect, NaN = no verdict. Any value other than
 exactly 0 or 1 (e.g. -1) also reads as no verdict. A sample with no verdict is in neither set: it is never dropped.
@@ -79,7 +79,7 @@ class BalanceStats:
 
 def online_balance(group: np.ndarray, correct: np.ndarray, ratio: float, scope: str,
                    rng: np.random.Generator) -> tuple[np.ndarray, BalanceStats]:
-    """Which samples keep their loss mask after rebalancing correct vs incorrect toward r:1 (METHOD §3).
+    """Which samples keep their loss mask after rebalancing correct vs incorrect toward r:1 (docs/method.md §3).
 
     The surplus to drop is drawn uniformly at random without replacement within each unit. "Dropped" means loss
     mask 0: the caller keeps the sample in the batch statistics."""

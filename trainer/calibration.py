@@ -1,4 +1,4 @@
-"""Teacher-perspective outcome-guided margin calibration of Uni-OPD (METHOD.md §4). Pure functions.
+"""Teacher-perspective outcome-guided margin calibration of Uni-OPD (docs/method.md §4). Pure functions.
 
 Shapes: `advantages` and `mask` are (B, T) tensors; mask ≠ 0 on the tokens that carry a return. Only those tokens ever
 change under a shift. `group` (length B ints) is each sample's prompt; `correct` (length B floats) is 1.0 = correct,
@@ -17,22 +17,40 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.balancing import scope_units, split_verdicts
+from trainer.balancing import SCOPES, scope_units, split_verdicts
 from trainer.opd import trajectory_returns
 
 MODES = ("mean", "minmax")
 METHODS = ("shift", "mask", "none")
-DIRECTIONS = {"lift": "lift", "correct_up": "lift", "push": "push", "incorrect_down": "push",
-              "spread": "spread", "both": "spread"}
+DIRECTIONS = ("lift", "push", "spread")
+_SHARES = {"lift": (1.0, 0.0), "push": (0.0, 1.0), "spread": (0.5, 0.5)}  # (share of λ added to S+, taken from S−)
 
-# Keyword sets for `calibrate(..., **PRESETS[name])`. METHOD.md gives no δ for the paper's main text, so "paper" has
-# none: the caller's config must supply `delta`. Scope is not stated for "paper" and "release-mm"; "group" follows
-# the per-prompt definition of order consistency and the authors' text release.
-PRESETS: dict[str, dict] = {
-    "paper": {"mode": "minmax", "scope": "group", "direction": "lift"},
-    "release-text": {"mode": "mean", "scope": "group", "direction": "spread", "delta": 0.4},
-    "release-mm": {"mode": "mean", "scope": "group", "direction": "lift", "delta": 0.0},
-}
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How to calibrate: `method` shift (needs `direction` and δ), mask (needs δ; ρ is the retention ratio) or none
+    (measure only); `mode` mean | minmax margin; `scope` group | global units. Checked once, where it is built."""
+
+    method: str = "none"
+    mode: str = "mean"
+    scope: str = "group"
+    direction: str | None = None
+    delta: float | None = None
+    rho: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.method != "none" and self.delta is None:
+            raise ValueError(f"delta (the target margin δ) is required for method {self.method!r}")
+        if self.method == "shift" and self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS} for method 'shift', got {self.direction!r}")
+        if not 0 <= self.rho <= 1:
+            raise ValueError(f"rho must lie in [0, 1], got {self.rho!r}")
 
 
 def margin(returns_pos: np.ndarray, returns_neg: np.ndarray, mode: str) -> float | None:
@@ -52,7 +70,7 @@ def shift_offsets(returns: np.ndarray, pos: np.ndarray, neg: np.ndarray, units: 
     """Per-sample amount to add to every masked-in token, and the λ = δ − m of each unit with m < δ.
 
     G moves by exactly the per-sample offset, and each set moves as a whole, so both margins move by λ to δ."""
-    up, down = {"lift": (1.0, 0.0), "push": (0.0, 1.0), "spread": (0.5, 0.5)}[DIRECTIONS[direction]]
+    up, down = _SHARES[direction]
     offsets = np.zeros(len(returns))
     lambdas = []
     for unit in units:
@@ -140,38 +158,31 @@ def _nanmean(x: np.ndarray) -> float:
     return float(np.mean(x)) if len(x) else math.nan
 
 
-def calibrate(advantages: torch.Tensor, mask: torch.Tensor, group: np.ndarray, correct: np.ndarray, *, method: str,
-              mode: str, scope: str, direction: str | None = None, delta: float | None = None,
-              rho: float = 0.25) -> tuple[torch.Tensor, np.ndarray, CalibrationStats]:
+def calibrate(advantages: torch.Tensor, mask: torch.Tensor, group: np.ndarray, correct: np.ndarray,
+              spec: CalibrationSpec) -> tuple[torch.Tensor, np.ndarray, CalibrationStats]:
     """Margin calibration of one batch: (new advantages, boolean per-sample `masked`, stats).
 
-    method "shift" needs `direction` and `delta`; "mask" needs `delta` (the caller zeroes the loss mask of `masked`
-    samples); "none" only measures. Shift and mask are exclusive, so `masked` is all False unless method is "mask"."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "none" and delta is None:
-        raise ValueError("delta is required for margin shift and margin mask")
-    if method == "shift" and direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, got {direction!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    Shift and mask are exclusive, so `masked` is all False unless the method is "mask"; the caller zeroes the loss
+    mask of `masked` samples."""
     if not len(group) == len(correct) == advantages.shape[0] or advantages.shape != mask.shape:
         raise ValueError("advantages and mask must be (B, T); group and correct must have length B")
+    method, mode, delta = spec.method, spec.mode, spec.delta
     with torch.no_grad():
         returns = trajectory_returns(advantages, mask).double().cpu().numpy()
         has_tokens = (mask != 0).any(-1).cpu().numpy()
     pos, neg = split_verdicts(correct)
     pos, neg = pos & has_tokens, neg & has_tokens
-    units = scope_units(group, scope)
+    units = scope_units(group, spec.scope)
     masked, lambdas, new = np.zeros(len(returns), dtype=bool), [], advantages
     with torch.no_grad():
         if method == "shift":
-            offsets, lambdas = shift_offsets(returns, pos, neg, units, mode=mode, direction=direction, delta=delta)
+            offsets, lambdas = shift_offsets(returns, pos, neg, units, mode=mode, direction=spec.direction,
+                                            delta=delta)
             offsets = torch.as_tensor(offsets, dtype=advantages.dtype, device=advantages.device)[:, None]
             new = torch.where(mask != 0, advantages + offsets, advantages)
         elif method == "mask":
             for u in units:
-                masked[greedy_mask(returns, u[pos[u]], u[neg[u]], mode=mode, delta=delta, rho=rho)] = True
+                masked[greedy_mask(returns, u[pos[u]], u[neg[u]], mode=mode, delta=delta, rho=spec.rho)] = True
             new = advantages.masked_fill(torch.as_tensor(masked, device=advantages.device)[:, None], 0.0)
         returns_after = trajectory_returns(new, mask).double().cpu().numpy()
     before, n_units = _mean_margin(returns, pos, neg, units, mode)

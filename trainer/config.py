@@ -9,39 +9,29 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from trainer.calibration import CalibrationSpec
+from trainer.config_fields import ConfigError, Digest, Strict, check_urls, validation_message
+from trainer.estimators import ESTIMATORS
+from trainer.recipe import RecipeSpec
+from trainer.registry import resolve_teachers
 
 PosInt = Annotated[int, Field(ge=1)]
 Prob = Annotated[float, Field(ge=0, le=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StudentConfig(_Strict):
+class StudentConfig(Strict):
     model: Path = Field(description="HF-format directory of the student's initial weights.")
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     train: list[Path] = Field(min_length=1, description="jsonl files: prompt|messages, domain, answer|tests|choices.")
     eval: list[Path] = Field(default_factory=list)
 
 
-def check_urls(urls: list[str]) -> list[str]:
-    """http(s) URLs without a trailing slash (shared with the teacher registry)."""
-    for u in urls:
-        if not u.startswith(("http://", "https://")):
-            raise ValueError(f"{u!r} is not an http(s) URL")
-    return [u.rstrip("/") for u in urls]
-
-
-# A teacher fingerprint digest (sha256 hex) or a prefix of at least 12 hex digits, as the teacher logs it.
-Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{12,64}$")]
-
-
-class TeacherPoolConfig(_Strict):
+class TeacherPoolConfig(Strict):
     """A domain's teacher: its replicas (`urls`), or the name of a teacher in the registry file (`teacher`), which
     load_config resolves into urls, api_key_env and fingerprint."""
 
@@ -65,7 +55,7 @@ class TeacherPoolConfig(_Strict):
         return self
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(Strict):
     url: str
     api_key_env: str | None = None
     admin_key_env: str | None = Field(default=None, description="Env var with the key that may push weights.")
@@ -74,7 +64,7 @@ class RolloutConfig(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
-class CacheConfig(_Strict):
+class CacheConfig(Strict):
     url: str | None = Field(default="redis://127.0.0.1:6379/0",
                             description="Redis URL, memory:// for an in-process cache, or none to disable.")
     ttl_s: PosInt = 7 * 86400
@@ -85,7 +75,7 @@ class CacheConfig(_Strict):
         return None if v in (None, "none", "") else v
 
 
-class TeacherClientConfig(_Strict):
+class TeacherClientConfig(Strict):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     retries: Annotated[int, Field(ge=0)] = 5
     backoff_s: Annotated[float, Field(ge=0)] = 0.5
@@ -94,10 +84,10 @@ class TeacherClientConfig(_Strict):
     breaker_cooldown_s: Annotated[float, Field(ge=0)] = 10.0
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(Strict):
     estimator: Literal["opd", "grpo"] = Field(
-        default="opd", description="opd: teacher − student per token; grpo: outcome reward only, group-normalized "
-                                   "(the RL baseline; teachers are not called)")
+        default="opd", description="opd: A_t = log π_T(o_t) − log π_old(o_t) per token; grpo: outcome reward only, "
+                                   "group-normalized (the RL baseline; teachers are not called)")
     samples_per_prompt: PosInt = 16
     prompts_per_step: PosInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-6
@@ -105,58 +95,87 @@ class AlgorithmConfig(_Strict):
     betas: tuple[Prob, Prob] = (0.9, 0.98)
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
     warmup_steps: Annotated[int, Field(ge=0)] = 5
-    clip_low: Prob = 0.2
-    clip_high: Annotated[float, Field(ge=0)] = 0.28
-    logprob_clip: Annotated[float, Field(gt=0)] = 10.0
+    clip_low: Prob = Field(default=0.2, description="ε_low of the clipped ratio ρ_t ∈ [1 − ε_low, 1 + ε_high]")
+    clip_high: Annotated[float, Field(ge=0)] = Field(default=0.28, description="ε_high of the clipped ratio")
+    logprob_clip: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="c: tokens with |log π_θ − log π_T| ≥ c leave the loss (docs/method.md §1)")
     micro_batch_size: PosInt = 8
     updates_per_batch: PosInt = Field(default=1, description="Optimizer steps per rollout batch (minibatches).")
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
 
+    @model_validator(mode="after")
+    def _batch_splits(self) -> AlgorithmConfig:
+        """Each of the updates_per_batch minibatches gets the same number of samples (the trainer checks the split
+        over processes once it knows how many there are)."""
+        batch = self.prompts_per_step * self.samples_per_prompt
+        if batch % self.updates_per_batch:
+            raise ValueError(f"prompts_per_step {self.prompts_per_step} x samples_per_prompt "
+                             f"{self.samples_per_prompt} = {batch} samples do not split into updates_per_batch "
+                             f"{self.updates_per_batch} equal minibatches")
+        return self
 
-class CalibrationConfig(_Strict):
-    """Outcome-guided margin calibration (METHOD.md §4). A preset fills the fields left unset; shift and mask are
-    the two values of one `method` field, so they cannot both be on."""
+
+# Fields a preset fills when the config leaves them unset (docs/method.md §4). The paper's main text gives no δ, so
+# "paper" has none and the config must supply it.
+CALIBRATION_PRESETS: dict[str, dict] = {
+    "paper": {"mode": "minmax", "scope": "group", "direction": "lift"},
+    "release-text": {"mode": "mean", "scope": "group", "direction": "spread", "delta": 0.4},
+    "release-mm": {"mode": "mean", "scope": "group", "direction": "lift", "delta": 0.0},
+}
+
+
+class CalibrationConfig(Strict):
+    """Outcome-guided margin calibration (docs/method.md §4). A preset fills the fields left unset; shift and mask
+    are the two values of one `method` field, so they cannot both be on."""
 
     method: Literal["none", "shift", "mask"] | None = Field(
         default=None, description="none (only measure), shift or mask; default: shift with a preset, else none")
     preset: Literal["paper", "release-text", "release-mm"] | None = None
-    mode: Literal["mean", "minmax"] | None = None
-    scope: Literal["group", "global"] | None = None
-    direction: Literal["lift", "push", "spread"] | None = None
+    mode: Literal["mean", "minmax"] | None = Field(default=None, description="margin m: mean G+ − mean G− (mean) or "
+                                                                            "min G+ − max G− (minmax); default mean")
+    scope: Literal["group", "global"] | None = Field(default=None, description="unit: one prompt's rollouts or the "
+                                                                              "whole batch; default group")
+    direction: Literal["lift", "push", "spread"] | None = Field(
+        default=None, description="shift: λ = δ − m added to S+ (lift), taken from S− (push) or half each (spread)")
     delta: float | None = Field(default=None, description="target margin δ")
-    rho: Annotated[float, Field(gt=0, le=1)] = Field(default=0.25, description="mask retention ratio")
+    rho: Annotated[float, Field(gt=0, le=1)] = Field(default=0.25, description="mask retention ratio ρ")
 
     @model_validator(mode="after")
     def _resolve(self) -> CalibrationConfig:
-        from trainer.calibration import PRESETS
-
-        for name, value in PRESETS.get(self.preset, {}).items() if self.preset else ():
+        for name, value in CALIBRATION_PRESETS[self.preset].items() if self.preset else ():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.method = self.method or ("shift" if self.preset else "none")
         self.mode, self.scope = self.mode or "mean", self.scope or "group"
-        if self.method != "none" and self.delta is None:
-            raise ValueError(f"delta is required for method {self.method!r} (the {self.preset!r} preset has none)"
-                             if self.preset else f"delta is required for method {self.method!r}")
-        if self.method == "shift" and self.direction is None:
-            raise ValueError("direction (lift, push or spread) is required for method 'shift'")
+        try:
+            self.spec()
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the {self.preset!r} preset has none)" if self.preset and self.delta is None
+                             else str(exc)) from None
         return self
 
+    def spec(self) -> CalibrationSpec:
+        return CalibrationSpec(self.method, self.mode, self.scope, self.direction, self.delta, self.rho)
 
-class OnlineBalanceConfig(_Strict):
-    """Correctness-aware rebalancing of each rollout batch (METHOD.md §3); dropped samples get loss mask 0."""
+
+class OnlineBalanceConfig(Strict):
+    """Correctness-aware rebalancing of each rollout batch (docs/method.md §3); dropped samples get loss mask 0."""
 
     enabled: bool = False
     ratio: Annotated[float, Field(ge=0)] = Field(default=1.0, description="correct:incorrect target r (0 .. .inf)")
     scope: Literal["group", "global"] = "group"
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     online_balance: OnlineBalanceConfig = Field(default_factory=OnlineBalanceConfig)
 
+    def spec(self) -> RecipeSpec:
+        b = self.online_balance
+        return RecipeSpec(self.calibration.spec(), b.ratio if b.enabled else None, b.scope)
 
-class ScheduleConfig(_Strict):
+
+class ScheduleConfig(Strict):
     steps: PosInt = 100
     eval_every: Annotated[int, Field(ge=0)] = 0
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
@@ -166,7 +185,7 @@ class ScheduleConfig(_Strict):
                                                          "(rows of kind 'returns' in metrics.jsonl).")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     student: StudentConfig
     data: DataConfig
     teachers: dict[str, TeacherPoolConfig] = Field(min_length=1, description="domain -> teacher pool")
@@ -188,7 +207,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _recipe_needs_opd(self) -> RunConfig:
-        if self.algorithm.estimator == "grpo" and self.recipe.calibration.method != "none":
+        if not ESTIMATORS[self.algorithm.estimator].uses_teacher and self.recipe.calibration.method != "none":
             raise ValueError("recipe.calibration.method: margin calibration shifts teacher returns; "
                              "the grpo estimator has none (use method none)")
         return self
@@ -221,10 +240,6 @@ class RunConfig(_Strict):
 
     def env_secret(self, name: str | None) -> str | None:
         return os.environ.get(name) if name else None
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -261,15 +276,10 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     try:
         config = RunConfig.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}: {msg}" if where else msg) from None  # cross-field errors name their field
+        raise ConfigError(validation_message(exc)) from None
     config = _resolve_paths(config, base)
     if config.registry is not None:
-        from trainer.registry import resolve_teachers
-
-        resolve_teachers(config)
+        resolve_teachers(config.teachers, config.registry)
     config._source = ConfigSource(Path(path).resolve(), tuple(overrides))
     return config
 
@@ -284,10 +294,11 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     config.data.eval = [fix(p) for p in config.data.eval]
     config.output_dir = fix(config.output_dir)
     config.registry = fix(config.registry) if config.registry is not None else None
-    for field, paths in (("data.train", config.data.train), ("data.eval", config.data.eval)):
-        for p in paths:
-            if not p.is_file():
-                raise ConfigError(f"{field}: no such file {p}")
+    problems = [f"{field}: no such file {p}" for field, paths in (("data.train", config.data.train),
+                                                                   ("data.eval", config.data.eval))
+                for p in paths if not p.is_file()]
     if not (config.student.model / "config.json").is_file():
-        raise ConfigError(f"student.model: no HF model at {config.student.model}")
+        problems.append(f"student.model: no HF model at {config.student.model}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config

@@ -20,7 +20,7 @@ log = logging.getLogger("uniopd.train")
 def verify_responses(tokenizer, kind_of: Callable[[str], str], responses: Sequence[Sequence[int]],
                      records: Sequence[dict]) -> list[Verdict]:
     """Decode each response (special tokens dropped) and verify it with its record's domain verifier; failed
-    verifications count as incorrect (METHOD.md), and are logged with an example of why."""
+    verifications count as incorrect (docs/method.md), and are logged with an example of why."""
     texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in responses]
     verdicts = verify_batch([kind_of(r["domain"]) for r in records], texts, list(records))
     errors = [v.error for v in verdicts if v.error is not None]
@@ -33,7 +33,7 @@ def verify_responses(tokenizer, kind_of: Callable[[str], str], responses: Sequen
 async def heldout_accuracy(client: RolloutClient, tokenizer, kind_of: Callable[[str], str],
                            prompts: Sequence[list[int]], records: Sequence[dict], k: int, seed: int,
                            max_tokens: int) -> dict[str, float]:
-    """Mean accuracy over k samples per prompt, per domain, at temperature 1 and top-p 1 (METHOD.md §6)."""
+    """Mean accuracy over k samples per prompt, per domain, at temperature 1 and top-p 1 (docs/method.md §6)."""
     out = await client.generate(generate_request(prompts, [record_images(r) for r in records], n=k, temperature=1.0,
                                                  top_p=1.0, max_tokens=max_tokens, seed=seed))
     flat = [(rec, s.token_ids) for rec, group in zip(records, out.samples, strict=True) for s in group]

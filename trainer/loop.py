@@ -1,7 +1,9 @@
-"""The training run: one OPD step per METHOD.md §5, checkpoints, evaluation, metrics.
+"""The training run: one OPD step per docs/method.md §5, checkpoints, evaluation, metrics.
 
-Step: prompts → rollouts (rollout server) → [verify ‖ teacher scores (router + cache) ‖ π_old recompute] →
-advantages → clipped PG update(s) → push weights → log. Verification, scoring and the π_old forward pass overlap.
+Step: prompts → rollouts (rollout server) → [verify ‖ teacher scores (router + cache) ‖ π_old recompute] → a collated
+Batch → the estimator's advantages → the Uni-OPD recipe → clipped PG update(s) → push weights → log. Verification,
+scoring and the π_old forward pass overlap. The math lives in pure modules; the Trainer keeps I/O, the distributed
+work and the optimizer.
 
 Several processes (`accelerate launch`, DDP): the main process does all network work (sampling, verification,
 teacher scoring, weight pushes, logging) and broadcasts the rollouts and their scores; every process recomputes π_old
@@ -13,55 +15,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from modeling.loading import from_pretrained
+from modeling.multimodal import Vision, is_multimodal
 from proto.client import RolloutClient, generate_request
 from proto.fingerprint import tokenizer_fingerprint
-from proto.schemas import ScoreItem, TeacherInfo
-from services.common.models import auto_model_class
-from services.common.multimodal import Vision, is_multimodal
-from trainer.balancing import online_balance
-from trainer.calibration import calibrate
+from proto.schemas import ScoreItem
+from proto.validation import score_item_problem
+from trainer.batch import Batch, Rollout, collate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, derive_seed, load_records, make_examples
+from trainer.estimators import ESTIMATORS
 from trainer.evaluation import heldout_accuracy, verify_responses
-from trainer.opd import clipped_pg_loss, grpo_advantages, opd_advantages, trajectory_returns
+from trainer.opd import clipped_pg_loss, trajectory_returns
+from trainer.recipe import RecipeOutput, uni_opd
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
-from trainer.student import pad, response_logprobs
+from trainer.student import response_logprobs
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.teacher_swap import TeacherSwapper
+from trainer.timing import timed, timed_await
 
 log = logging.getLogger("uniopd.train")
 
 
-@dataclass
-class Rollout:
-    """One sampled response and everything the step learns about it."""
-
-    example: Example
-    prompt_index: int
-    response: np.ndarray
-    sampler_logprobs: np.ndarray
-    finish_reason: str
-    correct: bool = False
-    teacher: np.ndarray | None = None
-
-
-def _scorable(r: Rollout, teacher: TeacherInfo) -> bool:
-    """What the teacher would refuse is masked alone, not sent to fail its whole request: too long, or a token the
-    teacher does not have (a multimodal student's image tokens, for a text teacher) or an image token in a response."""
-    response = r.response
-    return (len(r.example.prompt_ids) + len(response) <= teacher.max_length
-            and (not len(response) or int(response.max()) < teacher.vocab_size)
-            and (teacher.image_token_id is None or teacher.image_token_id not in response))
+def _rows(t: torch.Tensor, idx: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """The rows of a (B, T) batch tensor that a micro-batch's `like` (rows, width) covers, on its device."""
+    return t[idx, : like.shape[1]].to(like.device)
 
 
 class Trainer:
@@ -73,10 +59,10 @@ class Trainer:
         self.accelerator = Accelerator()
         torch.manual_seed(c.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(c.student.model)
-        dtype = torch.bfloat16 if c.student.dtype == "bfloat16" else torch.float32
-        model = auto_model_class(c.student.model).from_pretrained(c.student.model, dtype=dtype)
+        model = from_pretrained(c.student.model, c.student.dtype)
         self.vision = Vision(c.student.model) if is_multimodal(c.student.model) else None
         a = c.algorithm
+        self.estimator, self.recipe = ESTIMATORS[a.estimator], c.recipe.spec()
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         warmup = max(1, a.warmup_steps * a.updates_per_batch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
@@ -140,11 +126,11 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------------------------------
 
-    async def sample(self, examples: list[Example], n: int, seed: int) -> list[Rollout]:
+    async def sample(self, examples: list[Example], n: int) -> list[Rollout]:
         r = self.config.rollout
         out = await self.rollout.generate(generate_request(
             [ex.prompt_ids for ex in examples], [ex.images for ex in examples], n=n, temperature=r.temperature,
-            top_p=r.top_p, max_tokens=r.max_tokens, seed=seed))
+            top_p=r.top_p, max_tokens=r.max_tokens, seed=derive_seed(self.config.seed, self.step, "train")))
         return [Rollout(ex, i, s.token_ids, s.logprobs, s.finish_reason)
                 for i, (ex, group) in enumerate(zip(examples, out.samples, strict=True)) for s in group]
 
@@ -156,12 +142,15 @@ class Trainer:
         return sum(v.error is not None for v in verdicts)
 
     async def score(self, rollouts: list[Rollout]) -> None:
-        """Teacher log-probs of each response; a sequence its teacher would refuse stays unscored (masked)."""
-        fits = [r for r in rollouts if _scorable(r, self.router.info(r.example.domain))]
-        requests = [(r.example.domain, ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                                                 response_start=len(r.example.prompt_ids))) for r in fits]
-        images = [r.example.images for r in fits]
-        for r, scores in zip(fits, await self.router.score(requests, images), strict=True):
+        """Teacher log-probs of each response. A sequence its teacher would refuse (too long, a token it does not
+        have) stays unscored, so it is masked alone instead of failing its whole request."""
+        items = [ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
+                           response_start=len(r.example.prompt_ids)) for r in rollouts]
+        fits = [(r, item) for r, item in zip(rollouts, items, strict=True)
+                if score_item_problem(item, self.router.info(r.example.domain)) is None]
+        requests = [(r.example.domain, item) for r, item in fits]
+        images = [r.example.images for r, _ in fits]
+        for (r, _), scores in zip(fits, await self.router.score(requests, images), strict=True):
             r.teacher = scores
 
     def logprobs(self, chunk: list[Rollout]) -> torch.Tensor:
@@ -183,7 +172,7 @@ class Trainer:
         return out
 
     def minibatches(self, size: int) -> list[np.ndarray]:
-        order = np.random.default_rng(derive_seed(self.config.seed, self.step, "minibatch")).permutation(size)
+        order = self.rng("minibatch").permutation(size)
         return np.array_split(order, self.config.algorithm.updates_per_batch)
 
     def share(self, minibatch: np.ndarray) -> np.ndarray:
@@ -196,94 +185,60 @@ class Trainer:
         return broadcast_object_list([obj if self.main else None])[0]
 
     async def train_step(self) -> dict[str, float]:
-        c, a = self.config, self.config.algorithm
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        examples = [self.examples[i] for i in self.stream.take(a.prompts_per_step)]
-        rollouts = None
-        if self.main:
-            rollouts = await self.sample(examples, a.samples_per_prompt, derive_seed(c.seed, self.step, "train"))
-        rollouts = self.broadcast(rollouts)
-        times["generate"] = time.perf_counter() - t0
+        """rollouts → Batch → advantages → Uni-OPD → update → weights to the sampler; metrics (main process)."""
+        a, times = self.config.algorithm, {}
+        with timed("step", times):
+            examples = [self.examples[i] for i in self.stream.take(a.prompts_per_step)]
+            with timed("generate", times):
+                rollouts = self.broadcast(await self.sample(examples, a.samples_per_prompt) if self.main else None)
+            batch, verify_errors = await self.judge(rollouts, times)
+            advantages, mask = self.estimator.advantages(batch)
+            recipe = uni_opd(advantages, mask, batch.group, batch.correct, self.recipe, self.rng("balance"))
+            self.log_returns(batch, advantages, mask, recipe)
+            with timed("train", times):
+                train_stats = self.update(rollouts, batch, recipe)
+            with timed("sync", times):
+                version = await self.push_weights()
+        self.step += 1
+        if not self.main:
+            return {}
+        return {**self.step_metrics(batch, recipe.advantages, mask, train_stats, times, verify_errors, version),
+                **recipe.metrics}
+
+    async def judge(self, rollouts: list[Rollout], times: dict[str, float]) -> tuple[Batch, int]:
+        """Verdicts ‖ teacher scores ‖ π_old, overlapped, collated; the main process's verdicts and scores reach every
+        process, and each π_old row comes from the process that computes it. Returns the Batch and verifier errors."""
         mine = np.concatenate([self.share(m) for m in self.minibatches(len(rollouts))])
-
-        async def timed(name: str, work):
-            start = time.perf_counter()
-            result = await work
-            times[name] = time.perf_counter() - start
-            return result
-
-        old_work = timed("old_logprobs", asyncio.to_thread(self.old_logprobs, rollouts, mine))
+        old_work = timed_await("old_logprobs", times, asyncio.to_thread(self.old_logprobs, rollouts, mine))
         verify_errors = 0
         if self.main:
-            verify_errors, _, old = await asyncio.gather(
-                timed("verify", asyncio.to_thread(self.verify, rollouts)),
-                timed("score", self.score(rollouts) if a.estimator == "opd" else asyncio.sleep(0)), old_work)
+            verify_work = timed_await("verify", times, asyncio.to_thread(self.verify, rollouts))
+            score_work = timed_await("score", times, self.score(rollouts) if self.estimator.uses_teacher
+                                     else asyncio.sleep(0))
+            verify_errors, _, old = await asyncio.gather(verify_work, score_work, old_work)
         else:
             old = await old_work
         outcomes = self.broadcast([(r.correct, r.teacher) for r in rollouts])
         for r, (correct, teacher_lp) in zip(rollouts, outcomes, strict=True):
             r.correct, r.teacher = correct, teacher_lp
-        old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()  # each row from its owner
+        old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()
+        return collate(rollouts, old), verify_errors
 
-        lengths = torch.tensor([len(r.response) for r in rollouts])
-        valid = (torch.arange(old.shape[1])[None, :] < lengths[:, None]).float()
-        scored = torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32)
-        teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
-        teacher = torch.nn.functional.pad(teacher, (0, old.shape[1] - teacher.shape[1]))
-        if a.estimator == "grpo":
-            mask = valid
-            rewards = torch.tensor([float(r.correct) for r in rollouts])
-            advantages = grpo_advantages(rewards, torch.tensor([r.prompt_index for r in rollouts]), mask)
-        else:
-            mask = valid * scored[:, None]  # a sample without teacher scores is masked out, never zero-filled
-            advantages = opd_advantages(teacher, old, mask)
-        raw_returns = trajectory_returns(advantages, mask)
-        advantages, loss_mask, recipe_metrics = self.recipe(rollouts, advantages, mask)
-        if c.schedule.log_returns and self.main:  # G per rollout, for the experiment's distribution plots
+    def rng(self, purpose: str) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.config.seed, self.step, purpose))
+
+    def log_returns(self, batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, recipe: RecipeOutput) -> None:
+        """G per rollout before and after calibration, for the experiment's distribution plots (when asked for)."""
+        if self.config.schedule.log_returns and self.main:
             self.runlog.write(self.step + 1, {
-                "domain": [r.example.domain for r in rollouts], "correct": [r.correct for r in rollouts],
-                "G": raw_returns.tolist(), "G_calibrated": trajectory_returns(advantages, mask).tolist(),
-                "in_loss": (loss_mask.sum(-1) > 0).tolist()}, kind="returns")
+                "domain": batch.domains, "correct": (batch.correct == 1).tolist(),
+                "G": trajectory_returns(advantages, mask).tolist(),
+                "G_calibrated": trajectory_returns(recipe.advantages, mask).tolist(),
+                "in_loss": (recipe.loss_mask.sum(-1) > 0).tolist()}, kind="returns")
 
-        start = time.perf_counter()
-        train_stats = self.update(rollouts, old, teacher if a.estimator == "opd" else None, advantages, loss_mask)
-        times["train"] = time.perf_counter() - start
-        start = time.perf_counter()
-        version = await self.push_weights()
-        times["sync"] = time.perf_counter() - start
-        times["step"] = time.perf_counter() - t0
-        self.step += 1
-        if not self.main:
-            return {}
-        metrics = self.step_metrics(rollouts, old, teacher, advantages, mask, valid, train_stats, times,
-                                    verify_errors, version)
-        return {**metrics, **recipe_metrics}
-
-    def recipe(self, rollouts: list[Rollout], advantages: torch.Tensor,
-               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Uni-OPD on top of OPD: online balancing (loss masks) and margin calibration (advantages, masks).
-
-        Samples dropped by balancing stay in the calibration statistics (METHOD.md §3); the loss ignores them."""
-        r = self.config.recipe
-        group = np.array([x.prompt_index for x in rollouts])
-        correct = np.array([1.0 if x.correct else 0.0 for x in rollouts])  # a failed verifier means incorrect
-        keep = np.ones(len(rollouts), dtype=bool)
-        m: dict[str, float] = {}
-        if r.online_balance.enabled:
-            rng = np.random.default_rng(derive_seed(self.config.seed, self.step, "balance"))
-            keep, b = online_balance(group, correct, r.online_balance.ratio, r.online_balance.scope, rng)
-            m.update({f"balance/{k}": float(v) for k, v in asdict(b).items()})
-        c = r.calibration
-        advantages, masked, stats = calibrate(advantages, mask, group, correct, method=c.method, mode=c.mode,
-                                              scope=c.scope, direction=c.direction, delta=c.delta, rho=c.rho)
-        m.update({f"calib/{k}": float(v) for k, v in asdict(stats).items()})
-        sample_mask = torch.as_tensor(keep & ~masked, dtype=mask.dtype)
-        return advantages, mask * sample_mask[:, None], m
-
-    def update(self, rollouts: list[Rollout], old: torch.Tensor, teacher: torch.Tensor | None,
-               advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    def update(self, rollouts: list[Rollout], batch: Batch, recipe: RecipeOutput) -> dict[str, float]:
         a = self.config.algorithm
+        teacher = batch.teacher if self.estimator.uses_teacher else None  # the teacher–student clip needs a teacher
         self.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
         for minibatch in self.minibatches(len(rollouts)):
@@ -291,14 +246,11 @@ class Trainer:
             total = 0.0
             for i in range(0, len(own), a.micro_batch_size):
                 idx = own[i:i + a.micro_batch_size]
-                chunk = [rollouts[j] for j in idx]
-                new = self.logprobs(chunk)
-                width = new.shape[1]
-                loss, s = clipped_pg_loss(
-                    new, old[idx, :width].to(new.device), advantages[idx, :width].to(new.device),
-                    None if teacher is None else teacher[idx, :width].to(new.device),
-                    mask[idx, :width].to(new.device), a.clip_low, a.clip_high,
-                    a.logprob_clip, num_samples=len(own))  # DDP's gradient mean makes it the minibatch loss
+                new = self.logprobs([rollouts[j] for j in idx])
+                loss, s = clipped_pg_loss(new, _rows(batch.old, idx, new), _rows(recipe.advantages, idx, new),
+                                          None if teacher is None else _rows(teacher, idx, new),
+                                          _rows(recipe.loss_mask, idx, new), a.clip_low, a.clip_high, a.logprob_clip,
+                                          num_samples=len(own))  # DDP's gradient mean makes it the minibatch loss
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
                 stats["clip_fraction"].append(s.clip_fraction)
@@ -326,27 +278,25 @@ class Trainer:
         payload = await asyncio.to_thread(lambda: save({k: v.detach().cpu().clone() for k, v in state.items()}))
         return (await self.rollout.push_weights(payload)).weight_version
 
-    def step_metrics(self, rollouts: list[Rollout], old, teacher, advantages, mask, valid, train_stats: dict,
+    def step_metrics(self, batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, train_stats: dict,
                      times: dict[str, float], verify_errors: int, version: int) -> dict[str, float]:
         m: dict[str, float] = {f"train/{k}": v for k, v in train_stats.items()}
         m.update({f"time/{k}": v for k, v in times.items()})
-        tokens = float(valid.sum())
-        scored = float(mask.sum())
-        m["tokens"] = tokens
-        m["tokens_per_s"] = tokens / max(times["step"], 1e-9)
-        m["weight_version"] = version
-        m["verify_errors"] = verify_errors
-        opd = self.config.algorithm.estimator == "opd"
-        m["masked_samples"] = float(sum(r.teacher is None for r in rollouts)) if opd else 0.0
+        tokens, scored = float(batch.valid.sum()), float(mask.sum())
+        m.update(tokens=tokens, tokens_per_s=tokens / max(times["step"], 1e-9), weight_version=version,
+                 verify_errors=verify_errors)
+        teacher = self.estimator.uses_teacher
+        m["masked_samples"] = float((1 - batch.scored).sum()) if teacher else 0.0
         if scored:
-            m["student_logprob"] = float((old * mask).sum() / scored)
-        if scored and opd:
-            m["teacher_logprob"] = float((teacher * mask).sum() / scored)
-            m["reverse_kl"] = float(((old - teacher) * mask).sum() / scored)
+            m["student_logprob"] = float((batch.old * mask).sum() / scored)
+        if scored and teacher:
+            m["teacher_logprob"] = float((batch.teacher * mask).sum() / scored)
+            m["reverse_kl"] = float(((batch.old - batch.teacher) * mask).sum() / scored)
         returns = trajectory_returns(advantages, mask)
-        for domain in sorted({r.example.domain for r in rollouts}):
-            ids = [i for i, r in enumerate(rollouts) if r.example.domain == domain]
-            m[f"{domain}/accuracy"] = float(np.mean([rollouts[i].correct for i in ids]))
+        domains = np.array(batch.domains)
+        for domain in sorted(set(batch.domains)):
+            ids = np.flatnonzero(domains == domain)
+            m[f"{domain}/accuracy"] = float(np.mean(batch.correct[ids] == 1))
             m[f"{domain}/samples"] = len(ids)
             m[f"{domain}/mean_return"] = float(returns[ids].mean())
         m.update(self.router.metrics(reset=True))

@@ -1,4 +1,4 @@
-"""Offline difficulty-aware data balancing (METHOD.md §2) as a resumable job.
+"""Offline difficulty-aware data balancing (docs/method.md §2) as a resumable job.
 
 Every prompt's pass count c(q) ∈ {0..N} is estimated by sampling N responses from the student (through the rollout
 server, temperature 1.0, top-p 0.95, top-k 50) and verifying them. Each scored prompt is appended to a progress file

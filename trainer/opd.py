@@ -1,4 +1,4 @@
-"""The OPD math (METHOD.md §1): per-token advantages and the clipped policy-gradient loss. Pure tensor functions.
+"""The OPD math (docs/method.md §1): per-token advantages and the clipped policy-gradient loss. Pure tensor functions.
 
 `grpo_advantages` is the outcome-reward-only RL baseline the experiment compares against (no teacher at all).
 

@@ -6,15 +6,17 @@ the teachers move or pin one in a single place, and every run that names it foll
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from trainer.config import ConfigError, Digest, RunConfig, _Strict, check_urls
+from trainer.config_fields import ConfigError, Digest, Strict, check_urls, validation_message
 
 
-class RegistryTeacher(_Strict):
+class RegistryTeacher(Strict):
     urls: list[str] = Field(min_length=1, description="Replicas of this teacher.")
     domains: list[str] = Field(min_length=1, description="Domains this teacher may be routed.")
     fingerprint: Digest | None = Field(
@@ -29,7 +31,7 @@ class RegistryTeacher(_Strict):
         return check_urls(urls)
 
 
-class Registry(_Strict):
+class Registry(Strict):
     teachers: dict[str, RegistryTeacher] = Field(min_length=1, description="name -> teacher")
 
 
@@ -44,20 +46,19 @@ def load_registry(path: Path) -> Registry:
     try:
         return Registry.model_validate(tree if tree is not None else {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"registry: {path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(validation_message(exc, prefix=f"registry: {path}: ")) from None
 
 
-def resolve_teachers(config: RunConfig) -> None:
-    """Fill urls, api_key_env and fingerprint of every `teachers.<domain>.teacher` from the registry, in place."""
-    registry = load_registry(config.registry)
-    for domain, pool in config.teachers.items():
+def resolve_teachers(teachers: Mapping[str, Any], path: Path) -> None:
+    """Fill urls, api_key_env and fingerprint of every `teachers.<domain>.teacher` pool from the registry at `path`,
+    in place."""
+    registry = load_registry(path)
+    for domain, pool in teachers.items():
         if pool.teacher is None:
             continue
         entry = registry.teachers.get(pool.teacher)
         if entry is None:
-            raise ConfigError(f"teachers.{domain}.teacher: {pool.teacher!r} is not in the registry {config.registry} "
+            raise ConfigError(f"teachers.{domain}.teacher: {pool.teacher!r} is not in the registry {path} "
                               f"(it has: {', '.join(sorted(registry.teachers))})")
         if domain not in entry.domains:
             raise ConfigError(f"teachers.{domain}.teacher: registry teacher {pool.teacher!r} does not serve domain "

@@ -21,12 +21,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from proto.codec import FLOAT32, INT32
 from proto.schemas import ScoreItem
 
 log = logging.getLogger(__name__)
 
-_F4 = np.dtype("<f4")
-_I4 = np.dtype("<i4")
 # Bump when the key layout or the value encoding changes: old entries then simply stop matching.
 KEY_SCHEMA = b"uniopd-score-key/v1\0"
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
@@ -94,11 +93,6 @@ class ScoreCache:
         self.misses = 0
         self.errors = 0
 
-    @property
-    def available(self) -> bool:
-        """Enabled and not in a known outage."""
-        return self._redis is not None and self._down_since is None
-
     @staticmethod
     def key(fingerprint_digest: str, item: ScoreItem, images: Sequence[bytes] = ()) -> str:
         """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE) and, for items with
@@ -106,7 +100,7 @@ class ScoreCache:
         h = hashlib.sha256(KEY_SCHEMA)
         h.update(fingerprint_digest.encode() + b"\0")
         h.update(struct.pack("<ii", item.top_k, item.response_start))
-        h.update(np.asarray(item.input_ids, dtype=_I4).tobytes())
+        h.update(np.asarray(item.input_ids, dtype=INT32).tobytes())
         for image in images:  # text items hash exactly as before images existed
             h.update(b"\0image:" + hashlib.sha256(image).digest())
         return h.hexdigest()
@@ -137,9 +131,9 @@ class ScoreCache:
     @staticmethod
     def _decode(raw: bytes | None, length: int | None) -> np.ndarray | None:
         """A value of the wrong size (corrupt, or from a different layout) is a miss, never an error."""
-        if raw is None or len(raw) % _F4.itemsize or (length is not None and len(raw) != length * _F4.itemsize):
+        if raw is None or len(raw) % FLOAT32.itemsize or (length is not None and len(raw) != length * FLOAT32.itemsize):
             return None
-        return np.frombuffer(raw, dtype=_F4)
+        return np.frombuffer(raw, dtype=FLOAT32)
 
     async def get_many(self, keys: list[str], lengths: list[int] | None = None) -> list[np.ndarray | None]:
         """One MGET; with `lengths` (expected span lengths) a value of another size is a miss. Arrays are read-only."""
@@ -163,7 +157,7 @@ class ScoreCache:
             return
         pipe = self._redis.pipeline(transaction=False)
         for key, value in entries.items():
-            pipe.set(self._redis_key(key), np.asarray(value, dtype=_F4).tobytes(), ex=self.ttl_s)
+            pipe.set(self._redis_key(key), np.asarray(value, dtype=FLOAT32).tobytes(), ex=self.ttl_s)
         try:
             await pipe.execute()
         except _FAILURES as exc:

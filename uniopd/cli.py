@@ -34,7 +34,7 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
-    from services.common.models import DTYPES
+    from modeling.loading import DTYPES
 
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
     p.add_argument("--backend", choices=backends, default="hf")
@@ -270,7 +270,8 @@ def _demo(args: argparse.Namespace, _: argparse.ArgumentParser) -> None:
 
 
 def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from uniopd.experiment import PLANS, Experiment
+    from uniopd.experiment import Experiment
+    from uniopd.experiment_plan import PLANS
     from uniopd.experiment_report import collect, write_report
 
     plan = PLANS[args.plan]
@@ -290,7 +291,7 @@ def _experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from uniopd.experiment import PLANS
+    from uniopd.experiment_plan import PLANS
     from uniopd.expert_models import SPECS
     from uniopd.tiny_models import ARCHES, VLM_ARCHES
 
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set algorithm.lr=1e-5 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
 
-    balance = top.add_parser("balance", help="offline difficulty-aware balancing of a dataset (METHOD.md §2)")
+    balance = top.add_parser("balance", help="offline difficulty-aware balancing of a dataset (docs/method.md §2)")
     balance.add_argument("--config", required=True, type=Path, help="run config: student, rollout, verifiers")
     balance.add_argument("--in", dest="input", required=True, type=Path, help="jsonl dataset to balance")
     balance.add_argument("--out", required=True, type=Path, help="balanced jsonl (+ .hist.json, .hist.png)")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from uniopd.experiment import PLANS, Experiment
+from uniopd.experiment import Experiment
+from uniopd.experiment_plan import PLANS
 from uniopd.experiment_report import before_after, plot_curves, plot_returns, teacher_level
 
 

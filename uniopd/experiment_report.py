@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.run_log import read_log
-from uniopd.experiment import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir
+from uniopd.experiment_plan import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -5,7 +5,7 @@ recipes are deterministic (seeded data, seeded init, single-threaded-reproducibl
 holds `recipe.json`, and a directory whose recipe matches is reused, anything else is rebuilt.
 
 Why these shapes: the teachers see one solution style per domain (so a student's other style is under-scored, the
-first failure mode of METHOD.md §4); the strong teacher is larger and sees both domains; the student is small and
+first failure mode of docs/method.md §4); the strong teacher is larger and sees both domains; the student is small and
 sees a small, mixed-style sample for few steps, so it starts with room to improve and with mixed-correctness groups.
 """
 
@@ -52,7 +52,7 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("code-teacher", 128, 4, (), ("def",), steps=1200, seed=2),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
     ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=2000, sample_size=4000, seed=4),
-    # cross-modal (METHOD.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
+    # cross-modal (docs/method.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
     # writes code, so the text code teacher and the image teacher distil into one model
     ModelSpec("visual-teacher", 128, 4, (), (), steps=1500, seed=5, visual_styles=("count",), vision=True),
     ModelSpec("mm-student", 128, 4, (), code_tasks.STYLES, steps=2000, sample_size=4000, seed=6,
@@ -113,8 +113,8 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
     """SFT from a seeded random init; AdamW, linear warm-up then cosine decay to 10%."""
     import torch
 
-    from services.common.models import auto_model_class
-    from services.common.multimodal import Vision
+    from modeling.loading import from_pretrained
+    from modeling.multimodal import Vision
     from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
     if spec.vision:
@@ -124,7 +124,7 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = auto_model_class(out).from_pretrained(out, dtype=torch.float32)
+    model = from_pretrained(out)
     vision = Vision(out) if spec.vision else None
     torch.manual_seed(spec.seed)
     rng = random.Random(f"sft-{spec.name}-{spec.seed}")

@@ -11,13 +11,13 @@ by the CLI and the limits modules) does not need Pillow.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proto.errors import ApiError
+from services.common.limits import PublishedLimits
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -26,7 +26,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 @dataclass(frozen=True)
-class ImageLimits:
+class ImageLimits(PublishedLimits):
     """Per-request image bounds; published by the services so callers can size their requests."""
 
     max_images: int = 16  # per request
@@ -34,15 +34,6 @@ class ImageLimits:
     max_image_pixels: int = 4096 * 4096  # width x height of one image, from its header, before decoding
     max_side: int = 8192  # either side, from its header
     max_request_pixels: int = 64 << 20  # all images of one request together (~192 MB decoded as RGB)
-
-    def as_dict(self) -> dict[str, int]:
-        """The limits as the flat dict a service publishes."""
-        return {k: int(v) for k, v in asdict(self).items()}
-
-
-def image_digest(data: bytes) -> str:
-    """sha256 of the encoded bytes: cache keys must not depend on how (or whether) the image was decoded."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def decode_images(blobs: Sequence[bytes], limits: ImageLimits, field: str = "images") -> list[Image]:
@@ -63,12 +54,6 @@ def decode_images(blobs: Sequence[bytes], limits: ImageLimits, field: str = "ima
     finally:
         for im in opened:
             im.close()
-
-
-def decode_image(data: bytes, limits: ImageLimits, field: str) -> Image:
-    """The image fully decoded as RGB, or ApiError naming `field`: 413 when too large, 422 when not a usable image."""
-    with _open(data, limits, field) as image:
-        return _decode(image, field)
 
 
 def _open(data: bytes, limits: ImageLimits, field: str) -> Image:

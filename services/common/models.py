@@ -1,4 +1,5 @@
-"""Loading a model directory the same way in every service: its description, an HF model, a vLLM engine."""
+"""What only the services need of a model directory: a transformers model ready to serve, its description (the
+fingerprint's parts), its tokenizer, a vLLM engine. The loading the trainer shares is modeling.loading."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from modeling.loading import from_pretrained
+from modeling.multimodal import MAX_IMAGES_PER_SEQUENCE, Vision, is_multimodal, text_config
 from proto.fingerprint import model_revision, tokenizer_fingerprint
-from services.common.multimodal import MAX_IMAGES_PER_SEQUENCE, Vision, is_multimodal, text_config
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,15 @@ def describe(model_dir: str | Path, backend: str, dtype: str, vocab_size: int, m
                      processor_fingerprint=vision.fingerprint if vision else "")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def serve_hf(model_dir: str | Path, dtype: str, device: str,
+             max_length: int | None) -> tuple[Any, Vision | None, ModelInfo]:
+    """A transformers model ready to serve (on its device, in eval mode), its image processor (None for a text
+    model) and its description, whose max length is the model's own unless `max_length` is shorter."""
+    model = from_pretrained(model_dir, dtype).to(resolve_device(device)).eval()
+    limit = text_config(model.config).max_position_embeddings
+    vocab = model.get_output_embeddings().weight.shape[0]
+    info = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit))
+    return model, Vision(model_dir) if is_multimodal(model_dir) else None, info
 
 
 def resolve_device(device: str):
@@ -54,22 +60,6 @@ def resolve_device(device: str):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def auto_model_class(model_dir: str | Path):
-    """The transformers auto class that loads this model with its LM head: image-text-to-text for a VLM."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText if is_multimodal(model_dir) else AutoModelForCausalLM
-
-
-def load_hf_model(model_dir: str | Path, dtype: str, device: str):
-    model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=torch_dtype(dtype))
-    return model.to(resolve_device(device)).eval()
-
-
-def max_positions(model) -> int:
-    return text_config(model.config).max_position_embeddings
 
 
 CPU_TOKEN_BUDGET = 65536

@@ -113,8 +113,6 @@ class RolloutService:
         generator = self.ready()
         prompts = self._render(req)
         info = generator.info()
-        if req.images and info.image_token_id is None:
-            raise ApiError(422, "images_unsupported", "images: this model is text-only and takes no images", "images")
         validate_prompts(prompts, req.n, req.max_tokens, req.stop_token_ids, info, self.limits, req.image_indices,
                          len(req.images))
         if self._pending >= self.limits.max_pending_requests:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from proto.errors import ApiError
+from proto.validation import vocab_problem
+from services.common.image_refs import check_image_refs, check_takes_images
 from services.common.images import ImageLimits
-from services.common.multimodal import check_image_refs
+from services.common.limits import PublishedLimits
 from services.rollout_server.generator import GeneratorInfo
 
 
 @dataclass(frozen=True)
-class RolloutLimits:
+class RolloutLimits(PublishedLimits):
     max_body_bytes: int = 16 << 20
     max_weights_bytes: int = 16 << 30
     max_prompts: int = 4096
@@ -20,14 +22,11 @@ class RolloutLimits:
     max_pending_requests: int = 64
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=4096))  # one per prompt
 
-    def as_dict(self) -> dict[str, int]:
-        scalars = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "images"}
-        return scalars | self.images.as_dict()
-
 
 def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids: list[int], info: GeneratorInfo,
                      limits: RolloutLimits, image_indices: Sequence[Sequence[int]] | None = None,
                      n_images: int = 0) -> None:
+    check_takes_images(n_images, info.image_token_id, "images")
     if len(prompts) > limits.max_prompts:
         raise ApiError(413, "batch_too_large", f"{len(prompts)} prompts; limit is {limits.max_prompts}", "prompts")
     if n > limits.max_n:
@@ -36,13 +35,9 @@ def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids
         if len(p) + max_tokens > info.max_length:
             raise ApiError(422, "too_long", f"prompts[{i}] has {len(p)} tokens; with max_tokens {max_tokens} that "
                            f"exceeds the max length {info.max_length}", f"prompts[{i}]")
-        check_image_refs(p, len(p), image_indices[i] if image_indices else (), n_images, info.image_token_id,
-                         f"prompts[{i}]", f"image_indices[{i}]")
-        for j, t in enumerate(p):
-            if t >= info.vocab_size:
-                raise ApiError(422, "invalid_token", f"prompts[{i}][{j}] = {t} is outside [0, {info.vocab_size})",
-                               f"prompts[{i}][{j}]")
-    for j, t in enumerate(stop_ids):
-        if t >= info.vocab_size:
-            raise ApiError(422, "invalid_token", f"stop_token_ids[{j}] = {t} is outside [0, {info.vocab_size})",
-                           f"stop_token_ids[{j}]")
+        check_image_refs(p, image_indices[i] if image_indices else (), n_images, info.image_token_id, f"prompts[{i}]",
+                         f"image_indices[{i}]")
+        if (problem := vocab_problem(p, info.vocab_size, f"prompts[{i}]")) is not None:
+            raise problem
+    if (problem := vocab_problem(stop_ids, info.vocab_size, "stop_token_ids")) is not None:
+        raise problem

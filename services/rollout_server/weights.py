@@ -12,7 +12,7 @@ def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import AutoConfig
 
-    from services.common.models import auto_model_class
+    from modeling.loading import auto_model_class
 
     with torch.device("meta"):
         model = auto_model_class(model_dir).from_config(AutoConfig.from_pretrained(model_dir))

@@ -85,8 +85,6 @@ class TeacherService:
     async def score(self, items: Sequence[ScoreItem], team: Team, images: Sequence[bytes] = ()) -> list[ScoredSpan]:
         """Validate, then admit under the team's quotas (a refused request costs nothing), then queue fairly."""
         info = self.ready().info()
-        if images and info.image_token_id is None:
-            raise ApiError(422, "images_unsupported", "images: this teacher is text-only and takes no images", "images")
         validate_items(items, info, self.limits, len(images))
         decoded = await asyncio.to_thread(decode_images, images, self.limits.images) if images else []
         per_item = [tuple(decoded[j] for j in it.image_indices) for it in items] if decoded else None

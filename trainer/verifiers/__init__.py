@@ -1,4 +1,4 @@
-"""Rule-based outcome verifiers: R(q, τ) ∈ {0, 1} per domain (METHOD.md §1), used only for data balancing and
+"""Rule-based outcome verifiers: R(q, τ) ∈ {0, 1} per domain (docs/method.md §1), used only for data balancing and
 margin calibration. A verifier that fails or times out counts as "incorrect".
 
 A domain is one module with a `check(completion, record, timeout_s) -> bool` function, registered below (or at

@@ -1,7 +1,7 @@
 """Synthetic code: write `f(x)` from input/output examples; verified by hidden tests run in the sandbox.
 
 Why two styles: `def` ("def f(x):\\n    return 2*x+3") and `lambda` ("f = lambda x: 2*x+3") are both correct, and a
-teacher that only saw one scores the other low (METHOD.md §4, first failure mode).
+teacher that only saw one scores the other low (docs/method.md §4, first failure mode).
 
 Why wrong answers look right: an off-by-one constant ("2*x+4") differs from a correct program in one token; a
 program fitted to the shown examples only (a lookup) passes what the prompt shows and fails the hidden tests.

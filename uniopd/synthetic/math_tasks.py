@@ -1,8 +1,8 @@
 """Synthetic math: multi-step arithmetic word problems with worked solutions in two styles.
 
-Why two styles: METHOD.md §4's first failure mode needs correct solutions that a teacher trained on one style scores
-low. `steps` writes each operation as an equation ("7+5=12."); `running` narrates a running total ("add 5, get 12.").
-Both end with "The answer is N." so one verifier (trainer/verifiers/math.py) checks either.
+Why two styles: the first failure mode of docs/method.md §4 needs correct solutions that a teacher trained on one
+style scores low. `steps` writes each operation as an equation ("7+5=12."); `running` narrates a running total
+("add 5, get 12."). Both end with "The answer is N." so one verifier (trainer/verifiers/math.py) checks either.
 
 Why wrong answers look right: a slip in one step ("7+5=13.") is one wrong digit among many right tokens, and every
 later step is consistent with it, so a teacher scores the whole trajectory almost as well as a correct one.

@@ -7,7 +7,7 @@ stay inside the image; what the question asks is always visible.
 
 Why two styles: `list` names every matching shape in reading order ("Red square, red circle. The answer is 2."),
 `count` states the count ("I count 2 red shapes. The answer is 2."). Both are correct and a teacher trained on one
-scores the other low (METHOD.md §4, first failure mode). Both end with "The answer is N.", and records carry the
+scores the other low (docs/method.md §4, first failure mode). Both end with "The answer is N.", and records carry the
 answer like math records do, so the math verifier (trainer/verifiers/math.py) checks them.
 
 Why wrong answers look right: a slip miscounts by one (never below zero) and the rest of the text agrees with it: in

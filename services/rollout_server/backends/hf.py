@@ -7,20 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling.multimodal import on_model
 from proto.rollout import Sample
-from services.common.models import describe, load_hf_model, max_positions
-from services.common.multimodal import Vision, is_multimodal, on_model
+from services.common.models import serve_hf
 from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eos_ids
 
 
 class HFGenerator:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
                  max_length: int | None = None) -> None:
-        self.model = load_hf_model(model_dir, dtype, device)
-        self.vision = Vision(model_dir) if is_multimodal(model_dir) else None
-        limit = max_positions(self.model)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        base = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit))
+        self.model, self.vision, base = serve_hf(model_dir, dtype, device, max_length)
         self._info = GeneratorInfo(**vars(base), eos_token_ids=eos_ids(model_dir))
 
     def info(self) -> GeneratorInfo:

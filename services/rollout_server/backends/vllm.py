@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling.multimodal import Vision, is_multimodal
 from proto.rollout import Sample
 from services.common.models import describe, make_vllm_engine, tokens_prompt
-from services.common.multimodal import Vision, is_multimodal
 from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eos_ids
 
 

@@ -1,4 +1,4 @@
-"""transformers backend: batched, right-padded prefill; logits only for response positions."""
+"""transformers backend: length-sorted groups under a padded-token budget, each one prefill (modeling.logprobs)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling.logprobs import prefill_responses
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
-from services.common.models import describe, load_hf_model, max_positions
-from services.common.multimodal import Vision, is_multimodal, on_model
+from services.common.models import serve_hf
 from services.teacher_server.scorer import ScorerInfo
 
 
@@ -30,12 +30,7 @@ def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]
 class HFScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
                  max_length: int | None = None, max_top_k: int = 20, forward_tokens: int = 16384) -> None:
-        self.model = load_hf_model(model_dir, dtype, device)
-        self.device = self.model.device
-        self.vision = Vision(model_dir) if is_multimodal(model_dir) else None
-        limit = max_positions(self.model)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        base = describe(model_dir, "hf", dtype, vocab, min(max_length or limit, limit))
+        self.model, self.vision, base = serve_hf(model_dir, dtype, device, max_length)
         self._info = ScorerInfo(**vars(base), max_top_k=max_top_k)
         self.forward_tokens = forward_tokens
 
@@ -59,28 +54,15 @@ class HFScorer:
         return out  # type: ignore[return-value]
 
     def _score_group(self, items: list[ScoreItem], seqs: list[Sequence[int]], pixels: dict) -> list[ScoredSpan]:
-        # response positions count from the end: image expansion only lengthens the prompt
-        starts = [len(s) - (len(it.input_ids) - it.response_start) for s, it in zip(seqs, items, strict=True)]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(items), width), dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        first = min(starts) - 1
-        keep = torch.arange(first, width - 1, device=self.device)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep,
-                            **on_model(pixels, self.model)).logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        targets = ids[:, first + 1 :].to(self.device)
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        lengths = [len(it.input_ids) - it.response_start for it in items]
+        scored = prefill_responses(self.model, seqs, lengths, pixels)
+        logprobs = scored.logprobs.cpu().numpy()
         spans = []
-        for row, (it, s, start) in enumerate(zip(items, seqs, starts, strict=True)):
-            lo, hi = start - 1 - first, len(s) - 1 - first
-            span = ScoredSpan(picked[row, lo:hi].cpu().numpy())
+        for row, (it, n) in enumerate(zip(items, lengths, strict=True)):
+            span = ScoredSpan(logprobs[row, :n])
             if it.top_k:
-                vals, idx = logits[row, lo:hi].topk(it.top_k, dim=-1)
-                span.top_k_ids = idx.to(torch.int32).cpu().numpy()
-                span.top_k_logprobs = (vals - lse[row, lo:hi, None]).cpu().numpy()
+                ids, top = scored.top_k(row, it.top_k)
+                span.top_k_ids = ids.to(torch.int32).cpu().numpy()
+                span.top_k_logprobs = top.cpu().numpy()
             spans.append(span)
         return spans

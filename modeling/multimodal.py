@@ -83,32 +83,6 @@ def processor_fingerprint(processor: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_image_refs(ids: Sequence[int], prompt_len: int, refs: Sequence[int], n_images: int,
-                     image_token_id: int | None, where: str, refs_field: str) -> None:
-    """An item's image references against its placeholders: what the backends rely on to pair tokens and images."""
-    from proto.errors import ApiError
-
-    if image_token_id is None:
-        if refs:
-            raise ApiError(422, "images_unsupported", f"{refs_field}: this model is text-only and takes no images",
-                           refs_field)
-        return
-    if len(refs) > MAX_IMAGES_PER_SEQUENCE:
-        raise ApiError(413, "too_many_images", f"{refs_field}: {len(refs)} images in one sequence; limit is "
-                       f"{MAX_IMAGES_PER_SEQUENCE}", refs_field)
-    for j, r in enumerate(refs):
-        if r >= n_images:
-            raise ApiError(422, "invalid_field", f"{refs_field}[{j}] = {r}, but the request has {n_images} images",
-                           f"{refs_field}[{j}]")
-    placeholders = sum(1 for t in ids[:prompt_len] if t == image_token_id)
-    if placeholders != len(refs):
-        raise ApiError(422, "image_mismatch", f"{where}: the prompt has {placeholders} image placeholders (token "
-                       f"{image_token_id}) but {len(refs)} images are referenced", refs_field)
-    if any(t == image_token_id for t in ids[prompt_len:]):
-        raise ApiError(422, "invalid_token", f"{where}: the response holds an image placeholder (token "
-                       f"{image_token_id}); images belong in the prompt", where)
-
-
 def on_model(tensors: dict, model: Any) -> dict:
     """Image tensors on the model's device, floating ones in its dtype (pixel masks keep theirs)."""
     weight = next(model.parameters())  # also right for a wrapped (DDP) model, which has no .device
@@ -116,7 +90,8 @@ def on_model(tensors: dict, model: Any) -> dict:
 
 
 def open_image(data: bytes) -> Any:
-    """A trusted local image (the trainer's own dataset) as RGB; network input goes through services.common.images."""
+    """A trusted local image (the trainer's own dataset) as RGB; network input goes through services.common.images,
+    which bounds it before decoding."""
     from PIL import Image
 
     return Image.open(io.BytesIO(data)).convert("RGB")

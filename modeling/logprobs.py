@@ -1,0 +1,63 @@
+"""The one log-prob kernel: a right-padded prefill, logits only at response positions, each response token's
+log-prob gathered. The teacher's scorer and the trainer's student both call it, so the two log-probs whose difference
+is OPD's advantage come from the same arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from modeling.multimodal import on_model
+
+
+@dataclass
+class ResponseLogprobs:
+    """Every response token's log-prob, and the logits of the response positions, which top-k needs.
+
+    `logprobs[i, t]` is log p(token t of response i | everything before it), float32, each row right-padded with 0 to
+    the longest response; differentiable when the forward pass ran with grad enabled.
+    """
+
+    logprobs: torch.Tensor  # (rows, longest response)
+    lengths: list[int]  # response tokens per row
+    logits: torch.Tensor  # (rows, kept positions, vocab), float32
+    lse: torch.Tensor  # (rows, kept positions): log of each kept position's softmax normaliser
+    offsets: list[int]  # the kept position that predicts each row's first response token
+
+    def top_k(self, row: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's k most likely tokens at each response position, best first: their ids and log-probs."""
+        span = slice(self.offsets[row], self.offsets[row] + self.lengths[row])
+        values, ids = self.logits[row, span].topk(k, dim=-1)
+        return ids, values - self.lse[row, span, None]
+
+
+def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Sequence[int],
+                      pixels: dict | None = None) -> ResponseLogprobs:
+    """One forward pass over `seqs`, right-padded, each ending in a response of `response_lengths[i]` tokens.
+
+    Responses are counted from the end of each sequence, where image expansion (which only lengthens the prompt)
+    cannot shift them; `pixels` are the image tensors of already expanded sequences. Logits are computed only from
+    the batch's first response position on (`logits_to_keep`), in float32 whatever the model's dtype.
+    """
+    device = next(model.parameters()).device  # also right for a wrapped (DDP) model, which has no .device
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    starts = [len(s) - n for s, n in zip(seqs, response_lengths, strict=True)]
+    first = min(starts) - 1  # the position whose logits predict the batch's earliest response token
+    keep = torch.arange(first, width - 1, device=device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep,
+                   **on_model(pixels or {}, model)).logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, ids[:, first + 1:].to(device).unsqueeze(-1)).squeeze(-1) - lse
+    offsets = [start - 1 - first for start in starts]
+    steps = torch.arange(max(response_lengths), device=device)
+    index = (torch.tensor(offsets, device=device)[:, None] + steps).clamp(max=picked.shape[1] - 1)
+    inside = steps < torch.tensor(list(response_lengths), device=device)[:, None]
+    logprobs = torch.where(inside, picked.gather(1, index), 0.0)
+    return ResponseLogprobs(logprobs, list(response_lengths), logits, lse, offsets)

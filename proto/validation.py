@@ -1,0 +1,59 @@
+"""What a teacher refuses in one score item, as one pure check: the teacher raises what it returns, and a trainer masks
+the item on it instead of sending it to fail its whole request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from proto.errors import ApiError
+from proto.schemas import ScoreItem
+
+
+class ItemBounds(Protocol):
+    """What an item is checked against: a teacher's TeacherInfo, or the ScorerInfo the server builds it from."""
+
+    @property
+    def max_length(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_top_k(self) -> int: ...
+
+    @property
+    def image_token_id(self) -> int | None: ...
+
+
+def score_item_problem(item: ScoreItem, teacher: ItemBounds, where: str = "item") -> ApiError | None:
+    """The error `teacher` answers `item` with (its field prefixed by `where`), or None when the item is scorable.
+
+    Checks only the item itself: its request's images and limits are the server's (services/teacher_server/limits.py).
+    """
+    n = len(item.input_ids)
+    if n > teacher.max_length:
+        return ApiError(422, "too_long", f"{where}.input_ids has {n} tokens; max length is {teacher.max_length}",
+                        f"{where}.input_ids")
+    if item.response_start >= n:
+        return ApiError(422, "invalid_field", f"{where}.response_start must be < len(input_ids) = {n}",
+                        f"{where}.response_start")
+    if item.top_k > teacher.max_top_k:
+        return ApiError(422, "invalid_field", f"{where}.top_k must be <= {teacher.max_top_k}", f"{where}.top_k")
+    image = teacher.image_token_id
+    if image is not None and image in item.input_ids[item.response_start :]:
+        return ApiError(422, "invalid_token", f"{where}: the response holds an image placeholder (token {image}); "
+                        "images belong in the prompt", where)
+    return vocab_problem(item.input_ids, teacher.vocab_size, f"{where}.input_ids")
+
+
+def vocab_problem(ids: Sequence[int], vocab_size: int, field: str) -> ApiError | None:
+    """The first token id outside the model's vocabulary, as the error naming it (`field[j]`), or None."""
+    ids = np.asarray(ids, dtype=np.int64)
+    bad = np.flatnonzero(ids >= vocab_size)
+    if not bad.size:
+        return None
+    j = int(bad[0])
+    return ApiError(422, "invalid_token", f"{field}[{j}] = {ids[j]} is outside [0, {vocab_size})", f"{field}[{j}]")

@@ -1,0 +1,82 @@
+"""The one log-prob kernel (modeling.logprobs), in process: the teacher's transformers scorer and the trainer's student
+log-probs give the same numbers for the same sequences, since OPD's advantage is their difference."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from proto.schemas import ScoreItem
+from services.teacher_server.backends.hf import HFScorer
+from tests.conftest import random_items
+from trainer.student import response_logprobs
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model) -> HFScorer:
+    return HFScorer(tiny_model, "float32", "cpu")
+
+
+def split(items: list[ScoreItem]) -> tuple[list[list[int]], list[list[int]]]:
+    return [it.input_ids[: it.response_start] for it in items], [it.input_ids[it.response_start :] for it in items]
+
+
+def test_scorer_and_student_give_identical_logprobs(scorer):
+    items = random_items(np.random.default_rng(0), 12)  # mixed lengths and response starts: padding differs by row
+    spans = scorer.score(items)
+    with torch.no_grad():
+        student = response_logprobs(scorer.model, *split(items)).numpy()
+    for row, (it, span) in enumerate(zip(items, spans, strict=True)):
+        n = len(it.input_ids) - it.response_start
+        np.testing.assert_array_equal(span.logprobs, student[row, :n])
+        assert not student[row, n:].any()  # right-padded with 0
+
+
+def test_logprobs_and_top_k_match_an_unbatched_forward_pass(scorer, reference):
+    items = random_items(np.random.default_rng(1), 6, top_k=4)
+    for it, span in zip(items, scorer.score(items), strict=True):
+        full = reference.logprobs(it.input_ids)[it.response_start - 1 : -1]  # position p predicts token p + 1
+        np.testing.assert_allclose(span.logprobs, reference.span(it.input_ids, it.response_start), atol=1e-5)
+        np.testing.assert_array_equal(span.top_k_ids, np.argsort(-full, axis=-1)[:, :4])
+        np.testing.assert_allclose(span.top_k_logprobs, -np.sort(-full, axis=-1)[:, :4], atol=1e-5)
+
+
+def test_student_logprobs_are_differentiable_and_padding_carries_no_gradient(tiny_model):
+    from modeling.loading import from_pretrained
+
+    model = from_pretrained(tiny_model)
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14]]
+    lp = response_logprobs(model, prompts, responses)
+    assert lp.shape == (2, 4) and lp.requires_grad and lp[1, 1:].eq(0).all()
+    (lp * torch.tensor([[1.0, 1, 1, 1], [1, 0, 0, 0]])).sum().backward()
+    with_padding = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    lp = response_logprobs(model, prompts, responses)
+    lp.sum().backward()  # the padded entries add nothing
+    assert any(g.abs().sum() > 0 for g in with_padding.values())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, with_padding[name], rtol=0, atol=0)
+
+
+def test_multimodal_scorer_and_student_agree_with_images_expanded(tiny_vlm):
+    from PIL import Image
+
+    scorer = HFScorer(tiny_vlm, "float32", "cpu")
+    image_id = scorer.vision.placeholder_id
+    pngs = []
+    for colour in ((200, 30, 30), (20, 160, 90)):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 28), colour).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    prompts = [[3, image_id, 7, 8], [4, 5, image_id, 9, image_id, 6], [11, 12]]
+    responses = [[20, 21, 22], [30, 31], [40, 41, 42, 43]]
+    per_row = [[pngs[0]], [pngs[1], pngs[0]], []]
+    items = [ScoreItem(input_ids=p + r, response_start=len(p)) for p, r in zip(prompts, responses, strict=True)]
+    spans = scorer.score(items, [[Image.open(io.BytesIO(b)).convert("RGB") for b in row] for row in per_row])
+    with torch.no_grad():
+        student = response_logprobs(scorer.model, prompts, responses, per_row, scorer.vision).numpy()
+    for row, (r, span) in enumerate(zip(responses, spans, strict=True)):
+        np.testing.assert_array_equal(span.logprobs, student[row, : len(r)])

@@ -1,0 +1,417 @@
+"""The teacher app in-process (create_app over a ScorerDouble, or the real HFScorer on the tiny model): probes, info,
+/v1/score in JSON and msgpack, request limits, micro-batching, and the SGLang / OpenAI scoring compat routes.
+
+The same behaviours against real server processes (both backends) are the e2e tier's test_teacher_server.py and
+test_auth_and_limits.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import AsyncIterator
+
+import msgpack
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from proto.client import TeacherClient
+from proto.codec import encode_score_request
+from proto.errors import ApiError
+from proto.fingerprint import make_fingerprint
+from proto.schemas import MSGPACK, ScoreItem
+from services.teacher_server.app import create_app
+from services.teacher_server.limits import Limits
+from services.teacher_server.scorer import Scorer
+from tests.conftest import random_items
+from tests.doubles import ScorerDouble
+from tests.inprocess import BASE_URL, running, transport, until, wait_loaded
+
+TOL = 1e-4
+
+
+def teacher_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
+    return create_app(lambda: scorer, domains=["math"], limits=limits or Limits(batch_wait_ms=1))
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def item(ids: list[int], start: int, top_k: int = 0) -> dict:
+    return {"input_ids": ids, "response_start": start, "top_k": top_k}
+
+
+@pytest.fixture(scope="session")
+def hf_scorer(tiny_model):
+    from services.teacher_server.backends.hf import HFScorer
+
+    return HFScorer(tiny_model, dtype="float32", device="cpu")
+
+
+# ---- probes and info ---------------------------------------------------------------------------------------------
+
+async def test_probes_answer_while_loading_and_info_describes_the_loaded_scorer():
+    double, loading = ScorerDouble(), threading.Event()
+    app = create_app(lambda: loading.wait(30) and double, domains=["math"], limits=Limits(max_batch_items=7))
+    async with running(app, loaded=False) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        not_ready = await client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
+        assert not_ready.headers["retry-after"] == "5"
+        assert (await client.post("/v1/score", json={"items": [item([1, 2, 3], 1)]})).status_code == 503
+        assert (await client.get("/v1/info")).status_code == 503
+        loading.set()
+        await wait_loaded(app)
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        info = (await client.get("/v1/info")).json()
+    i = double.info()
+    want = make_fingerprint(i.model, i.revision, i.tokenizer_fingerprint, i.dtype, i.backend)
+    assert info["fingerprint"] == want.model_dump()
+    assert (info["model"], info["backend"], info["vocab_size"], info["max_top_k"]) == ("scorer-double-0", "double",
+                                                                                        512, 20)
+    assert info["domains"] == ["math"] and info["api_version"] == "v1"
+    assert info["limits"] == Limits(max_batch_items=7).as_dict() and info["limits"]["max_batch_items"] == 7
+
+
+async def test_a_scorer_that_fails_to_load_is_reported_not_served():
+    def load() -> Scorer:
+        raise RuntimeError("no weights here")
+
+    app = create_app(load)
+    async with running(app) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "load_failed"
+        assert "RuntimeError: no weights here" in ready.json()["error"]["message"]
+        assert (await client.post("/v1/score", json={"items": [item([1, 2, 3], 1)]})).status_code == 503
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_openapi_states_the_loaded_models_limits():
+    app = teacher_app(ScorerDouble(max_length=300, max_top_k=5), Limits(max_batch_items=9))
+    async with running(app) as client:
+        schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    props = schemas["ScoreItem"]["properties"]
+    assert props["input_ids"]["items"]["maximum"] == 511 and props["input_ids"]["maxItems"] == 300
+    assert props["top_k"]["maximum"] == 5 and schemas["ScoreRequest"]["properties"]["items"]["maxItems"] == 9
+
+
+# ---- /v1/score -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("binary", [False, True])
+async def test_score_returns_each_items_response_span_and_top_k(binary):
+    double = ScorerDouble(seed=3)
+    items = random_items(np.random.default_rng(1), 6) + random_items(np.random.default_rng(2), 3, top_k=4)
+    app = teacher_app(double)
+    async with running(app), TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+        fingerprint, spans = await client.score(items)
+    assert fingerprint == app.state.service.fingerprint
+    for it, span in zip(items, spans, strict=True):
+        want = double.span(it.input_ids, it.response_start, it.top_k)
+        np.testing.assert_array_equal(span.logprobs, want.logprobs)
+        assert span.k == it.top_k
+        if it.top_k:
+            np.testing.assert_array_equal(span.top_k_ids, want.top_k_ids)
+            np.testing.assert_array_equal(span.top_k_logprobs, want.top_k_logprobs)
+
+
+async def test_json_and_msgpack_carry_the_same_scores_and_msgpack_is_smaller():
+    items = random_items(np.random.default_rng(2), 5, top_k=4)
+    app = teacher_app(ScorerDouble())
+    async with running(app):
+        results = {}
+        for binary in (False, True):
+            async with TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+                results[binary] = (*await client.score(items), client.bytes_received)
+    (fp_json, json_spans, json_bytes), (fp_bin, bin_spans, bin_bytes) = results[False], results[True]
+    assert fp_json == fp_bin and bin_bytes < json_bytes
+    for a, b in zip(json_spans, bin_spans, strict=True):
+        assert np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.top_k_ids, b.top_k_ids)
+        assert np.array_equal(a.top_k_logprobs, b.top_k_logprobs)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+async def test_hf_scores_match_direct_transformers(hf_scorer, reference, binary):
+    items = random_items(np.random.default_rng(1), 8) + random_items(np.random.default_rng(3), 3, top_k=5)
+    app = teacher_app(hf_scorer)
+    async with running(app), TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+        fingerprint, spans = await client.score(items)
+    assert fingerprint.backend == "hf"
+    for it, span in zip(items, spans, strict=True):
+        np.testing.assert_allclose(span.logprobs, reference.span(it.input_ids, it.response_start), atol=TOL)
+        if it.top_k:
+            full = reference.logprobs(it.input_ids)[it.response_start - 1 : len(it.input_ids) - 1]
+            want_ids = np.argsort(-full, axis=-1)[:, : it.top_k]
+            assert np.array_equal(span.top_k_ids, want_ids)
+            np.testing.assert_allclose(span.top_k_logprobs, np.take_along_axis(full, want_ids, -1), atol=TOL)
+
+
+INVALID = [
+    ({"items": []}, 422, "items"),
+    ({"items": [item([1], 1)]}, 422, "items[0].input_ids"),
+    ({"items": [item([1, 2, 512], 2)]}, 422, "items[0].input_ids[2]"),
+    ({"items": [item([1, -2, 3], 2)]}, 422, "items[0].input_ids[1]"),
+    ({"items": [item([1, 2.5, 3], 2)]}, 422, "items[0].input_ids[1]"),
+    ({"items": [item([1, 2, 3, 4], 0)]}, 422, "items[0].response_start"),
+    ({"items": [item([1, 2, 3, 4], 4)]}, 422, "items[0].response_start"),
+    ({"items": [item([1, 2, 3, 4], 2, top_k=21)]}, 422, "items[0].top_k"),
+    ({"items": [item([1, 2, 3, 4], 2, top_k=-1)]}, 422, "items[0].top_k"),
+    ({"items": [item(list(range(500)) * 3, 2)]}, 422, "items[0].input_ids"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "surprise": 1}]}, 422, "items[0].surprise"),
+    ({"items": [item([1, 2, 3], 1), item([1, 2, 3], 1, top_k=30)]}, 422, "items[1].top_k"),
+    ({"itemz": []}, 422, "items"),
+    ([1, 2], 422, None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), INVALID)
+async def test_invalid_requests_name_the_field(body, status, field):
+    double = ScorerDouble()
+    async with running(teacher_app(double)) as client:
+        resp = await client.post("/v1/score", json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["field"] == field and err["code"] and err["message"]
+    assert double.calls == []  # refused before it reached the scorer
+
+
+async def test_malformed_bodies_and_unknown_paths():
+    async with running(teacher_app(ScorerDouble())) as client:
+        assert (await client.post("/v1/score", content=b"{not json")).status_code == 400
+        bad = await client.post("/v1/score", content=b"\xc1\xff", headers={"Content-Type": MSGPACK})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "malformed_body"
+        odd = msgpack.packb({"items": [{"input_ids": b"\x01\x00\x00", "response_start": 1}]})
+        resp = await client.post("/v1/score", content=odd, headers={"Content-Type": MSGPACK})
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == "items[0].input_ids"
+        text = await client.post("/v1/score", content=b"x", headers={"Content-Type": "text/plain"})
+        assert text.status_code == 415
+        assert (await client.get("/nope")).json()["error"]["code"] == "not_found"
+        assert (await client.get("/v1/score")).json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_binary_request_out_of_vocab_names_the_token():
+    raw = msgpack.unpackb(encode_score_request([ScoreItem(input_ids=[1, 2, 3], response_start=1)], binary=True))
+    raw["items"][0]["input_ids"] = np.array([1, 9999, 3], dtype="<i4").tobytes()
+    async with running(teacher_app(ScorerDouble())) as client:
+        resp = await client.post("/v1/score", content=msgpack.packb(raw), headers={"Content-Type": MSGPACK})
+    assert resp.status_code == 422 and resp.json()["error"]["field"] == "items[0].input_ids[1]"
+
+
+async def test_client_raises_the_servers_api_error():
+    app = teacher_app(ScorerDouble())
+    async with running(app), TeacherClient(BASE_URL, transport=transport(app)) as client:
+        with pytest.raises(ApiError) as exc:
+            await client.score([ScoreItem(input_ids=[1, 2, 600], response_start=1)])
+    assert exc.value.status == 422 and exc.value.field == "items[0].input_ids[2]"
+
+
+async def test_top_k_is_bounded_by_the_scorers_max_top_k():
+    async with running(teacher_app(ScorerDouble(max_top_k=5))) as client:
+        refused = await client.post("/v1/score", json={"items": [item([1, 2, 3, 4], 2, top_k=6)]})
+        served = await client.post("/v1/score", json={"items": [item([1, 2, 3, 4], 2, top_k=5)]})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "items[0].top_k"
+    assert "<= 5" in refused.json()["error"]["message"]
+    assert served.status_code == 200 and len(served.json()["results"][0]["top_k_ids"][0]) == 5
+
+
+# ---- limits --------------------------------------------------------------------------------------------------------
+
+LIMITED = Limits(max_queue_items=8, max_batch_items=8, batch_wait_ms=1, max_body_bytes=20000, max_request_tokens=300)
+
+
+async def test_declared_body_over_the_limit_is_refused_unread():
+    double = ScorerDouble()
+    async with running(teacher_app(double, LIMITED)) as client:
+        resp = await client.post("/v1/score", content=b"x" * 20001, headers={"Content-Type": "application/json"})
+        at_limit = await client.post("/v1/score", content=b"x" * 20000, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+    assert at_limit.status_code == 400  # within the limit: read, then refused as malformed JSON
+    assert double.calls == []
+
+
+async def test_streamed_body_over_the_limit_is_cut_off():
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b" " * 1000
+
+    async with running(teacher_app(ScorerDouble(), LIMITED)) as client:
+        resp = await client.post("/v1/score", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in resp.request.headers  # chunked: only counting can catch it
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+async def test_too_many_items_and_too_many_tokens():
+    async with running(teacher_app(ScorerDouble(), LIMITED)) as client:
+        many = await client.post("/v1/score", json={"items": [item([1, 2], 1)] * 9})
+        eight = await client.post("/v1/score", json={"items": [item([1, 2], 1)] * 8})
+        long = await client.post("/v1/score", json={"items": [item([1] * 200, 1)] * 2})
+    assert many.status_code == 413 and many.json()["error"] == {
+        "code": "batch_too_large", "message": "9 items; limit is 8", "field": "items"}
+    assert eight.status_code == 200
+    assert long.status_code == 413 and long.json()["error"]["code"] == "request_too_large"
+
+
+async def test_full_queue_answers_429_with_retry_after_and_recovers():
+    double = ScorerDouble(held=True)
+    app = teacher_app(double, LIMITED)
+    big = encode_score_request(random_items(np.random.default_rng(0), 8, lo=4, hi=30), binary=True)
+    small = encode_score_request(random_items(np.random.default_rng(1), 1, lo=4, hi=30), binary=True)
+    headers = {"Content-Type": MSGPACK}
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/v1/score", content=big, headers=headers))
+        await until(lambda: app.state.service.batcher.depth == 8, "8 items in flight")
+        refused = await client.post("/v1/score", content=small, headers=headers)
+        double.gate.open()
+        assert (await first).status_code == 200
+        assert (await client.post("/v1/score", content=small, headers=headers)).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert 'uniopd_requests_total{route="/v1/score",status="429"} 1.0' in metrics
+    assert 'uniopd_requests_total{route="/v1/score",status="200"} 2.0' in metrics
+
+
+async def test_concurrent_requests_are_coalesced_and_each_gets_its_own_items():
+    """The first request holds the scorer; the fifteen that arrive meanwhile share the next scorer calls."""
+    double = ScorerDouble(held=True)
+    app = teacher_app(double, Limits(batch_wait_ms=1, max_batch_tokens=16384))
+    batches = [random_items(np.random.default_rng(10 + i), 2) for i in range(16)]
+    async with running(app) as client, TeacherClient(BASE_URL, transport=transport(app)) as teacher:
+        tasks = [asyncio.create_task(teacher.score(batches[0]))]
+        await asyncio.to_thread(double.gate.entered.wait, 10)
+        tasks += [asyncio.create_task(teacher.score(b)) for b in batches[1:]]
+        await until(lambda: app.state.service.batcher.depth == 32, "every request queued")
+        double.gate.open()
+        results = await asyncio.gather(*tasks)
+        metrics = (await client.get("/metrics")).text
+    for items, (_, spans) in zip(batches, results, strict=True):
+        for it, span in zip(items, spans, strict=True):
+            np.testing.assert_array_equal(span.logprobs, double.span(it.input_ids, it.response_start).logprobs)
+    assert [len(call) for call in double.calls] == [2, 30]
+    assert metric(metrics, "uniopd_batch_requests_count") == 2 and metric(metrics, "uniopd_batch_requests_sum") == 16
+    assert metric(metrics, "uniopd_queue_depth") == 0
+    scored = sum(len(it.input_ids) - it.response_start for b in batches for it in b)
+    assert metric(metrics, "uniopd_scored_tokens_total") == scored
+    assert "uniopd_request_latency_seconds_bucket" in metrics
+
+
+# ---- compatibility routes ------------------------------------------------------------------------------------------
+
+def lps(entries: list) -> np.ndarray:
+    return np.array([e[0] for e in entries], dtype=np.float32)
+
+
+async def test_sglang_generate_as_slime_parses_it():
+    double = ScorerDouble(seed=5)
+    ids, response_length = list(range(10, 40)), 12
+    payload = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+               "sampling_params": {"temperature": 0, "max_new_tokens": 0, "skip_special_tokens": False}}
+    async with running(teacher_app(double)) as client:
+        out = (await client.post("/generate", json=payload)).json()
+    entries = out["meta_info"]["input_token_logprobs"]
+    assert len(entries) == len(ids) and entries[0][0] is None and [e[1] for e in entries] == ids
+    teacher_lps = lps(entries[1:])[-response_length:]  # slime's parsing
+    np.testing.assert_array_equal(teacher_lps, double.span(ids, len(ids) - response_length).logprobs)
+    assert out["text"] == "" and out["meta_info"]["completion_tokens"] == 0
+    assert out["meta_info"]["prompt_tokens"] == len(ids)
+
+
+async def test_sglang_generate_batch_with_per_sequence_start_and_top_logprobs():
+    double = ScorerDouble(seed=6)
+    seqs = [list(range(5, 25)), list(range(30, 42))]
+    payload = {"input_ids": seqs, "return_logprob": True, "logprob_start_len": [4, -1], "top_logprobs_num": 3,
+               "sampling_params": {"max_new_tokens": 0}, "rid": "req-7"}
+    async with running(teacher_app(double)) as client:
+        outs = (await client.post("/generate", json=payload)).json()
+    assert isinstance(outs, list) and len(outs) == 2 and {o["meta_info"]["id"] for o in outs} == {"req-7"}
+    first, second = outs[0]["meta_info"], outs[1]["meta_info"]
+    want = double.span(seqs[0], 4, top_k=3)
+    np.testing.assert_array_equal(lps(first["input_token_logprobs"]), want.logprobs)
+    assert [[t for _, t, _ in row] for row in first["input_top_logprobs"]] == want.top_k_ids.tolist()
+    assert len(second["input_token_logprobs"]) == 1  # -1: the last token only
+    np.testing.assert_array_equal(lps(second["input_token_logprobs"]), double.span(seqs[1], 11).logprobs)
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 8}},
+     "sampling_params.max_new_tokens"),
+    ({"input_ids": [1, 2, 3], "return_logprob": False, "sampling_params": {"max_new_tokens": 0}}, "return_logprob"),
+    ({"text": "hi", "input_ids": [1, 2], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}}, "text"),
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "stream": True, "sampling_params": {"max_new_tokens": 0}},
+     "stream"),
+])
+async def test_sglang_generate_refuses_generation_with_400(payload, field):
+    async with running(teacher_app(ScorerDouble())) as client:
+        resp = await client.post("/generate", json=payload)
+    assert resp.status_code == 400 and resp.json()["error"]["field"] == field, resp.text
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {}}, "sampling_params.max_new_tokens"),
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3, "sampling_params": {"max_new_tokens": 0}},
+     "logprob_start_len"),
+    ({"input_ids": [[1, 2, 3], [4]], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}},
+     "input_ids[1]"),
+    ({"input_ids": [1, 2, 3], "return_logprob": [True, True], "sampling_params": {"max_new_tokens": 0}},
+     "return_logprob"),
+    ({"input_ids": [1, 2, 600], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}},
+     "items[0].input_ids[2]"),
+])
+async def test_sglang_generate_invalid_fields(payload, field):
+    async with running(teacher_app(ScorerDouble())) as client:
+        resp = await client.post("/generate", json=payload)
+    assert resp.status_code in (400, 422) and resp.json()["error"]["field"] == field, resp.text
+
+
+async def test_openai_completions_prompt_logprobs():
+    double = ScorerDouble(seed=7)
+    ids = list(range(50, 70))
+    async with running(teacher_app(double)) as client:
+        out = (await client.post("/v1/completions", json={"model": "x", "prompt": ids, "max_tokens": 1,
+                                                          "prompt_logprobs": 2})).json()
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    want = double.span(ids, 1, top_k=2)
+    got = np.array([plp[p][str(ids[p])]["logprob"] for p in range(1, len(ids))], dtype=np.float32)
+    np.testing.assert_array_equal(got, want.logprobs)
+    for p, top in zip(range(1, len(ids)), want.top_k_ids.tolist(), strict=True):
+        assert {int(t) for t in plp[p]} == {ids[p], *top}  # the top 2 plus the actual token
+        assert [plp[p][str(t)]["rank"] for t in top] == [1, 2]
+    assert out["object"] == "text_completion" and out["model"] == "scorer-double-7"
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+async def test_openai_completions_echo_logprobs():
+    double = ScorerDouble(seed=8)
+    ids = list(range(3, 15))
+    async with running(teacher_app(double)) as client:
+        out = (await client.post("/v1/completions", json={"prompt": [ids], "max_tokens": 0, "echo": True,
+                                                          "logprobs": 1})).json()
+    lp = out["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["tokens"] == [f"token_id:{t}" for t in ids]
+    np.testing.assert_array_equal(np.array(lp["token_logprobs"][1:], np.float32), double.span(ids, 1).logprobs)
+    top = double.span(ids, 1, top_k=1).top_k_ids[:, 0].tolist()
+    assert [next(iter(row)) for row in lp["top_logprobs"][1:]] == [f"token_id:{t}" for t in top]
+    assert lp["text_offset"][:2] == [0, len("token_id:3")] and out["choices"][0]["text"] == ""
+
+
+@pytest.mark.parametrize(("payload", "status", "field"), [
+    ({"prompt": [1, 2, 3], "max_tokens": 16, "prompt_logprobs": 0}, 400, "max_tokens"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1}, 400, "prompt_logprobs"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "stream": True}, 400, "stream"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 0, "suffix": "x"}, 400, "suffix"),
+    ({"prompt": [[1, 2, 3]], "max_tokens": 0, "prompt_logprobs": 0, "n": 2}, 400, "n"),
+    ({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt"),
+    ({"prompt": [[1, 2, 3], [7]], "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt[1]"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": -1}, 422, "prompt_logprobs"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 21}, 422, "items[0].top_k"),
+])
+async def test_openai_completions_refuses_what_it_does_not_score(payload, status, field):
+    double = ScorerDouble()
+    async with running(teacher_app(double)) as client:
+        resp = await client.post("/v1/completions", json=payload)
+    assert resp.status_code == status and resp.json()["error"]["field"] == field, resp.text
+    assert double.calls == []

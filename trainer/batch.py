@@ -1,0 +1,53 @@
+"""A step's rollouts, and the same rollouts collated into the padded tensors the math takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.data import Example
+from trainer.student import pad
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything the step learns about it."""
+
+    example: Example
+    prompt_index: int
+    response: np.ndarray
+    sampler_logprobs: np.ndarray
+    finish_reason: str
+    correct: bool = False
+    teacher: np.ndarray | None = None  # teacher log-probs of the response; None = not scored (masked out)
+
+
+@dataclass
+class Batch:
+    """B rollouts as right-padded (B, T) tensors and length-B vectors; T is the longest response."""
+
+    old: torch.Tensor  # (B, T) log π_old of each response token, train precision
+    teacher: torch.Tensor  # (B, T) teacher log-probs, 0 where unscored
+    valid: torch.Tensor  # (B, T) 1 on real response tokens
+    scored: torch.Tensor  # (B,) 1 where the teacher scored the sample
+    group: np.ndarray  # (B,) int: the prompt each sample answers
+    correct: np.ndarray  # (B,) float: 1.0 correct, 0.0 incorrect (a failed verifier reads as incorrect)
+    domains: list[str]
+
+
+def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
+    width = old.shape[1]
+    lengths = torch.tensor([len(r.response) for r in rollouts])
+    teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
+    return Batch(
+        old=old,
+        teacher=torch.nn.functional.pad(teacher, (0, width - teacher.shape[1])),
+        valid=(torch.arange(width)[None, :] < lengths[:, None]).float(),
+        scored=torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32),
+        group=np.array([r.prompt_index for r in rollouts]),
+        correct=np.array([1.0 if r.correct else 0.0 for r in rollouts]),
+        domains=[r.example.domain for r in rollouts],
+    )

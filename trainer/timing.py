@@ -1,0 +1,26 @@
+"""Wall-clock timing of the named parts of a step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@contextmanager
+def timed(name: str, times: dict[str, float]) -> Iterator[None]:
+    """times[name] = seconds spent in the block (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = time.perf_counter() - start
+
+
+async def timed_await(name: str, times: dict[str, float], work: Awaitable[T]) -> T:
+    """`await work`, timed: for parts of a step that overlap under asyncio.gather."""
+    with timed(name, times):
+        return await work

@@ -1,0 +1,117 @@
+"""What an experiment is and where its runs lie: domains, methods, settings, plans, and the directory layout that
+the experiment writes and its report reads (both import it from here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOMAINS = ("math", "code", "visual")
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    offline_balance: bool = False
+    overrides: dict = field(default_factory=dict)
+
+
+_CALIB = {"recipe.calibration.preset": "release-text"}  # mean margin, group scope, spread, δ = 0.4 (docs/method.md §4)
+_ONLINE = {"recipe.online_balance.enabled": True}  # r = 1, per prompt group
+METHODS: dict[str, Method] = {
+    "opd": Method("vanilla OPD"),
+    "uniopd": Method("Uni-OPD: offline + online balancing, margin shift", True, {**_CALIB, **_ONLINE}),
+    "uniopd-no-offline": Method("Uni-OPD without offline balancing", False, {**_CALIB, **_ONLINE}),
+    "uniopd-no-online": Method("Uni-OPD without online balancing", True, _CALIB),
+    "uniopd-no-calib": Method("Uni-OPD without margin calibration", True, _ONLINE),
+    "uniopd-mask": Method("Uni-OPD with the greedy margin mask instead of the shift", True,
+                          {**_CALIB, **_ONLINE, "recipe.calibration.method": "mask"}),
+    "uniopd-mm": Method("Uni-OPD with the authors' multimodal calibration (mean margin, lift, δ = 0)", True,
+                        {"recipe.calibration.preset": "release-mm", **_ONLINE}),
+    "grpo": Method("RL baseline: outcome reward only, GRPO group-normalized advantages",
+                   overrides={"algorithm.estimator": "grpo"}),
+}
+# setting -> domain -> teacher model
+SETTINGS: dict[str, dict[str, str]] = {
+    "multi-teacher": {"math": "math-teacher", "code": "code-teacher"},
+    "single-teacher-math": {"math": "math-teacher"},
+    "single-teacher-code": {"code": "code-teacher"},
+    "strong-to-weak": {"math": "strong-teacher", "code": "strong-teacher"},
+    "cross-modal": {"code": "code-teacher", "visual": "visual-teacher"},
+}
+STUDENTS = {"cross-modal": "mm-student"}  # setting -> student model; the rest distil into "student"
+
+
+def student_of(setting: str) -> str:
+    return STUDENTS.get(setting, "student")
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: tuple[tuple[str, str], ...]  # (setting, method)
+    seeds: tuple[int, ...]
+    steps: int
+    eval_every: int
+    quick_models: bool = False
+    n_train: int = 384
+    n_eval: int = 48
+    eval_samples: int = 4
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    lr: float = 3e-4
+    max_tokens: int = 64
+    balance_samples: int = 8
+
+    @property
+    def teachers(self) -> list[str]:
+        return sorted({t for setting, _ in self.runs for t in SETTINGS[setting].values()})
+
+    @property
+    def students(self) -> list[str]:
+        return sorted({student_of(setting) for setting, _ in self.runs})
+
+    @property
+    def domains(self) -> list[str]:
+        return [d for d in DOMAINS if any(d in SETTINGS[setting] for setting, _ in self.runs)]
+
+    def domains_of(self, teacher: str) -> list[str]:
+        """The domains this teacher model scores in some setting of the plan."""
+        return sorted({d for setting, _ in self.runs for d, t in SETTINGS[setting].items() if t == teacher})
+
+
+_ALL = tuple(("multi-teacher", m) for m in METHODS if m != "uniopd-mm")
+_CROSS_MODAL = tuple(("cross-modal", m) for m in ("opd", "uniopd", "uniopd-mm"))
+PLANS: dict[str, Plan] = {
+    "full": Plan(_ALL + tuple((s, m) for s in ("single-teacher-math", "single-teacher-code", "strong-to-weak")
+                               for m in ("opd", "uniopd")) + _CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
+    "cross-modal": Plan(_CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
+    "demo": Plan((("multi-teacher", "opd"), ("multi-teacher", "uniopd")), seeds=(0,), steps=20, eval_every=10),
+    "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd"), *_CROSS_MODAL), seeds=(0,),
+                  steps=2,
+                  eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,
+                  samples_per_prompt=2, max_tokens=48, balance_samples=2),
+}
+
+
+def balanced_dir(out: Path, student: str) -> Path:
+    """Balanced sets depend on the student whose pass counts made them."""
+    return out / "data" / ("balanced" if student == "student" else f"balanced-{student}")
+
+
+def run_dir(out: Path, setting: str, method: str, seed: int) -> Path:
+    return out / "runs" / setting / method / f"seed{seed}"
+
+
+def is_done(out: Path, setting: str, method: str, seed: int) -> bool:
+    """A finished run is never redone, and only finished runs are reported."""
+    return (run_dir(out, setting, method, seed) / "done.json").exists()
+
+
+def read_timings(path: Path) -> list[dict]:
+    """The invocations' timings (prepare_s, total_s, runs trained); the single-invocation file of earlier versions
+    reads as one entry."""
+    if not path.exists():
+        return []
+    timings = json.loads(path.read_text())
+    return timings if isinstance(timings, list) else [timings]

@@ -26,11 +26,24 @@ class ResponseLogprobs:
     lse: torch.Tensor  # (rows, kept positions): log of each kept position's softmax normaliser
     offsets: list[int]  # the kept position that predicts each row's first response token
 
+    def _span(self, row: int) -> slice:
+        return slice(self.offsets[row], self.offsets[row] + self.lengths[row])
+
     def top_k(self, row: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's k most likely tokens at each response position, best first: their ids and log-probs."""
-        span = slice(self.offsets[row], self.offsets[row] + self.lengths[row])
-        values, ids = self.logits[row, span].topk(k, dim=-1)
-        return ids, values - self.lse[row, span, None]
+        values, ids = self.logits[row, self._span(row)].topk(k, dim=-1)
+        return ids, values - self.lse[row, self._span(row), None]
+
+    def distribution(self, row: int) -> torch.Tensor:
+        """A row's (response length, vocab) log-distribution at each response position."""
+        return self.logits[row, self._span(row)] - self.lse[row, self._span(row), None]
+
+    def distributions(self) -> torch.Tensor:
+        """(rows, longest response, vocab) log-distributions, right-padded with 0 like `logprobs`."""
+        out = self.logits.new_zeros((len(self.lengths), self.logprobs.shape[1], self.logits.shape[-1]))
+        for row, n in enumerate(self.lengths):
+            out[row, :n] = self.distribution(row)
+        return out
 
 
 def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Sequence[int],

@@ -1,12 +1,14 @@
 """The two encodings of /v1/score: JSON for humans, msgpack with packed little-endian arrays for trainers.
 
 Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int,
-                             "image_indices": [int]}],
+                             "image_indices": [int], "distribution": bool}],
                   "images": [bin<PNG or JPEG bytes>, ...]}
 Binary response: {"api_version", "fingerprint": {...},
                   "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
                   "top_k": bin<int32[items]>, "top_k_ids": bin<int32[sum(lengths*top_k)]>,
-                  "top_k_logprobs": bin<float32[sum(lengths*top_k)]>}
+                  "top_k_logprobs": bin<float32[sum(lengths*top_k)]>,
+                  "vocab": int, "distribution_items": bin<int32[items]> (1 where asked),
+                  "distribution": bin<float32[sum(lengths*vocab) over those items]>}
 Arrays of all items are concatenated, so a response costs a handful of msgpack objects however many items it holds.
 """
 
@@ -32,11 +34,13 @@ FLOAT32 = np.dtype("<f4")
 
 @dataclass
 class ScoredSpan:
-    """Teacher scores of one item's response span; top_k arrays have shape (len(logprobs), k) or are None."""
+    """Teacher scores of one item's response span; top_k arrays have shape (len(logprobs), k), the distribution
+    (len(logprobs), vocab), or they are None."""
 
     logprobs: np.ndarray
     top_k_ids: np.ndarray | None = None
     top_k_logprobs: np.ndarray | None = None
+    distribution: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -138,7 +142,8 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
         return json.dumps(body, separators=(",", ":")).encode()
     packed = [
         {"input_ids": np.asarray(it.input_ids, dtype=INT32).tobytes(), "response_start": it.response_start,
-         "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {})}
+         "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {}),
+         **({"distribution": True} if it.distribution else {})}
         for it in items
     ]
     return msgpack.packb({"items": packed, **({"images": list(images)} if images else {})})
@@ -158,6 +163,7 @@ def unpack_arrays(raw: bytes, sizes: np.ndarray, dtype: np.dtype) -> list[np.nda
 def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan], binary: bool) -> bytes:
     if binary:
         topped = [s for s in spans if s.k]
+        full = [s.distribution for s in spans if s.distribution is not None]
         return msgpack.packb({
             "api_version": API_VERSION,
             "fingerprint": fingerprint.model_dump(),
@@ -166,6 +172,9 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
             "top_k": np.array([s.k for s in spans], dtype=INT32).tobytes(),
             "top_k_ids": pack_arrays([s.top_k_ids for s in topped], INT32),
             "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], FLOAT32),
+            "vocab": int(full[0].shape[1]) if full else 0,
+            "distribution_items": np.array([s.distribution is not None for s in spans], dtype=INT32).tobytes(),
+            "distribution": pack_arrays(full, FLOAT32),
         })
     results = []
     for s in spans:
@@ -173,6 +182,8 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
         if s.k:
             result["top_k_ids"] = s.top_k_ids.tolist()
             result["top_k_logprobs"] = s.top_k_logprobs.tolist()
+        if s.distribution is not None:
+            result["distribution"] = s.distribution.tolist()
         results.append(result)
     return json.dumps(
         {"api_version": API_VERSION, "fingerprint": fingerprint.model_dump(), "results": results},
@@ -193,13 +204,22 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
             ScoredSpan(lp, i.reshape(n, k), t.reshape(n, k)) if k else ScoredSpan(lp)
             for lp, i, t, n, k in zip(logprobs, ids, lps, lengths.tolist(), ks.tolist(), strict=True)
         ]
+        vocab = int(obj.get("vocab", 0))
+        asked = np.frombuffer(obj.get("distribution_items", b""), dtype=INT32).astype(bool)
+        if asked.any():
+            sizes = lengths[asked] * vocab
+            for span, dist in zip([s for s, a in zip(spans, asked, strict=True) if a],
+                                  unpack_arrays(obj["distribution"], sizes, FLOAT32), strict=True):
+                span.distribution = dist.reshape(-1, vocab)
         return Fingerprint.model_validate(obj["fingerprint"]), spans
     obj = json.loads(body)
     spans = []
     for r in obj["results"]:
+        span = ScoredSpan(np.array(r["logprobs"], dtype=FLOAT32))
         if r.get("top_k_ids"):
-            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=FLOAT32), np.array(r["top_k_ids"], dtype=INT32),
-                                    np.array(r["top_k_logprobs"], dtype=FLOAT32)))
-        else:
-            spans.append(ScoredSpan(np.array(r["logprobs"], dtype=FLOAT32)))
+            span.top_k_ids = np.array(r["top_k_ids"], dtype=INT32)
+            span.top_k_logprobs = np.array(r["top_k_logprobs"], dtype=FLOAT32)
+        if r.get("distribution") is not None:
+            span.distribution = np.array(r["distribution"], dtype=FLOAT32).reshape(len(span.logprobs), -1)
+        spans.append(span)
     return Fingerprint.model_validate(obj["fingerprint"]), spans

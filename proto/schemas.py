@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 API_VERSION = "v1"
 JSON = "application/json"
@@ -31,6 +31,10 @@ class ScoreItem(BaseModel):
     top_k: StrictInt = Field(
         default=0, ge=0, le=2**31 - 1, description="Also return the teacher's k most likely tokens per position."
     )
+    distribution: StrictBool = Field(
+        default=False, description="Also return the teacher's whole log-distribution over its vocabulary at every "
+                                   "response position ([R, vocab] float32), for exact KL losses; bounded per request "
+                                   "by the server's max_distribution_values (R x vocab summed over items).")
     image_indices: list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]] = Field(
         default_factory=list, description="The request images this item shows, one per image placeholder token in "
                                           "its prompt, in order. The teacher expands each placeholder into its image "
@@ -65,6 +69,8 @@ class ScoreResult(BaseModel):
     )
     top_k_ids: list[list[int]] | None = Field(default=None, description="Per response position, k ids, best first.")
     top_k_logprobs: list[list[float]] | None = None
+    distribution: list[list[float]] | None = Field(
+        default=None, description="Per response position, log p of every vocabulary token (when asked for).")
 
 
 class ScoreResponse(BaseModel):

@@ -70,15 +70,17 @@ class ScorerDouble:
         self.calls.append(list(items))
         self.images.append(images)
         self.gate.pass_through()
-        return [self.span(it.input_ids, it.response_start, it.top_k) for it in items]
+        return [self.span(it.input_ids, it.response_start, it.top_k, it.distribution) for it in items]
 
-    def span(self, ids: Sequence[int], start: int, top_k: int = 0) -> ScoredSpan:
+    def span(self, ids: Sequence[int], start: int, top_k: int = 0, distribution: bool = False) -> ScoredSpan:
         """What a correct server returns for this item: log p(ids[p] | ids[p-1]) for p in [start, len(ids))."""
         rows = self.table[np.asarray(ids[start - 1 : -1])]
         span = ScoredSpan(rows[np.arange(len(rows)), np.asarray(ids[start:])])
         if top_k:
             idx = np.argsort(-rows, axis=-1, kind="stable")[:, :top_k]
             span.top_k_ids, span.top_k_logprobs = idx.astype(np.int32), np.take_along_axis(rows, idx, -1)
+        if distribution:
+            span.distribution = rows.copy()
         return span
 
 

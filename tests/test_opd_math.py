@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.opd import clipped_pg_loss, grpo_advantages, opd_advantages, trajectory_returns
+from trainer.opd import clipped_pg_loss, full_reverse_kl, grpo_advantages, opd_advantages, trajectory_returns
 
 
 def test_advantages_are_teacher_minus_old_masked_and_detached():
@@ -117,3 +117,43 @@ def test_loss_without_teacher_has_no_teacher_clip():
     adv, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
     loss, stats = clipped_pg_loss(new, old, adv, None, mask)
     assert stats.teacher_clip_fraction == 0.0 and math.isclose(float(loss), -1.0)
+
+
+def _kl_case(seed: int, b: int = 3, t: int = 4, v: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, v, generator=g).log_softmax(-1), (2 * torch.randn(b, t, v, generator=g)).log_softmax(-1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_full_kl_is_nonnegative_zero_at_equality_and_the_mean_of_the_sampled_estimate(seed):
+    s, t = _kl_case(seed)
+    mask = torch.ones(3, 4)
+    loss, mean = full_reverse_kl(s, t, mask)
+    assert float(loss) >= 0 and math.isclose(float(loss), mean, rel_tol=1e-5)
+    assert float(full_reverse_kl(s, s, mask)[0]) == 0
+    # the sampled-token estimate log p(o) − log p_T(o), averaged over draws o ~ p, converges to it
+    draws = torch.multinomial(s.exp().reshape(-1, 7), 4000, replacement=True,
+                              generator=torch.Generator().manual_seed(seed))
+    sampled = (s.reshape(-1, 7).gather(1, draws) - t.reshape(-1, 7).gather(1, draws)).mean()
+    assert abs(float(sampled) - float(loss)) < 0.1
+
+
+def test_full_kl_never_nan_with_minus_inf_logprobs():
+    s, t = _kl_case(1)
+    s[0, 0, :3] = -math.inf  # tokens the student cannot emit
+    s[0, 0] = s[0, 0].log_softmax(-1)
+    t[:, :, -1] = -math.inf  # a token the teacher cannot emit
+    s = s.clone().requires_grad_(True)
+    loss, _ = full_reverse_kl(s, t, torch.ones(3, 4))
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and torch.isfinite(s.grad).all()
+
+
+def test_full_kl_masks_and_counts_like_the_pg_loss():
+    s, t = _kl_case(2)
+    mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    loss, _ = full_reverse_kl(s, t, mask, num_samples=6)
+    kl = (s.exp() * (s - t)).sum(-1)
+    want = (kl[0, :2].mean() + kl[1].mean()) / 6
+    assert torch.allclose(loss, want, atol=1e-6)

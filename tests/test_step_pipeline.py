@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from modeling.logprobs import ResponseLogprobs
 from trainer.batch import Rollout, collate
 from trainer.calibration import CalibrationSpec
 from trainer.data import Example
-from trainer.estimators import ESTIMATORS, GRPO, OPD
+from trainer.estimators import ESTIMATORS, GRPO, OPD, FullDistributionOPD, LossRows, LossSpec
 from trainer.opd import trajectory_returns
 from trainer.recipe import RecipeSpec, uni_opd
 from trainer.timing import timed, timed_await
@@ -53,10 +54,56 @@ def test_opd_masks_the_unscored_sample_instead_of_zero_filling_it():
 def test_grpo_uses_the_verdicts_and_no_teacher():
     _, b = _batch()
     adv, mask = GRPO().advantages(b)
-    assert torch.equal(mask, b.valid) and not GRPO.uses_teacher and OPD.uses_teacher
+    assert torch.equal(mask, b.valid) and GRPO.teacher_signal is None and OPD.teacher_signal == "sampled"
     # each group is one correct and one incorrect: ±1 (population std 0.5) on every real token
     assert adv[0, 0] == pytest.approx(1.0, abs=1e-5) and adv[1, 0] == pytest.approx(-1.0, abs=1e-5)
-    assert adv[1, 1] == 0 and set(ESTIMATORS) == {"opd", "grpo"}
+    assert adv[1, 1] == 0 and set(ESTIMATORS) == {("opd", "sampled"), ("opd", "full"), ("grpo", "sampled")}
+
+
+def test_collate_pads_teacher_distributions_and_rows_cut_to_a_micro_batch():
+    rollouts, _ = _batch()
+    for r in rollouts:
+        if r.teacher is not None:
+            r.teacher_dist = np.log(np.full((len(r.response), 4), 0.25, np.float32))
+    b = collate(rollouts, torch.zeros(4, 3))
+    assert b.teacher_dist.shape == (4, 3, 4) and b.teacher_dist[2].abs().sum() == 0  # unscored: zeros, masked
+    assert b.teacher_dist[1, 0].tolist() == pytest.approx([math.log(0.25)] * 4) and b.teacher_dist[1, 1:].sum() == 0
+    rows = LossRows(b.old, b.teacher, b.teacher_dist, b.old, b.old, b.valid)
+    cut = rows.take(np.array([3, 1]), torch.zeros(2, 2), num_samples=4)
+    assert cut.teacher_dist.shape == (2, 2, 4) and cut.mask.tolist() == [[1, 1], [1, 0]] and cut.num_samples == 4
+
+
+def _student(logits: torch.Tensor, tokens: torch.Tensor) -> ResponseLogprobs:
+    """A (B, T, V) logits tensor as the kernel's output for responses `tokens` (all of length T)."""
+    lse = logits.logsumexp(-1)
+    picked = logits.gather(-1, tokens[..., None])[..., 0] - lse
+    return ResponseLogprobs(picked, [tokens.shape[1]] * tokens.shape[0], logits, lse, [0] * tokens.shape[0])
+
+
+def test_full_distribution_loss_pulls_the_student_to_the_teacher_and_carries_calibration():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 6, requires_grad=True)
+    tokens = torch.randint(0, 6, (3, 4))
+    teacher = torch.randn(3, 4, 6).log_softmax(-1)
+    student = _student(logits, tokens)
+    old = student.logprobs.detach()
+    mask = torch.ones(3, 4)
+    zero = torch.zeros(3, 4)
+    rows = LossRows(old, teacher.gather(-1, tokens[..., None])[..., 0], teacher, zero, zero, mask, num_samples=3)
+    loss, stats = FullDistributionOPD().loss(student, rows, LossSpec())
+    exact = float((logits.log_softmax(-1).exp() * (logits.log_softmax(-1) - teacher)).sum(-1).mean().detach())
+    assert float(loss.detach()) == pytest.approx(exact, rel=1e-5) and stats.full_kl == pytest.approx(exact, 1e-5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    with torch.no_grad():  # a small step against the gradient lowers the KL
+        stepped = (logits - 0.1 * grad).log_softmax(-1)
+        assert float((stepped.exp() * (stepped - teacher)).sum(-1).mean()) < exact
+    # a calibration offset of +1 on sample 0 adds the PG term −ρ·1 (ρ = 1 at π_old) to its token mean
+    offsets = torch.zeros(3, 4)
+    offsets[0] = 1.0
+    shifted = LossRows(old, rows.teacher, teacher, offsets, offsets, mask, num_samples=3)
+    with_offset, _ = FullDistributionOPD().loss(_student(logits, tokens), shifted, LossSpec())
+    assert float(with_offset.detach()) == pytest.approx(float(loss.detach()) - 1 / 3, rel=1e-5)
+
 
 
 def test_recipe_shift_reaches_delta_and_balancing_only_touches_the_loss_mask():

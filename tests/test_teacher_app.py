@@ -149,6 +149,48 @@ async def test_hf_scores_match_direct_transformers(hf_scorer, reference, binary)
             np.testing.assert_allclose(span.top_k_logprobs, np.take_along_axis(full, want_ids, -1), atol=TOL)
 
 
+@pytest.mark.parametrize("binary", [False, True])
+async def test_full_distributions_ride_next_to_items_that_did_not_ask(binary):
+    double = ScorerDouble(seed=4)
+    rng = np.random.default_rng(5)
+    items = [it.model_copy(update={"distribution": True}) for it in random_items(rng, 3)] + random_items(rng, 2)
+    app = teacher_app(double)
+    async with running(app), TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+        _, spans = await client.score(items)
+    for it, span in zip(items, spans, strict=True):
+        want = double.span(it.input_ids, it.response_start, distribution=it.distribution)
+        np.testing.assert_array_equal(span.logprobs, want.logprobs)
+        if it.distribution:
+            assert span.distribution.shape == (len(span.logprobs), 512)
+            np.testing.assert_array_equal(span.distribution, want.distribution)
+        else:
+            assert span.distribution is None
+
+
+async def test_hf_distribution_matches_direct_transformers(hf_scorer, reference):
+    items = [it.model_copy(update={"distribution": True}) for it in random_items(np.random.default_rng(6), 3)]
+    app = teacher_app(hf_scorer)
+    async with running(app), TeacherClient(BASE_URL, transport=transport(app)) as client:
+        _, spans = await client.score(items)
+    for it, span in zip(items, spans, strict=True):
+        full = reference.logprobs(it.input_ids)[it.response_start - 1 : len(it.input_ids) - 1]
+        np.testing.assert_allclose(span.distribution, full, atol=TOL)
+
+
+async def test_distributions_are_bounded_per_request():
+    limits = Limits(batch_wait_ms=1, max_distribution_values=512 * 10)
+    async with running(teacher_app(ScorerDouble(), limits)) as client:
+        info = (await client.get("/v1/info")).json()
+        fits = await client.post("/v1/score", json={"items": [{**item([1, 2, 3, 4, 5, 6], 1), "distribution": True},
+                                                              {**item([1, 2, 3, 4, 5, 6], 1), "distribution": True}]})
+        over = await client.post("/v1/score", json={"items": [{**item([1] * 12, 1), "distribution": True}]})
+        plain = await client.post("/v1/score", json={"items": [item([1] * 12, 1)]})
+    assert info["limits"]["max_distribution_values"] == 5120
+    assert fits.status_code == 200 and plain.status_code == 200
+    assert over.status_code == 413 and over.json()["error"]["code"] == "distribution_too_large"
+    assert over.json()["error"]["field"] == "items" and "need 5632 values" in over.json()["error"]["message"]
+
+
 INVALID = [
     ({"items": []}, 422, "items"),
     ({"items": [item([1], 1)]}, 422, "items[0].input_ids"),

@@ -155,6 +155,43 @@ async def test_second_identical_call_is_served_from_the_cache(net):
     await router.aclose()
 
 
+async def test_distributions_are_routed_and_cached_apart_from_plain_spans(net):
+    math = await net.serve(MATH, ScorerDouble(seed=2))
+    items = random_items(np.random.default_rng(9), 4)
+    full = [it.model_copy(update={"distribution": True}) for it in items]
+    router = await router_for(net, {"math": [MATH]}, cache=ScoreCache(MEMORY_URL))
+    plain = await router.score_spans([("math", it) for it in items])
+    first = await router.score_spans([("math", it) for it in full])  # the same tokens: not the plain entries
+    assert router.metrics(reset=True)["cache/hits"] == 0 and all(s.distribution is None for s in plain)
+    again = await router.score_spans([("math", it) for it in full])
+    assert router.metrics()["cache/hits"] == 4 and net.scored(MATH) == 2
+    for it, a, b in zip(full, first, again, strict=True):
+        want = math.span(it.input_ids, it.response_start, distribution=True)
+        for got in (a, b):
+            np.testing.assert_array_equal(got.logprobs, want.logprobs)
+            np.testing.assert_array_equal(got.distribution, want.distribution)
+    await router.aclose()
+
+
+async def test_a_distribution_of_the_wrong_shape_is_a_failed_call(net):
+    await net.serve(MATH, ScorerDouble())
+    item = random_items(np.random.default_rng(10), 1)[0].model_copy(update={"distribution": True})
+    n = len(item.input_ids) - item.response_start
+
+    def short_rows(request: httpx.Request) -> httpx.Response:
+        fingerprint = router.info("math").fingerprint
+        span = ScoredSpan(np.zeros(n, np.float32), distribution=np.zeros((n, 7), np.float32))
+        return httpx.Response(200, content=encode_score_response(fingerprint, [span], True),
+                              headers={"content-type": MSGPACK})
+
+    router = await router_for(net, {"math": [MATH]}, retries=1)
+    net.script(MATH, short_rows)
+    got = await router.score_spans([("math", item)])
+    assert got[0] is not None and got[0].distribution.shape == (n, 512)  # the retry reached the real teacher
+    assert router.metrics()[f"endpoint/{MATH}/failures"] == 1
+    await router.aclose()
+
+
 async def test_a_changed_teacher_never_hits_the_old_teachers_entries(net):
     await net.serve(MATH, ScorerDouble(seed=0))
     other = await net.serve(CODE, ScorerDouble(seed=1))

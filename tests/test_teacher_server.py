@@ -98,6 +98,27 @@ def test_top_k(teacher, reference):
         assert (span.logprobs <= span.top_k_logprobs[:, 0] + TOL).all()
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_full_distribution_matches_transformers(teacher, reference, binary):
+    """Both backends: the whole log-distribution at every response position, next to items that did not ask."""
+    items = [it.model_copy(update={"distribution": True}) for it in random_items(np.random.default_rng(7), 2)]
+    items += random_items(np.random.default_rng(8), 1)
+
+    async def go():
+        async with TeacherClient(teacher.url, binary=binary) as client:
+            return await client.score(items)
+
+    _, spans = asyncio.run(go())
+    for item, span in zip(items, spans, strict=True):
+        if not item.distribution:
+            assert span.distribution is None
+            continue
+        full = reference.logprobs(item.input_ids)[item.response_start - 1 : len(item.input_ids) - 1]
+        assert span.distribution.shape == full.shape
+        np.testing.assert_allclose(span.distribution, full, atol=TOL)
+        np.testing.assert_allclose(np.exp(span.distribution).sum(-1), 1.0, atol=1e-4)
+
+
 def _item(**kw) -> dict:
     return {"input_ids": [1, 2, 3, 4], "response_start": 2, **kw}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -260,6 +262,26 @@ def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):
         if r["calib/units"]:
             assert r["calib/margin_after"] >= 0.4 - 1e-4  # release-text: δ = 0.4, mean mode, spread
             assert 0 <= r["calib/violation_fraction"] <= 1 and r["calib/units_shifted"] <= r["calib/units"]
+
+
+def test_full_distribution_loss_moves_the_student_to_its_teachers(stack, tmp_path):
+    """teacher_signal full: the teachers return whole distributions (through Redis), the loss is the exact reverse
+    KL, Uni-OPD calibration rides on top, and the KL to the teachers falls; a rerun is served from the cache."""
+    config = write_config(stack, tmp_path / "full", schedule__steps=6, schedule__checkpoint_every=0,
+                          algorithm={"teacher_signal": "full", "prompts_per_step": 4, "samples_per_prompt": 4,
+                                     "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 0},
+                          recipe={"calibration": {"preset": "release-text"}})
+    train(config)
+    rows = read_log(tmp_path / "full" / "metrics.jsonl")
+    kl = [r["train/full_kl"] for r in rows]
+    assert len(kl) == 6 and all(math.isfinite(x) and x > 0 for x in kl)
+    assert np.mean(kl[-2:]) < 0.8 * np.mean(kl[:2]), kl
+    assert all(r["masked_samples"] == 0 and "calib/margin_before" in r for r in rows)
+    again = write_config(stack, tmp_path / "full-again", schedule__steps=1, schedule__checkpoint_every=0,
+                         algorithm={"teacher_signal": "full", "prompts_per_step": 4, "samples_per_prompt": 4,
+                                    "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 0})
+    train(again)
+    assert read_log(tmp_path / "full-again" / "metrics.jsonl")[0]["cache/hit_rate"] == 1.0
 
 
 def generated_tokens(server) -> float:

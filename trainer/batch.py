@@ -23,6 +23,7 @@ class Rollout:
     finish_reason: str
     correct: bool = False
     teacher: np.ndarray | None = None  # teacher log-probs of the response; None = not scored (masked out)
+    teacher_dist: np.ndarray | None = None  # (response length, vocab) teacher log-distributions, when asked for
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Batch:
 
     old: torch.Tensor  # (B, T) log π_old of each response token, train precision
     teacher: torch.Tensor  # (B, T) teacher log-probs, 0 where unscored
+    teacher_dist: torch.Tensor | None  # (B, T, V) teacher log-distributions, 0 where unscored; None if not asked
     valid: torch.Tensor  # (B, T) 1 on real response tokens
     scored: torch.Tensor  # (B,) 1 where the teacher scored the sample
     group: np.ndarray  # (B,) int: the prompt each sample answers
@@ -40,11 +42,19 @@ class Batch:
 
 def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
     width = old.shape[1]
+    dists = [r.teacher_dist for r in rollouts if r.teacher_dist is not None]
+    teacher_dist = None
+    if dists:
+        teacher_dist = torch.zeros((len(rollouts), width, dists[0].shape[1]))
+        for i, r in enumerate(rollouts):
+            if r.teacher_dist is not None:
+                teacher_dist[i, : len(r.teacher_dist)] = torch.from_numpy(np.array(r.teacher_dist))
     lengths = torch.tensor([len(r.response) for r in rollouts])
     teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
     return Batch(
         old=old,
         teacher=torch.nn.functional.pad(teacher, (0, width - teacher.shape[1])),
+        teacher_dist=teacher_dist,
         valid=(torch.arange(width)[None, :] < lengths[:, None]).float(),
         scored=torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32),
         group=np.array([r.prompt_index for r in rollouts]),

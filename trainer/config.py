@@ -88,6 +88,11 @@ class AlgorithmConfig(Strict):
     estimator: Literal["opd", "grpo"] = Field(
         default="opd", description="opd: A_t = log π_T(o_t) − log π_old(o_t) per token; grpo: outcome reward only, "
                                    "group-normalized (the RL baseline; teachers are not called)")
+    teacher_signal: Literal["sampled", "full"] = Field(
+        default="sampled", description="sampled: the teacher's log-prob of each sampled token (the paper's estimate); "
+                                       "full: its whole distribution at each position, and the exact reverse KL "
+                                       "Σ_v p(v)(log p(v) − log p_T(v)) as the loss (small vocabularies; "
+                                       "docs/method.md §9)")
     samples_per_prompt: PosInt = 16
     prompts_per_step: PosInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-6
@@ -102,6 +107,13 @@ class AlgorithmConfig(Strict):
     micro_batch_size: PosInt = 8
     updates_per_batch: PosInt = Field(default=1, description="Optimizer steps per rollout batch (minibatches).")
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+
+    @model_validator(mode="after")
+    def _known_estimator(self) -> AlgorithmConfig:
+        if (self.estimator, self.teacher_signal) not in ESTIMATORS:
+            raise ValueError(f"teacher_signal {self.teacher_signal!r} does not apply to estimator {self.estimator!r} "
+                             "(grpo calls no teacher)")
+        return self
 
     @model_validator(mode="after")
     def _batch_splits(self) -> AlgorithmConfig:
@@ -207,7 +219,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _recipe_needs_opd(self) -> RunConfig:
-        if not ESTIMATORS[self.algorithm.estimator].uses_teacher and self.recipe.calibration.method != "none":
+        if self.algorithm.estimator == "grpo" and self.recipe.calibration.method != "none":
             raise ValueError("recipe.calibration.method: margin calibration shifts teacher returns; "
                              "the grpo estimator has none (use method none)")
         return self

@@ -1,23 +1,61 @@
-"""Advantage estimators: what turns a collated Batch into per-token advantages. The step never asks which one it has.
+"""Advantage estimators: what turns a collated Batch into per-token advantages, and a micro-batch into its loss. The
+step never asks which one it has.
 
-A new estimator (top-k, full distribution, …) is one more class here and one more name in ESTIMATORS.
+A new estimator (top-k, …) is one more class here and one more entry in ESTIMATORS.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from modeling.logprobs import ResponseLogprobs
 from trainer.batch import Batch
-from trainer.opd import grpo_advantages, opd_advantages
+from trainer.opd import LossStats, clipped_pg_loss, full_reverse_kl, grpo_advantages, opd_advantages
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """ε_low, ε_high of the clipped ratio and the teacher–student log-prob clip c (docs/method.md §1)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    logprob_clip: float = 10.0
+
+
+@dataclass
+class LossRows:
+    """What a loss reads, per sample: (B, T) tensors, and (B, T, V) teacher distributions when asked for."""
+
+    old: torch.Tensor
+    teacher: torch.Tensor
+    teacher_dist: torch.Tensor | None
+    advantages: torch.Tensor  # after calibration
+    offsets: torch.Tensor  # what calibration added to the estimator's advantages
+    mask: torch.Tensor
+    num_samples: int = 0  # B of the whole minibatch, so that micro-batch losses add up to its loss
+
+    def take(self, idx: np.ndarray, like: torch.Tensor, num_samples: int) -> LossRows:
+        """The rows `idx` cut to the width of a micro-batch's (b, T') `like`, on its device."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx, : like.shape[1]].to(like.device)
+
+        return LossRows(cut(self.old), cut(self.teacher), cut(self.teacher_dist), cut(self.advantages),
+                        cut(self.offsets), cut(self.mask), num_samples)
 
 
 class AdvantageEstimator(Protocol):
-    uses_teacher: bool  # the step calls the teachers, and the loss applies the teacher–student log-prob clip
+    teacher_signal: str | None  # what the step asks the teachers for: None (no teacher), "sampled" or "full"
 
     def advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, T) advantages, (B, T) mask of the tokens that carry them)."""
+        ...
+
+    def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+        """The micro-batch's loss, differentiable through `student`."""
         ...
 
 
@@ -25,21 +63,46 @@ class OPD:
     """Sampled-token OPD (docs/method.md §1): A_t = log π_T − log π_old. A sample the teacher did not score is masked
     out, never zero-filled."""
 
-    uses_teacher = True
+    teacher_signal = "sampled"
 
     def advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch.valid * batch.scored[:, None]
         return opd_advantages(batch.teacher, batch.old, mask), mask
 
+    def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+        return clipped_pg_loss(student.logprobs, rows.old, rows.advantages, rows.teacher, rows.mask, spec.clip_low,
+                               spec.clip_high, spec.logprob_clip, rows.num_samples)
+
+
+class FullDistributionOPD(OPD):
+    """OPD with the exact reverse KL over the vocabulary at every position (docs/method.md §9) in place of the
+    sampled-token estimate. The sampled-token A_t still defines the returns G that balancing and calibration read;
+    what calibration adds to A rides on a PG term, so Uni-OPD works unchanged on top."""
+
+    teacher_signal = "full"
+
+    def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+        kl, mean_kl = full_reverse_kl(student.distributions(), rows.teacher_dist, rows.mask, rows.num_samples)
+        pg, stats = clipped_pg_loss(student.logprobs, rows.old, rows.offsets, None, rows.mask, spec.clip_low,
+                                    spec.clip_high, spec.logprob_clip, rows.num_samples)
+        stats.full_kl = mean_kl
+        return kl + pg, stats
+
 
 class GRPO:
     """The outcome-reward RL baseline: group-normalised verifier reward on every token; no teacher."""
 
-    uses_teacher = False
+    teacher_signal = None
 
     def advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         rewards = torch.as_tensor(batch.correct, dtype=torch.float32)
         return grpo_advantages(rewards, torch.as_tensor(batch.group), batch.valid), batch.valid
 
+    def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+        return clipped_pg_loss(student.logprobs, rows.old, rows.advantages, None, rows.mask, spec.clip_low,
+                               spec.clip_high, spec.logprob_clip, rows.num_samples)
 
-ESTIMATORS: dict[str, AdvantageEstimator] = {"opd": OPD(), "grpo": GRPO()}
+
+# (algorithm.estimator, algorithm.teacher_signal) -> estimator
+ESTIMATORS: dict[tuple[str, str], AdvantageEstimator] = {
+    ("opd", "sampled"): OPD(), ("opd", "full"): FullDistributionOPD(), ("grpo", "sampled"): GRPO()}

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import defaultdict
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from modeling.loading import from_pretrained
+from modeling.logprobs import ResponseLogprobs
 from modeling.multimodal import Vision, is_multimodal
 from proto.client import RolloutClient, generate_request
 from proto.fingerprint import tokenizer_fingerprint
@@ -31,23 +34,18 @@ from trainer.batch import Batch, Rollout, collate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, derive_seed, load_records, make_examples
-from trainer.estimators import ESTIMATORS
+from trainer.estimators import ESTIMATORS, LossRows, LossSpec
 from trainer.evaluation import heldout_accuracy, verify_responses
-from trainer.opd import clipped_pg_loss, trajectory_returns
+from trainer.opd import trajectory_returns
 from trainer.recipe import RecipeOutput, uni_opd
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
-from trainer.student import response_logprobs
+from trainer.student import response_prefill
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.teacher_swap import TeacherSwapper
 from trainer.timing import timed, timed_await
 
 log = logging.getLogger("uniopd.train")
-
-
-def _rows(t: torch.Tensor, idx: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """The rows of a (B, T) batch tensor that a micro-batch's `like` (rows, width) covers, on its device."""
-    return t[idx, : like.shape[1]].to(like.device)
 
 
 class Trainer:
@@ -62,7 +60,8 @@ class Trainer:
         model = from_pretrained(c.student.model, c.student.dtype)
         self.vision = Vision(c.student.model) if is_multimodal(c.student.model) else None
         a = c.algorithm
-        self.estimator, self.recipe = ESTIMATORS[a.estimator], c.recipe.spec()
+        self.estimator, self.recipe = ESTIMATORS[a.estimator, a.teacher_signal], c.recipe.spec()
+        self.loss_spec = LossSpec(a.clip_low, a.clip_high, a.logprob_clip)
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         warmup = max(1, a.warmup_steps * a.updates_per_batch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
@@ -144,17 +143,19 @@ class Trainer:
     async def score(self, rollouts: list[Rollout]) -> None:
         """Teacher log-probs of each response. A sequence its teacher would refuse (too long, a token it does not
         have) stays unscored, so it is masked alone instead of failing its whole request."""
+        full = self.estimator.teacher_signal == "full"
         items = [ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                           response_start=len(r.example.prompt_ids)) for r in rollouts]
+                           response_start=len(r.example.prompt_ids), distribution=full) for r in rollouts]
         fits = [(r, item) for r, item in zip(rollouts, items, strict=True)
                 if score_item_problem(item, self.router.info(r.example.domain)) is None]
         requests = [(r.example.domain, item) for r, item in fits]
         images = [r.example.images for r, _ in fits]
-        for (r, _), scores in zip(fits, await self.router.score(requests, images), strict=True):
-            r.teacher = scores
+        for (r, _), span in zip(fits, await self.router.score_spans(requests, images), strict=True):
+            if span is not None:
+                r.teacher, r.teacher_dist = span.logprobs, span.distribution
 
-    def logprobs(self, chunk: list[Rollout]) -> torch.Tensor:
-        return response_logprobs(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk],
+    def prefill(self, chunk: list[Rollout]) -> ResponseLogprobs:
+        return response_prefill(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk],
                                  [r.example.images for r in chunk], self.vision)
 
     @torch.no_grad()
@@ -166,7 +167,7 @@ class Trainer:
         for i in range(0, len(rows), mb):
             idx = rows[i:i + mb]
             chunk = [rollouts[j] for j in idx]
-            lp = self.logprobs(chunk)
+            lp = self.prefill(chunk).logprobs
             for j, row in zip(idx, lp.cpu(), strict=True):
                 out[j, : row.shape[0]] = row
         return out
@@ -196,7 +197,7 @@ class Trainer:
             recipe = uni_opd(advantages, mask, batch.group, batch.correct, self.recipe, self.rng("balance"))
             self.log_returns(batch, advantages, mask, recipe)
             with timed("train", times):
-                train_stats = self.update(rollouts, batch, recipe)
+                train_stats = self.update(rollouts, batch, advantages, recipe)
             with timed("sync", times):
                 version = await self.push_weights()
         self.step += 1
@@ -213,14 +214,14 @@ class Trainer:
         verify_errors = 0
         if self.main:
             verify_work = timed_await("verify", times, asyncio.to_thread(self.verify, rollouts))
-            score_work = timed_await("score", times, self.score(rollouts) if self.estimator.uses_teacher
+            score_work = timed_await("score", times, self.score(rollouts) if self.estimator.teacher_signal
                                      else asyncio.sleep(0))
             verify_errors, _, old = await asyncio.gather(verify_work, score_work, old_work)
         else:
             old = await old_work
-        outcomes = self.broadcast([(r.correct, r.teacher) for r in rollouts])
-        for r, (correct, teacher_lp) in zip(rollouts, outcomes, strict=True):
-            r.correct, r.teacher = correct, teacher_lp
+        outcomes = self.broadcast([(r.correct, r.teacher, r.teacher_dist) for r in rollouts])
+        for r, (correct, teacher_lp, teacher_dist) in zip(rollouts, outcomes, strict=True):
+            r.correct, r.teacher, r.teacher_dist = correct, teacher_lp, teacher_dist
         old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()
         return collate(rollouts, old), verify_errors
 
@@ -236,9 +237,11 @@ class Trainer:
                 "G_calibrated": trajectory_returns(recipe.advantages, mask).tolist(),
                 "in_loss": (recipe.loss_mask.sum(-1) > 0).tolist()}, kind="returns")
 
-    def update(self, rollouts: list[Rollout], batch: Batch, recipe: RecipeOutput) -> dict[str, float]:
+    def update(self, rollouts: list[Rollout], batch: Batch, advantages: torch.Tensor,
+               recipe: RecipeOutput) -> dict[str, float]:
         a = self.config.algorithm
-        teacher = batch.teacher if self.estimator.uses_teacher else None  # the teacher–student clip needs a teacher
+        inputs = LossRows(batch.old, batch.teacher, batch.teacher_dist, recipe.advantages,
+                          recipe.advantages - advantages, recipe.loss_mask)
         self.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
         for minibatch in self.minibatches(len(rollouts)):
@@ -246,16 +249,14 @@ class Trainer:
             total = 0.0
             for i in range(0, len(own), a.micro_batch_size):
                 idx = own[i:i + a.micro_batch_size]
-                new = self.logprobs([rollouts[j] for j in idx])
-                loss, s = clipped_pg_loss(new, _rows(batch.old, idx, new), _rows(recipe.advantages, idx, new),
-                                          None if teacher is None else _rows(teacher, idx, new),
-                                          _rows(recipe.loss_mask, idx, new), a.clip_low, a.clip_high, a.logprob_clip,
-                                          num_samples=len(own))  # DDP's gradient mean makes it the minibatch loss
+                student = self.prefill([rollouts[j] for j in idx])
+                rows = inputs.take(idx, student.logprobs, num_samples=len(own))  # DDP's mean: the minibatch loss
+                loss, s = self.estimator.loss(student, rows, self.loss_spec)
                 self.accelerator.backward(loss)
                 total += float(loss.detach())
-                stats["clip_fraction"].append(s.clip_fraction)
-                stats["teacher_clip_fraction"].append(s.teacher_clip_fraction)
-                stats["approx_kl"].append(s.approx_kl)
+                for name, value in asdict(s).items():
+                    if not math.isnan(value):
+                        stats[name].append(value)
             stats["loss"].append(float(self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device),
                                                                "mean")))
             if a.max_grad_norm:
@@ -285,7 +286,7 @@ class Trainer:
         tokens, scored = float(batch.valid.sum()), float(mask.sum())
         m.update(tokens=tokens, tokens_per_s=tokens / max(times["step"], 1e-9), weight_version=version,
                  verify_errors=verify_errors)
-        teacher = self.estimator.uses_teacher
+        teacher = self.estimator.teacher_signal is not None
         m["masked_samples"] = float((1 - batch.scored).sum()) if teacher else 0.0
         if scored:
             m["student_logprob"] = float((batch.old * mask).sum() / scored)

@@ -1,4 +1,5 @@
-"""The OPD math (docs/method.md §1): per-token advantages and the clipped policy-gradient loss. Pure tensor functions.
+"""The OPD math (docs/method.md §1, §9): per-token advantages, the clipped policy-gradient loss and the exact reverse KL
+over the vocabulary. Pure tensor functions.
 
 `grpo_advantages` is the outcome-reward-only RL baseline the experiment compares against (no teacher at all).
 
@@ -7,6 +8,7 @@ Shapes: (B, T) for B samples padded to T response tokens; `mask` is 1 on real, t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ class LossStats:
     clip_fraction: float
     teacher_clip_fraction: float
     approx_kl: float
+    full_kl: float = math.nan  # the exact reverse KL per token, where the loss has it
 
 
 def clipped_pg_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -67,3 +70,22 @@ def clipped_pg_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
             approx_kl=float(((old_logprobs - new_logprobs) * mask).sum() / n),
         )
     return loss, stats
+
+
+MIN_LOGPROB = -1e4  # below any real log-prob; keeps 0 · (−inf) out of the KL and its gradient
+
+
+def full_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                    num_samples: int | None = None) -> tuple[torch.Tensor, float]:
+    """Exact per-position reverse KL over the vocabulary (docs/method.md §9), as a loss: (loss, mean KL per token).
+
+    KL_t = Σ_v p(v) (log p(v) − log p_T(v)) with p the student's distribution, differentiable through p; (B, T, V)
+    log-probs in, aggregated like the PG loss (token mean per sample, mean over `num_samples`). −inf log-probs on
+    either side are read as MIN_LOGPROB, so a token neither model can emit adds exactly 0 and no NaN."""
+    s = student_logprobs.clamp(min=MIN_LOGPROB)
+    kl = (s.exp() * (s - teacher_logprobs.clamp(min=MIN_LOGPROB))).sum(-1)
+    per_sample = (kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    loss = per_sample.sum() / (num_samples or per_sample.shape[0])
+    with torch.no_grad():
+        mean_kl = float((kl * mask).sum() / mask.sum().clamp(min=1))
+    return loss, mean_kl

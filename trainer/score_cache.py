@@ -95,14 +95,16 @@ class ScoreCache:
 
     @staticmethod
     def key(fingerprint_digest: str, item: ScoreItem, images: Sequence[bytes] = ()) -> str:
-        """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE) and, for items with
-        images, the images' content hashes in placeholder order, as hex."""
+        """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE), for items with images
+        the images' content hashes in placeholder order, and whether the item asks for its distribution, as hex."""
         h = hashlib.sha256(KEY_SCHEMA)
         h.update(fingerprint_digest.encode() + b"\0")
         h.update(struct.pack("<ii", item.top_k, item.response_start))
         h.update(np.asarray(item.input_ids, dtype=INT32).tobytes())
         for image in images:  # text items hash exactly as before images existed
             h.update(b"\0image:" + hashlib.sha256(image).digest())
+        if item.distribution:  # and items without a distribution as before distributions existed
+            h.update(b"\0distribution")
         return h.hexdigest()
 
     def _redis_key(self, key: str) -> str:
@@ -136,7 +138,7 @@ class ScoreCache:
         return np.frombuffer(raw, dtype=FLOAT32)
 
     async def get_many(self, keys: list[str], lengths: list[int] | None = None) -> list[np.ndarray | None]:
-        """One MGET; with `lengths` (expected span lengths) a value of another size is a miss. Arrays are read-only."""
+        """One MGET; with `lengths` (expected float32 counts) a value of another size is a miss; arrays read-only."""
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._should_try():
             try:

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 
 from proto.client import TeacherClient, share_images
+from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TeacherInfo
 from trainer.score_cache import ScoreCache
@@ -329,14 +330,20 @@ class TeacherRouter:
         `images[i]`: request i's PNG/JPEG bytes, one per image placeholder in its prompt; the router sets the items'
         `image_indices`, sends each distinct image once per HTTP request, and keys the cache on their hashes.
         """
+        return [None if s is None else s.logprobs for s in await self.score_spans(requests, images)]
+
+    async def score_spans(self, requests: list[tuple[str, ScoreItem]],
+                          images: Sequence[Sequence[bytes]] | None = None) -> list[ScoredSpan | None]:
+        """As `score`, with each item's full distribution too where the item asks for one."""
         self._validate(requests)
         images = images or [()] * len(requests)
-        results: list[np.ndarray | None] = [None] * len(requests)
+        results: list[ScoredSpan | None] = [None] * len(requests)
         keys = [ScoreCache.key(self._pools[d].digest, item, shown)
                 for (d, item), shown in zip(requests, images, strict=True)]
         if self.cache is not None and requests:
-            lengths = [len(item.input_ids) - item.response_start for _, item in requests]
-            results = await self.cache.get_many(keys, lengths)
+            results = [None if v is None else _from_cache(v, item)
+                       for v, (_, item) in zip(await self.cache.get_many(keys, self._cached_sizes(requests)),
+                                               requests, strict=True)]
         for (domain, _), hit in zip(requests, results, strict=True):
             self._domain_stats[domain].cached += hit is not None
         chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None], images)
@@ -349,12 +356,21 @@ class TeacherRouter:
                 log.warning("domain %r: %d samples could not be scored and are masked out", domain, len(idx))
                 continue
             for i, span in zip(idx, chunk_spans, strict=True):
-                results[i] = fresh[keys[i]] = span
+                results[i] = span
+                fresh[keys[i]] = _to_cache(span)
         for (domain, _), r in zip(requests, results, strict=True):
             self._domain_stats[domain].scored += r is not None
         if self.cache is not None and fresh:
             await self.cache.set_many(fresh)
         return results
+
+    def _cached_sizes(self, requests: list[tuple[str, ScoreItem]]) -> list[int]:
+        """Float32 values a cached entry must hold: the span, and R x vocab more for a distribution item."""
+        sizes = []
+        for domain, item in requests:
+            n = len(item.input_ids) - item.response_start
+            sizes.append(n * (1 + self._pools[domain].info.vocab_size) if item.distribution else n)
+        return sizes
 
     def _validate(self, requests: list[tuple[str, ScoreItem]]) -> None:
         for domain, item in requests:
@@ -364,7 +380,7 @@ class TeacherRouter:
             if pool.digest is None:
                 raise RuntimeError("call handshake() before score(): the cache key needs each pool's fingerprint")
             if item.top_k:
-                raise ValueError("the router returns response log-probs only; top_k must be 0")
+                raise ValueError("the router returns response log-probs (and distributions) only; top_k must be 0")
 
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
@@ -389,7 +405,7 @@ class TeacherRouter:
                 chunks.append((domain, chunk))
         return chunks
 
-    async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[np.ndarray] | None:
+    async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[ScoredSpan] | None:
         """One chunk with up to `retries` retries, each on the next healthy replica; None when all attempts failed."""
         start = pool.next_start()
         wait = 0.0
@@ -411,7 +427,7 @@ class TeacherRouter:
         return None
 
     async def _attempt(self, pool: _Pool, replica: _Replica, items: list[ScoreItem], images: list[bytes],
-                       is_retry: bool) -> list[np.ndarray]:
+                       is_retry: bool) -> list[ScoredSpan]:
         """One HTTP call; raises _Retryable (endpoint's fault: counted, feeds the breaker) or _Fatal (our fault)."""
         replica.stats.calls += 1
         replica.stats.retries += is_retry
@@ -423,6 +439,9 @@ class TeacherRouter:
             expected = [len(it.input_ids) - it.response_start for it in items]
             if [len(s.logprobs) for s in spans] != expected:
                 raise _Retryable("response span lengths do not match the request")
+            if any(it.distribution and (s.distribution is None or s.distribution.shape != (n, pool.info.vocab_size))
+                   for it, s, n in zip(items, spans, expected, strict=True)):
+                raise _Retryable("a distribution is missing or has the wrong shape")
         except ApiError as exc:
             if exc.status == 429 or exc.status >= 500:
                 self._failure(pool, replica, f"HTTP {exc.status} {exc.code}: {exc.message}")
@@ -442,7 +461,7 @@ class TeacherRouter:
             raise
         replica.breaker.record_success()
         replica.stats.latencies.append(time.perf_counter() - t0)
-        return [s.logprobs for s in spans]
+        return spans
 
     @staticmethod
     def _failure(pool: _Pool, replica: _Replica, reason: str, level: int = logging.DEBUG) -> None:
@@ -489,6 +508,18 @@ class TeacherRouter:
         await asyncio.gather(*(r.client.aclose() for r in self._replicas.values()))
         if self.cache is not None:
             await self.cache.aclose()
+
+
+def _to_cache(span: ScoredSpan) -> np.ndarray:
+    """A cache value: the span's log-probs, then its distribution row by row when it has one."""
+    if span.distribution is None:
+        return span.logprobs
+    return np.concatenate([span.logprobs, span.distribution.reshape(-1)])
+
+
+def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
+    n = len(item.input_ids) - item.response_start
+    return ScoredSpan(value[:n], distribution=value[n:].reshape(n, -1) if item.distribution else None)
 
 
 def _with_images(requests: list[tuple[str, ScoreItem]], images: Sequence[Sequence[bytes]],

@@ -21,6 +21,7 @@ class Limits(PublishedLimits):
     max_request_tokens: int = 1 << 20
     max_queue_items: int = 4096
     max_batch_tokens: int = 16384
+    max_distribution_values: int = 1 << 22  # R x vocab summed over a request's distribution items (16 MiB float32)
     batch_wait_ms: float = 5.0
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
 
@@ -30,9 +31,10 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
     check_takes_images(n_images, info.image_token_id, "images")
     if len(items) > limits.max_batch_items:
         raise ApiError(413, "batch_too_large", f"{len(items)} items; limit is {limits.max_batch_items}", "items")
-    total = 0
+    total = values = 0
     for i, it in enumerate(items):
         total += len(it.input_ids)
+        values += (len(it.input_ids) - it.response_start) * info.vocab_size if it.distribution else 0
         where = f"items[{i}]"
         if (problem := score_item_problem(it, info, where)) is not None:
             raise problem
@@ -40,3 +42,7 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
                          f"{where}.image_indices")
     if total > limits.max_request_tokens:
         raise ApiError(413, "request_too_large", f"{total} tokens; limit is {limits.max_request_tokens}", "items")
+    if values > limits.max_distribution_values:
+        raise ApiError(413, "distribution_too_large", f"the items asking for a distribution need {values} values "
+                       f"(response positions x vocab {info.vocab_size}); limit is {limits.max_distribution_values}",
+                       "items")

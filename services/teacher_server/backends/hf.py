@@ -64,5 +64,7 @@ class HFScorer:
                 ids, top = scored.top_k(row, it.top_k)
                 span.top_k_ids = ids.to(torch.int32).cpu().numpy()
                 span.top_k_logprobs = top.cpu().numpy()
+            if it.distribution:
+                span.distribution = scored.distribution(row).cpu().numpy()
             spans.append(span)
         return spans

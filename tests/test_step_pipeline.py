@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling.logprobs import ResponseLogprobs
-from trainer.batch import Rollout, collate
+from trainer.batch import Rollout, batch_metrics, collate
 from trainer.calibration import CalibrationSpec
 from trainer.data import Example
 from trainer.estimators import ESTIMATORS, GRPO, OPD, FullDistributionOPD, LossRows, LossSpec
@@ -42,6 +42,19 @@ def test_collate_pads_to_the_longest_response():
     assert b.teacher.tolist() == [[-0.5, -1.0, -0.25], [-2.0, 0, 0], [0, 0, 0], [-3.0, -1.0, 0]]
     assert b.scored.tolist() == [1, 1, 0, 1] and b.group.tolist() == [0, 0, 1, 1]
     assert b.correct.tolist() == [1, 0, 1, 0] and b.domains == ["math", "math", "code", "code"]
+
+
+def test_batch_metrics_count_the_masked_sample_and_split_by_domain():
+    _, b = _batch()
+    adv, mask = OPD().advantages(b)
+    m = batch_metrics(b, adv, mask, uses_teacher=True)
+    assert m["tokens"] == 8 and m["masked_samples"] == 1
+    # the scored tokens (s0: 3, s1: 1, s3: 2) all have old log-prob −1; the teacher's sum to −7.75
+    assert m["student_logprob"] == -1.0 and m["teacher_logprob"] == pytest.approx((-1.75 - 2 - 4) / 6)
+    assert m["reverse_kl"] == pytest.approx(-1 - (-7.75 / 6))
+    assert (m["math/accuracy"], m["code/accuracy"], m["math/samples"], m["code/samples"]) == (0.5, 0.5, 2, 2)
+    assert m["math/mean_return"] == pytest.approx((1.25 / 3 - 1.0) / 2)
+    assert "teacher_logprob" not in batch_metrics(b, adv, mask, uses_teacher=False)
 
 
 def test_opd_masks_the_unscored_sample_instead_of_zero_filling_it():

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from trainer.data import Example
+from trainer.opd import trajectory_returns
 from trainer.student import pad
 
 
@@ -61,3 +62,24 @@ def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
         correct=np.array([1.0 if r.correct else 0.0 for r in rollouts]),
         domains=[r.example.domain for r in rollouts],
     )
+
+
+def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, uses_teacher: bool) -> dict[str, float]:
+    """What a step logs about its rollouts: tokens, masked samples, mean student/teacher log-probs, the sampled
+    reverse-KL estimate, and per domain accuracy, sample count and mean return G (of `advantages` under `mask`)."""
+    scored = float(mask.sum())
+    m: dict[str, float] = {"tokens": float(batch.valid.sum()),
+                           "masked_samples": float((1 - batch.scored).sum()) if uses_teacher else 0.0}
+    if scored:
+        m["student_logprob"] = float((batch.old * mask).sum() / scored)
+    if scored and uses_teacher:
+        m["teacher_logprob"] = float((batch.teacher * mask).sum() / scored)
+        m["reverse_kl"] = float(((batch.old - batch.teacher) * mask).sum() / scored)
+    returns = trajectory_returns(advantages, mask)
+    domains = np.array(batch.domains)
+    for domain in sorted(set(batch.domains)):
+        ids = np.flatnonzero(domains == domain)
+        m[f"{domain}/accuracy"] = float(np.mean(batch.correct[ids] == 1))
+        m[f"{domain}/samples"] = len(ids)
+        m[f"{domain}/mean_return"] = float(returns[ids].mean())
+    return m

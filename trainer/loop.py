@@ -30,7 +30,7 @@ from proto.client import RolloutClient, generate_request
 from proto.fingerprint import tokenizer_fingerprint
 from proto.schemas import ScoreItem
 from proto.validation import score_item_problem
-from trainer.batch import Batch, Rollout, collate
+from trainer.batch import Batch, Rollout, batch_metrics, collate
 from trainer.checkpoint import Progress, load_latest, save_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.data import DataStream, Example, derive_seed, load_records, make_examples
@@ -281,25 +281,11 @@ class Trainer:
 
     def step_metrics(self, batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, train_stats: dict,
                      times: dict[str, float], verify_errors: int, version: int) -> dict[str, float]:
-        m: dict[str, float] = {f"train/{k}": v for k, v in train_stats.items()}
+        m = batch_metrics(batch, advantages, mask, uses_teacher=self.estimator.teacher_signal is not None)
+        m.update({f"train/{k}": v for k, v in train_stats.items()})
         m.update({f"time/{k}": v for k, v in times.items()})
-        tokens, scored = float(batch.valid.sum()), float(mask.sum())
-        m.update(tokens=tokens, tokens_per_s=tokens / max(times["step"], 1e-9), weight_version=version,
+        m.update(tokens_per_s=m["tokens"] / max(times["step"], 1e-9), weight_version=version,
                  verify_errors=verify_errors)
-        teacher = self.estimator.teacher_signal is not None
-        m["masked_samples"] = float((1 - batch.scored).sum()) if teacher else 0.0
-        if scored:
-            m["student_logprob"] = float((batch.old * mask).sum() / scored)
-        if scored and teacher:
-            m["teacher_logprob"] = float((batch.teacher * mask).sum() / scored)
-            m["reverse_kl"] = float(((batch.old - batch.teacher) * mask).sum() / scored)
-        returns = trajectory_returns(advantages, mask)
-        domains = np.array(batch.domains)
-        for domain in sorted(set(batch.domains)):
-            ids = np.flatnonzero(domains == domain)
-            m[f"{domain}/accuracy"] = float(np.mean(batch.correct[ids] == 1))
-            m[f"{domain}/samples"] = len(ids)
-            m[f"{domain}/mean_return"] = float(returns[ids].mean())
         m.update(self.router.metrics(reset=True))
         m.update(self.teacher_swap.metrics())
         return m

@@ -10,6 +10,7 @@ import yaml
 
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError, DataStream, load_records
+from uniopd.experiment_plan import METHODS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd-tiny"
 
@@ -70,6 +71,17 @@ def test_missing_files_are_reported_together(config_file):
         load_config(config_file, ["data.train=[/no/a.jsonl, /no/b.jsonl]", "student.model=/no/model"])
     assert [line.split(":")[0] for line in str(exc.value).splitlines()] == ["data.train", "data.train",
                                                                              "student.model"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_experiment_method_is_a_valid_config(config_file, method):
+    overrides = [f"{k}={json.dumps(v) if v != float('inf') else '.inf'}" for k, v in METHODS[method].overrides.items()]
+    c = load_config(config_file, overrides)
+    for key, value in METHODS[method].overrides.items():
+        node = c
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
 
 
 def test_recipe_presets_fill_unset_fields(config_file):

@@ -31,6 +31,14 @@ METHODS: dict[str, Method] = {
                         {"recipe.calibration.preset": "release-mm", **_ONLINE}),
     "grpo": Method("RL baseline: outcome reward only, GRPO group-normalized advantages",
                    overrides={"algorithm.estimator": "grpo"}),
+    "opd-full": Method("OPD with the exact reverse KL over the teacher's full distribution (docs/method.md §9)",
+                       overrides={"algorithm.teacher_signal": "full"}),
+    "uniopd-full": Method("Uni-OPD with the exact reverse KL over the teacher's full distribution", True,
+                          {**_CALIB, **_ONLINE, "algorithm.teacher_signal": "full"}),
+    **{f"opd-clip{c:g}": Method(f"vanilla OPD, teacher–student log-prob clip c = {c:g}",
+                                overrides={"algorithm.logprob_clip": c}) for c in (5.0, 20.0, 40.0)},
+    "opd-noclip": Method("vanilla OPD without the teacher–student log-prob clip",
+                         overrides={"algorithm.logprob_clip": float("inf")}),
 }
 # setting -> domain -> teacher model
 SETTINGS: dict[str, dict[str, str]] = {
@@ -80,13 +88,18 @@ class Plan:
         return sorted({d for setting, _ in self.runs for d, t in SETTINGS[setting].items() if t == teacher})
 
 
-_ALL = tuple(("multi-teacher", m) for m in METHODS if m != "uniopd-mm")
+_PAPER_METHODS = ("opd", "uniopd", "uniopd-no-offline", "uniopd-no-online", "uniopd-no-calib", "uniopd-mask", "grpo")
+_ALL = tuple(("multi-teacher", m) for m in _PAPER_METHODS)
+# the teacher–student clip and the teacher signal, chosen on seeds the report does not use
+_TUNING = tuple(("multi-teacher", m) for m in ("opd", "opd-clip5", "opd-clip20", "opd-clip40", "opd-noclip",
+                                               "opd-full"))
 _CROSS_MODAL = tuple(("cross-modal", m) for m in ("opd", "uniopd", "uniopd-mm"))
 PLANS: dict[str, Plan] = {
     "full": Plan(_ALL + tuple((s, m) for s in ("single-teacher-math", "single-teacher-code", "strong-to-weak")
                                for m in ("opd", "uniopd")) + _CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
     "cross-modal": Plan(_CROSS_MODAL, seeds=(0, 1, 2), steps=20, eval_every=10),
     "demo": Plan((("multi-teacher", "opd"), ("multi-teacher", "uniopd")), seeds=(0,), steps=20, eval_every=10),
+    "tuning": Plan(_TUNING, seeds=(100, 101), steps=20, eval_every=10),
     "smoke": Plan((*_ALL, ("single-teacher-math", "opd"), ("strong-to-weak", "opd"), *_CROSS_MODAL), seeds=(0,),
                   steps=2,
                   eval_every=2, quick_models=True, n_train=24, n_eval=4, eval_samples=2, prompts_per_step=4,

@@ -15,15 +15,6 @@ import httpx
 import redis
 
 
-def die_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL. A killed
-    experiment, demo or test run otherwise leaves its servers running, holding ports and cores."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,8 +65,7 @@ def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str]
     cmd = [sys.executable, "-m", "uniopd", kind, "serve", "--model", str(model_dir), "--backend", backend,
            "--host", "127.0.0.1", "--port", str(port), *(args or [])]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                preexec_fn=die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,8 +100,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--daemonize", "no"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:

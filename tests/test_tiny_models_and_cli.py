@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -41,6 +42,7 @@ CLI_ERRORS = [
     (["teacher", "serve", "--model", ".", "--max-top-k", "0"], "--max-top-k"),
     (["models", "tiny", "--out", "/tmp/x", "--hidden", "100"], "--hidden"),
     (["models", "tiny", "--out", "/tmp/x", "--arch", "gpt2"], "--arch"),
+    (["rollout", "serve", "--model", ".", "--threads", "0"], "--threads"),
 ]
 
 
@@ -69,6 +71,21 @@ def test_serve_refuses_missing_key_file(tiny_model):
 def test_serve_refuses_missing_key_file_in_process(cli_error_in_process, tiny_model):
     assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--api-keys",
                                                  "/no/such"])
+
+
+def test_threads_are_an_hf_option_set_before_the_model_loads(cli_error_in_process, tiny_model):
+    import torch
+
+    if importlib.util.find_spec("vllm") is not None:
+        assert "--threads" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--backend",
+                                                    "vllm", "--threads", "1"])
+    before = torch.get_num_threads()
+    try:
+        assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--threads", "1",
+                                                     "--api-keys", "/no/such"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.e2e

@@ -185,7 +185,24 @@ def test_verify_batch_runs_items_concurrently(monkeypatch):
     monkeypatch.setattr(verifiers, "_VERIFIERS", dict(verifiers._VERIFIERS))
     verifiers.register("timed", timed_run)
     child = "import time\nstart = time.time()\ntime.sleep(1)\nprint(start, time.time())"
-    verdicts = verify_batch(["timed"] * 4, [child] * 4, [{}] * 4, max_workers=4)
+    verdicts = verify_batch(["timed"] * 4, [child] * 4, [{} for _ in range(4)], max_workers=4)  # 4 distinct records
     assert verdicts == [Verdict(True)] * 4 and len(intervals) == 4
     starts, ends = zip(*intervals, strict=True)
     assert max(starts) < min(ends)  # one moment when all four children were sleeping at once
+
+
+def test_verify_batch_checks_each_distinct_completion_of_a_record_once(monkeypatch):
+    """A group's repeated samples cost one check; the same text for another record (even an equal one) is checked
+    again, since only the same record object is known to be the same record."""
+    checked = []
+
+    def counting(completion: str, record: dict, timeout_s: float) -> bool:
+        checked.append((completion, id(record)))
+        return completion == record["answer"]
+
+    monkeypatch.setattr(verifiers, "_VERIFIERS", dict(verifiers._VERIFIERS))
+    verifiers.register("counting", counting)
+    a, b = {"answer": "4"}, {"answer": "4"}
+    verdicts = verify_batch(["counting"] * 6, ["4", "5", "4", "4", "5", "4"], [a, a, a, b, a, a])
+    assert [v.correct for v in verdicts] == [True, False, True, True, False, True]
+    assert sorted(checked) == sorted([("4", id(a)), ("5", id(a)), ("4", id(b))])

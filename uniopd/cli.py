@@ -45,6 +45,8 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
+    p.add_argument("--threads", type=_positive, help="hf backend: torch threads for the model (default: one per "
+                   "core); servers sharing a small CPU machine should split its cores rather than each take all")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -119,6 +121,12 @@ def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                      "'uniopd[vllm]')")
     if args.backend == "vllm" and (why := vllm_architecture_error(args.model)):
         parser.error(f"--backend vllm: {why}")
+    if args.threads and args.backend != "hf":
+        parser.error("--threads: an hf backend option (vLLM on CPU takes VLLM_CPU_OMP_THREADS_BIND)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for option in ("api_keys", "admin_keys"):
         path = getattr(args, option, None)
         if path and not path.is_file():

@@ -34,6 +34,10 @@ from uniopd.synthetic.datasets import write_datasets
 log = logging.getLogger("uniopd.experiment")
 ADMIN_ENV = "UNIOPD_ROLLOUT_ADMIN_KEY"
 VERIFIERS = {"visual": "math"}  # the visual domain's answers end in "The answer is N.", like math's
+# Teachers score at the same moment (a step's rollouts go to every domain's teacher at once) while the trainer computes
+# π_old: with torch's default of a thread per core each, they oversubscribe a small machine (issue 18 measured a
+# teacher call ~30x slower than on an idle server); one thread each splits the cores between them.
+TEACHER_THREADS = 1
 
 
 def models_root(cache: Path, quick: bool) -> Path:
@@ -83,6 +87,7 @@ class Experiment:
         t0 = time.perf_counter()
         self.models = prepare_models(models_root(self.cache, p.quick_models), [*p.students, *p.teachers],
                                      p.quick_models)
+        self.record_sharpening()
         self.data = write_datasets(self.out / "data", 0, p.n_train, p.n_eval, domains=tuple(p.domains))
         timings = {"prepare_s": time.perf_counter() - t0, "trained": sum(
             not is_done(self.out, s, m, seed) for s, m in p.runs for seed in p.seeds)}
@@ -97,8 +102,8 @@ class Experiment:
             for name in p.teachers:
                 domains = p.domains_of(name)
                 server = stack.enter_context(start_teacher(
-                    self.models[name], self.teacher_backend, [a for d in domains for a in ("--domain", d)],
-                    self.logs))
+                    self.models[name], self.teacher_backend,
+                    [*(a for d in domains for a in ("--domain", d)), *self.threads(self.teacher_backend)], self.logs))
                 self.teacher_urls[name] = server.url
             self.teacher_accuracy()
             self.rollout_urls = {}
@@ -116,6 +121,10 @@ class Experiment:
         results = collect(self.out, self.plan)
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         return results
+
+    @staticmethod
+    def threads(backend: str) -> list[str]:
+        return ["--threads", str(TEACHER_THREADS)] if backend == "hf" else []
 
     # ---- pieces ----------------------------------------------------------------------------------------------
 
@@ -160,6 +169,13 @@ class Experiment:
             tail = (run / "train.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
         (run / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
+
+    def record_sharpening(self) -> None:
+        """How each sharpened teacher was made (uniopd.sharpen's per-round log): the RL-side baseline of the report's
+        steps-to-teacher-level comparison."""
+        made = {name: json.loads(path.read_text()) for name in self.plan.teachers
+                if (path := self.models[name] / "sharpen.json").exists()}
+        (self.out / "sharpened.json").write_text(json.dumps(made, indent=1))
 
     def offline_balance(self) -> None:
         """One balanced training set per (student, domain), from the initial student's pass counts (shared by all

@@ -56,9 +56,10 @@ def collect(out: Path, plan: Plan) -> dict:
                for student in plan.students for d in DOMAINS
                if (p := balanced_dir(out, student) / f"{d}_train.hist.json").exists()}
     teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").exists() else {}
+    sharpened = json.loads((out / "sharpened.json").read_text()) if (out / "sharpened.json").exists() else {}
     timings = read_timings(out / "timings.json")
     return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,
-            "teachers": teachers, "timings": timings,
+            "teachers": teachers, "sharpened": sharpened, "timings": timings,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()}}
 
@@ -151,6 +152,17 @@ def speed_table(results: dict, setting: str) -> list[str]:
         lines.append(f"| {method} | {len(reached)} / {len(steps)} | "
                      f"{np.mean(reached):.1f} | {np.mean(t):.0f} s |" if reached else
                      f"| {method} | 0 / {len(steps)} | not within {results['plan']['steps']} steps | – |")
+    return lines
+
+
+def sharpening_table(results: dict) -> list[str]:
+    """Each sharpened teacher's RFT from the student: what it cost and how its pass rate on fresh prompts moved."""
+    lines = ["| teacher | RFT rounds | samples generated | SFT steps | wall time | pass rate, first → last round |",
+             "|---|---|---|---|---|---|"]
+    for name, rounds in sorted(results.get("sharpened", {}).items()):
+        lines.append(f"| {name} | {len(rounds)} | {sum(r['samples'] for r in rounds)} | "
+                     f"{sum(r['sft_steps'] for r in rounds)} | {sum(r['s'] for r in rounds):.0f} s | "
+                     f"{rounds[0]['pass_rate'] * 100:.1f} → {rounds[-1]['pass_rate'] * 100:.1f} |")
     return lines
 
 
@@ -259,6 +271,11 @@ def write_report(results: dict, doc: Path, command: str, notes: Path | None = No
     ]
     if notes and notes.exists():
         lines += [notes.read_text().strip(), ""]
+    if results.get("sharpened"):
+        lines += ["## How the domain teachers were made", "",
+                  "Each is the student's checkpoint sharpened on its domain by rejection-sampling fine-tuning "
+                  "(uniopd/sharpen.py); the pass rate is the model's own, on each round's fresh prompts, before that "
+                  "round's update:", "", *sharpening_table(results), ""]
     for setting in settings:
         lines += [f"## {setting}", "", "Held-out accuracy at the last step:", "", *accuracy_table(results, setting), ""]
         curve = plot_curves(results, setting, figs / f"curves-{setting}.png")

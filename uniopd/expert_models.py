@@ -1,12 +1,16 @@
-"""Trained tiny experts: math, code and strong teachers and a weak student, SFT'd from scratch on the synthetic domains.
+"""The tiny experts: a student SFT'd from scratch on the synthetic domains, math and code teachers sharpened from it,
+and separately trained strong and cross-modal models.
 
 Every model shares one tokenizer (uniopd.tiny_models.build_tokenizer), so any teacher can score any student. The
 recipes are deterministic (seeded data, seeded init, single-threaded-reproducible ops) and cached: a model directory
 holds `recipe.json`, and a directory whose recipe matches is reused, anything else is rebuilt.
 
-Why these shapes: the teachers see one solution style per domain (so a student's other style is under-scored, the
-first failure mode of docs/method.md §4); the strong teacher is larger and sees both domains; the student is small and
-sees a small, mixed-style sample for few steps, so it starts with room to improve and with mixed-correctness groups.
+Why these shapes (the paper's, docs/method.md §7): the student is SFT'd on fresh data in both solution styles until
+it knows the domains' mechanics, but half of its SFT solutions carry one slip (a wrong step that looks right), so at
+temperature 1 it slips often; each domain teacher is that checkpoint sharpened on its domain by rejection-sampling
+fine-tuning (uniopd.sharpen), so teacher and student differ only by what the sharpening added — as in the paper,
+where every domain teacher is the base model after domain RL. The strong teacher is larger and trained apart on both
+domains (the strong-to-weak setting); the cross-modal pair is a tiny VLM teacher for image prompts and a VLM student.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from uniopd.sft import Pair, length_buckets, sft_step
+from uniopd.sharpen import RFTRecipe
 from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
 
 log = logging.getLogger("uniopd.models")
 RECIPE_VERSION = 2  # 2: the shared tokenizer gained the image tokens
-SEQ_MULTIPLE = 8
 BUCKET_BATCHES = 8
 
 
@@ -42,16 +47,34 @@ class ModelSpec:
     seed: int = 0
     visual_styles: tuple[str, ...] = ()
     vision: bool = False  # a tiny Idefics3 (uniopd.tiny_models.build_tiny_vlm) instead of a text model
+    slip_rate: float = 0.0  # fraction of SFT solutions with one slip (a wrong step that looks right)
 
     def scaled(self, factor: float) -> ModelSpec:
         return ModelSpec(**{**asdict(self), "steps": max(10, int(self.steps * factor))})
 
 
-SPECS: dict[str, ModelSpec] = {s.name: s for s in (
-    ModelSpec("math-teacher", 128, 4, ("steps",), (), steps=1200, seed=1),
-    ModelSpec("code-teacher", 128, 4, (), ("def",), steps=1200, seed=2),
+@dataclass(frozen=True)
+class SharpenedSpec:
+    """A domain teacher: the parent's checkpoint sharpened by RFT (uniopd.sharpen). The parent's whole recipe is part
+    of this one, so a changed parent rebuilds the teacher too."""
+
+    name: str
+    parent: ModelSpec
+    rft: RFTRecipe
+
+    def scaled(self, factor: float) -> SharpenedSpec:
+        """The parent scaled, and one round on a few prompts."""
+        return SharpenedSpec(self.name, self.parent.scaled(factor),
+                             replace(self.rft, rounds=1, prompts=max(4, int(self.rft.prompts * factor))))
+
+
+Spec = ModelSpec | SharpenedSpec
+STUDENT = ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=3000, seed=4, slip_rate=0.5)
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    STUDENT,
+    SharpenedSpec("math-teacher", STUDENT, RFTRecipe("math", rounds=8, prompts=256, samples=4, seed=7)),
+    SharpenedSpec("code-teacher", STUDENT, RFTRecipe("code", rounds=3, prompts=256, samples=4, seed=8)),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
-    ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=2000, sample_size=4000, seed=4),
     # cross-modal (docs/method.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
     # writes code, so the text code teacher and the image teacher distil into one model
     ModelSpec("visual-teacher", 128, 4, (), (), steps=1500, seed=5, visual_styles=("count",), vision=True),
@@ -61,11 +84,9 @@ SPECS: dict[str, ModelSpec] = {s.name: s for s in (
 QUICK_FACTOR = 0.05  # --quick: same recipes, 5% of the steps (CI smoke runs; the models are undertrained)
 
 
-Pair = tuple[str, str, tuple]  # prompt, response, the prompt's images (PIL)
-
-
 def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
-    """(prompt, response, images): domains alternate, the style is uniform over the spec's styles."""
+    """(prompt, response, images): domains alternate, the style is uniform over the spec's styles, and a
+    spec.slip_rate share of the solutions carries one slip (the task's own, e.g. "7+5=13.")."""
     domains = [d for d, styles in (("math", spec.math_styles), ("code", spec.code_styles),
                                    ("visual", spec.visual_styles)) if styles]
     modules = {"math": (math_tasks, spec.math_styles), "code": (code_tasks, spec.code_styles),
@@ -74,39 +95,18 @@ def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
         module, styles = modules[rng.choice(domains)]
         task = module.sample_task(rng, rng.randint(1, module.MAX_LEVEL))
         images = (task.render(),) if module is visual_tasks else ()
-        yield task.prompt(), task.solution(rng.choice(styles)), images
+        style = rng.choice(styles)
+        slipped = spec.slip_rate > 0 and rng.random() < spec.slip_rate  # no draw at 0: older recipes' data unchanged
+        yield task.prompt(), _solution(task, style, rng) if slipped else task.solution(style), images
 
 
-def _encode(tokenizer, pairs: list[Pair], vision=None):
-    """Chat-rendered prompt + response + <|im_end|>; the loss covers only the response (labels -100 elsewhere).
-    A multimodal model's prompts get their image placeholders expanded; the image tensors come back too."""
-    import torch
-
-    from trainer.data import render_prompt
-
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompts = [render_prompt(tokenizer, {"prompt": prompt}) for prompt, _, _ in pairs]
-    pixels: dict = {}
-    if vision is not None:
-        prompts, pixels = vision.expand(prompts, [images for _, _, images in pairs])
-    rows = []
-    for p, (_, response, _) in zip(prompts, pairs, strict=True):
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
-        rows.append((p + r, [-100] * len(p) + r))
-    width = -(-max(len(ids) for ids, _ in rows) // SEQ_MULTIPLE) * SEQ_MULTIPLE
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
-    return ids, labels, attention, pixels
-
-
-def _length_buckets(tokenizer, pairs: list[Pair], batch: int, rng: random.Random) -> list[list[Pair]]:
-    """Batches of similar length in random order: padding, not the model, was most of the compute."""
-    pairs = sorted(pairs, key=lambda p: len(p[0]) + len(p[1]))
-    batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
-    rng.shuffle(batches)
-    return batches
+def _solution(task, style: str, rng: random.Random) -> str:
+    """The task's solution in `style` with one slip, in each domain's own terms."""
+    if isinstance(task, math_tasks.MathTask):
+        return task.solution(style, slip=rng.randrange(task.level), rng=rng)
+    if isinstance(task, code_tasks.CodeTask):
+        return task.solution(style, slip=True, rng=rng)
+    return task.solution(style, slip=rng.choice((1, -1)), rng=rng)
 
 
 def train_model(spec: ModelSpec, out: Path) -> Path:
@@ -139,52 +139,67 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
     batches: list[list[Pair]] = []
     for step in range(spec.steps):
         if not batches:
-            batches = _length_buckets(tokenizer, fixed, spec.batch, rng) if fixed else _length_buckets(
-                tokenizer, [next(stream) for _ in range(spec.batch * BUCKET_BATCHES)], spec.batch, rng)
-        ids, labels, attention, pixels = _encode(tokenizer, batches.pop(), vision)
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels, **pixels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            batches = length_buckets(fixed or [next(stream) for _ in range(spec.batch * BUCKET_BATCHES)],
+                                     spec.batch, rng)
+        loss = sft_step(model, tokenizer, batches.pop(), opt, vision)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == spec.steps - 1:
-            log.info("%s step %d/%d loss %.4f (%.0fs)", spec.name, step + 1, spec.steps, loss.item(),
+            log.info("%s step %d/%d loss %.4f (%.0fs)", spec.name, step + 1, spec.steps, loss,
                      time.perf_counter() - start)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def recipe_of(spec: ModelSpec) -> dict:
-    """As JSON reads it back (tuples become lists), so a stored recipe compares equal to the spec's."""
-    return json.loads(json.dumps({"version": RECIPE_VERSION, **asdict(spec)}))
+def recipe_of(spec: Spec) -> dict:
+    """As JSON reads it back (tuples become lists), so a stored recipe compares equal to the spec's. A zero
+    slip_rate is left out, so the recipes written before it existed still match."""
+    return json.loads(json.dumps({"version": RECIPE_VERSION, **_fields(asdict(spec))}))
 
 
-def model_dir(spec: ModelSpec, root: Path) -> Path:
+def _fields(recipe: dict) -> dict:
+    return {k: _fields(v) if isinstance(v, dict) else v for k, v in recipe.items()
+            if not (k == "slip_rate" and v == 0)}
+
+
+def model_dir(spec: Spec, root: Path) -> Path:
     return root / "models" / spec.name
 
 
-def is_current(spec: ModelSpec, root: Path) -> bool:
+def is_current(spec: Spec, root: Path) -> bool:
     recipe = model_dir(spec, root) / "recipe.json"
     return recipe.is_file() and json.loads(recipe.read_text()) == recipe_of(spec)
 
 
-def ensure_models(specs: list[ModelSpec], root: Path) -> dict[str, Path]:
+def ensure_models(specs: list[Spec], root: Path) -> dict[str, Path]:
     """Train the models that are missing or stale, all at once in processes of one thread each: these models are
     too small for a second thread to help (measured: 2 threads took longer per step than 1), so the cores are
-    better spent on different models."""
+    better spent on different models. Sharpened teachers start from their parents, so the parents go first."""
+    todo = [s for s in specs if not is_current(s, root)]
+    parents = [s.parent for s in todo if isinstance(s, SharpenedSpec) and not is_current(s.parent, root)]
+    _train_all(_distinct([s for s in todo if isinstance(s, ModelSpec)] + parents), root)
+    _train_all([s for s in todo if isinstance(s, SharpenedSpec)], root)
+    return {s.name: model_dir(s, root) for s in specs}
+
+
+def _distinct(specs: list[Spec]) -> list[Spec]:
+    """Each spec once; two different recipes under one name would overwrite each other's directory."""
+    by_name: dict[str, Spec] = {}
+    for spec in specs:
+        if by_name.setdefault(spec.name, spec) != spec:
+            raise ValueError(f"two different recipes are named {spec.name!r}")
+    return list(by_name.values())
+
+
+def _train_all(specs: list[Spec], root: Path) -> None:
     import multiprocessing
 
-    todo = [s for s in specs if not is_current(s, root)]
-    workers = len(todo)
-    if workers > 1:
+    if len(specs) > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_single_threaded) as pool:
-            pool.starmap(ensure_model, [(s, root) for s in todo])
+        with ctx.Pool(len(specs), initializer=_single_threaded) as pool:
+            pool.starmap(ensure_model, [(s, root) for s in specs])
     else:
-        for spec in todo:
+        for spec in specs:
             ensure_model(spec, root)
-    return {s.name: model_dir(s, root) for s in specs}
 
 
 def _single_threaded() -> None:
@@ -194,17 +209,26 @@ def _single_threaded() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
-def ensure_model(spec: ModelSpec, root: Path) -> Path:
-    """The model for `spec` under root/models/<name>, trained unless a matching recipe.json is already there."""
+def ensure_model(spec: Spec, root: Path) -> Path:
+    """The model for `spec` under root/models/<name>, trained unless a matching recipe.json is already there; a
+    sharpened teacher starts from a copy of its parent's directory (the parent is made first if needed)."""
+    import shutil
+
     out = model_dir(spec, root)
     if is_current(spec, root):
         return out
     tmp = out.with_name(out.name + ".partial")
-    train_model(spec, tmp)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if isinstance(spec, SharpenedSpec):
+        from uniopd.sharpen import sharpen
+
+        shutil.copytree(ensure_model(spec.parent, root), tmp, ignore=shutil.ignore_patterns("recipe.json"))
+        sharpen(tmp, spec.rft)
+    else:
+        train_model(spec, tmp)
     (tmp / "recipe.json").write_text(json.dumps(recipe_of(spec), indent=1))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return out

@@ -47,15 +47,23 @@ def verify(kind: str, completion: str, record: dict, timeout_s: float = 10.0) ->
 
 def verify_batch(kind_per_item: list[str], completions: list[str], records: list[dict],
                  timeout_s: float = 10.0, max_workers: int = 4) -> list[Verdict]:
-    """Verify many completions concurrently (threads: code runs in subprocesses, math in worker processes)."""
+    """Verify many completions concurrently (threads: code runs in subprocesses, math in worker processes). Each
+    distinct (kind, completion, record) is verified once: a peaked model repeats itself within a prompt's group,
+    and a code check is a sandboxed process (the same record object is the same record)."""
     if not len(kind_per_item) == len(completions) == len(records):
         raise ValueError("kind_per_item, completions and records must have the same length")
     for kind in set(kind_per_item):
         _lookup(kind)  # fail on a config error before doing any work
-    if not completions:
+    keys = [(kind, text, id(record)) for kind, text, record in zip(kind_per_item, completions, records, strict=True)]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    todo = sorted(first.values())
+    if not todo:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(completions)))) as pool:
-        return list(pool.map(verify, kind_per_item, completions, records, [timeout_s] * len(completions)))
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo)))) as pool:
+        verdicts = pool.map(verify, [kind_per_item[i] for i in todo], [completions[i] for i in todo],
+                            [records[i] for i in todo], [timeout_s] * len(todo))
+        by_key = dict(zip([keys[i] for i in todo], verdicts, strict=True))
+    return [by_key[key] for key in keys]
 
 
 def _lookup(kind: str) -> Check:

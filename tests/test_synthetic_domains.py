@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -22,6 +23,21 @@ def test_math_solutions_in_every_style_are_correct_and_slips_are_not(style):
         slipped = task.solution(style, slip=rng.randrange(task.level), rng=rng)
         assert not verify("math", slipped, record).correct, slipped
         assert 0 <= task.answer <= math_tasks.MAX_TOTAL and record["level"] == len(task.ops)
+
+
+@pytest.mark.parametrize("style", math_tasks.STYLES)
+def test_a_misread_operand_is_computed_right_but_the_answer_is_wrong(style):
+    """The student's SFT errors (uniopd.expert_models): every equation holds, one operand is not the prompt's."""
+    rng = random.Random(0)
+    for task in math_tasks.sample_tasks(2, 60):
+        i = rng.randrange(task.level)
+        misread = task.solution(style, misread=i, rng=rng)
+        assert not verify("math", misread, task.record()).correct, misread
+        if style == "steps":
+            for equation in misread.split(". ")[:-1]:
+                left, right = equation.split("=")
+                a, sign, b = re.fullmatch(r"(-?\d+)([-+*])(\d+)", left).groups()
+                assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[sign] == int(right), misread
 
 
 def test_math_styles_differ_but_slips_change_one_number():

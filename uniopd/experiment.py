@@ -49,6 +49,8 @@ def prepare_models(root: Path, names: list[str], quick: bool = False) -> dict[st
     """Train (or reuse) the named models under root/models/."""
     specs = [expert_models.SPECS[n].scaled(expert_models.QUICK_FACTOR) if quick else expert_models.SPECS[n]
              for n in names]
+    if todo := [s.name for s in specs if not expert_models.is_current(s, root)]:
+        print(f"training {', '.join(todo)} (once; cached under {root})", flush=True)
     return expert_models.ensure_models(specs, root)
 
 

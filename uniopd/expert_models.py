@@ -29,7 +29,7 @@ from uniopd.sharpen import RFTRecipe
 from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
 
 log = logging.getLogger("uniopd.models")
-RECIPE_VERSION = 2  # 2: the shared tokenizer gained the image tokens
+RECIPE_VERSION = 3  # 2: the shared tokenizer gained the image tokens; 3: the student misreads, not miscounts, in math
 BUCKET_BATCHES = 8
 
 
@@ -73,7 +73,7 @@ STUDENT = ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, ste
 SPECS: dict[str, Spec] = {s.name: s for s in (
     STUDENT,
     SharpenedSpec("math-teacher", STUDENT, RFTRecipe("math", rounds=8, prompts=256, samples=4, seed=7)),
-    SharpenedSpec("code-teacher", STUDENT, RFTRecipe("code", rounds=3, prompts=256, samples=4, seed=8)),
+    SharpenedSpec("code-teacher", STUDENT, RFTRecipe("code", rounds=5, prompts=256, samples=4, seed=8)),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
     # cross-modal (docs/method.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
     # writes code, so the text code teacher and the image teacher distil into one model
@@ -103,7 +103,7 @@ def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
 def _solution(task, style: str, rng: random.Random) -> str:
     """The task's solution in `style` with one slip, in each domain's own terms."""
     if isinstance(task, math_tasks.MathTask):
-        return task.solution(style, slip=rng.randrange(task.level), rng=rng)
+        return task.solution(style, misread=rng.randrange(task.level), rng=rng)
     if isinstance(task, code_tasks.CodeTask):
         return task.solution(style, slip=True, rng=rng)
     return task.solution(style, slip=rng.choice((1, -1)), rng=rng)

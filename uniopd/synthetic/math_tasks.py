@@ -67,12 +67,17 @@ class MathTask:
         parts.append(f"How many {self.item} now?")
         return " ".join(parts)
 
-    def solution(self, style: str, slip: int | None = None, rng: random.Random | None = None) -> str:
-        """A worked solution; `slip` = index of an operation computed wrongly by ±1..2 (later steps stay consistent)."""
+    def solution(self, style: str, slip: int | None = None, rng: random.Random | None = None,
+                 misread: int | None = None) -> str:
+        """A worked solution; `slip` = index of an operation computed wrongly by ±1..2, `misread` = index of an
+        operation whose operand is read off the prompt wrongly (±1..2, a bag size ±1) and then computed right; later
+        steps stay consistent with either."""
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
         total, lines = self.start, [] if style == "steps" else [f"Start with {self.start}."]
         for i, op in enumerate(self.ops):
+            if i == misread:
+                op = _misread(op, rng or random)
             new = op.apply(total)
             if i == slip:
                 new += (rng or random).choice((-2, -1, 1, 2))
@@ -90,6 +95,13 @@ class MathTask:
 
     def record(self) -> dict:
         return {"domain": "math", "prompt": self.prompt(), "answer": str(self.answer), "level": self.level}
+
+
+def _misread(op: Op, rng: random.Random) -> Op:
+    """The operation with another operand (never 0, never the right one): what a misreading of the prompt gives."""
+    if op.kind == "bags":
+        return Op(op.kind, op.n, op.m + 1 if op.m == 1 else op.m + rng.choice((-1, 1)))
+    return Op(op.kind, op.n + rng.choice((1, 2)) if op.n <= 2 else op.n + rng.choice((-2, -1, 1, 2)))
 
 
 def sample_task(rng: random.Random, level: int) -> MathTask:

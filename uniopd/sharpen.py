@@ -38,7 +38,6 @@ class RFTRecipe:
     rounds: int
     prompts: int  # fresh prompts per round
     samples: int  # k responses per prompt and round
-    temperature: float = 1.0  # of the round's sampling (top-p 1, no top-k)
     epochs: int = 2  # SFT passes over a round's kept samples
     lr: float = 3e-4  # measured: 1e-3 gained in the first round and lost in the next ones
     batch: int = 16
@@ -109,7 +108,7 @@ def sharpen(model_dir: Path, recipe: RFTRecipe) -> list[dict]:
         start = time.perf_counter()
         model.eval()
         samples = sample_and_verify(generator, tokenizer, fresh_records(recipe, rng), recipe.samples,
-                                    rng.getrandbits(63), recipe.temperature)
+                                    rng.getrandbits(63))
         pairs = keep_correct(samples)
         sampled_s = time.perf_counter() - start
         model.train()

@@ -67,14 +67,13 @@ def fresh_records(recipe: RFTRecipe, rng: random.Random) -> list[dict]:
     raise ValueError(f"{recipe.domain}: fewer than {recipe.prompts} distinct training prompts")
 
 
-def sample_and_verify(generator, tokenizer, records: list[dict], k: int, seed: int,
-                      temperature: float = 1.0) -> list[Sampled]:
-    """k samples per prompt, top-p 1, no top-k; at temperature 1 this is the held-out protocol (docs/method.md §6)."""
+def sample_and_verify(generator, tokenizer, records: list[dict], k: int, seed: int) -> list[Sampled]:
+    """k samples per prompt at temperature 1, top-p 1, no top-k (the held-out protocol, docs/method.md §6)."""
     from services.rollout_server.generator import SamplingOptions
     from trainer.data import render_prompt
     from trainer.evaluation import verify_responses
 
-    options = SamplingOptions(n=k, temperature=temperature, top_p=1.0, top_k=0, max_tokens=MAX_TOKENS, seed=seed)
+    options = SamplingOptions(n=k, temperature=1.0, top_p=1.0, top_k=0, max_tokens=MAX_TOKENS, seed=seed)
     prompts = [render_prompt(tokenizer, r) for r in records]
     groups = [g for i in range(0, len(prompts), GENERATE_CHUNK)
               for g in generator.generate(prompts[i:i + GENERATE_CHUNK], replace(options, seed=seed + i))]

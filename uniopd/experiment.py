@@ -105,7 +105,8 @@ class Experiment:
                 domains = p.domains_of(name)
                 server = stack.enter_context(start_teacher(
                     self.models[name], self.teacher_backend,
-                    [*(a for d in domains for a in ("--domain", d)), *self.threads(self.teacher_backend)], self.logs))
+                    [*(a for d in domains for a in ("--domain", d)),
+                     *(["--threads", str(TEACHER_THREADS)] if self.teacher_backend == "hf" else [])], self.logs))
                 self.teacher_urls[name] = server.url
             self.teacher_accuracy()
             self.rollout_urls = {}
@@ -123,10 +124,6 @@ class Experiment:
         results = collect(self.out, self.plan)
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         return results
-
-    @staticmethod
-    def threads(backend: str) -> list[str]:
-        return ["--threads", str(TEACHER_THREADS)] if backend == "hf" else []
 
     # ---- pieces ----------------------------------------------------------------------------------------------
 

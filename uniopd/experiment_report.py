@@ -55,8 +55,8 @@ def collect(out: Path, plan: Plan) -> dict:
     balance = {d if student == "student" else f"{d}, {student}": json.loads(p.read_text())
                for student in plan.students for d in DOMAINS
                if (p := balanced_dir(out, student) / f"{d}_train.hist.json").exists()}
-    teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").exists() else {}
-    sharpened = json.loads((out / "sharpened.json").read_text()) if (out / "sharpened.json").exists() else {}
+    teachers, sharpened = (json.loads(p.read_text()) if (p := out / name).exists() else {}
+                           for name in ("teachers.json", "sharpened.json"))
     timings = read_timings(out / "timings.json")
     return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,
             "teachers": teachers, "sharpened": sharpened, "timings": timings,

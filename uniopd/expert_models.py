@@ -6,8 +6,8 @@ recipes are deterministic (seeded data, seeded init, single-threaded-reproducibl
 holds `recipe.json`, and a directory whose recipe matches is reused, anything else is rebuilt.
 
 Why these shapes (the paper's, docs/method.md §7): the student is SFT'd on fresh data in both solution styles until
-it knows the domains' mechanics, but half of its SFT solutions carry one slip (a wrong step that looks right), so at
-temperature 1 it slips often; each domain teacher is that checkpoint sharpened on its domain by rejection-sampling
+it knows the domains' mechanics, but half of its SFT solutions carry one error that looks right, so at temperature 1
+it errs often; each domain teacher is that checkpoint sharpened on its domain by rejection-sampling
 fine-tuning (uniopd.sharpen), so teacher and student differ only by what the sharpening added — as in the paper,
 where every domain teacher is the base model after domain RL. The strong teacher is larger and trained apart on both
 domains (the strong-to-weak setting); the cross-modal pair is a tiny VLM teacher for image prompts and a VLM student.
@@ -47,7 +47,7 @@ class ModelSpec:
     seed: int = 0
     visual_styles: tuple[str, ...] = ()
     vision: bool = False  # a tiny Idefics3 (uniopd.tiny_models.build_tiny_vlm) instead of a text model
-    slip_rate: float = 0.0  # fraction of SFT solutions with one slip (a wrong step that looks right)
+    slip_rate: float = 0.0  # fraction of SFT solutions with one error that looks right (see _solution)
 
     def scaled(self, factor: float) -> ModelSpec:
         return ModelSpec(**{**asdict(self), "steps": max(10, int(self.steps * factor))})
@@ -86,7 +86,7 @@ QUICK_FACTOR = 0.05  # --quick: same recipes, 5% of the steps (CI smoke runs; th
 
 def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
     """(prompt, response, images): domains alternate, the style is uniform over the spec's styles, and a
-    spec.slip_rate share of the solutions carries one slip (the task's own, e.g. "7+5=13.")."""
+    spec.slip_rate share of the solutions carries one error that looks right (_solution)."""
     domains = [d for d, styles in (("math", spec.math_styles), ("code", spec.code_styles),
                                    ("visual", spec.visual_styles)) if styles]
     modules = {"math": (math_tasks, spec.math_styles), "code": (code_tasks, spec.code_styles),
@@ -96,12 +96,14 @@ def sft_examples(spec: ModelSpec, rng: random.Random) -> Iterator[Pair]:
         task = module.sample_task(rng, rng.randint(1, module.MAX_LEVEL))
         images = (task.render(),) if module is visual_tasks else ()
         style = rng.choice(styles)
-        slipped = spec.slip_rate > 0 and rng.random() < spec.slip_rate  # no draw at 0: older recipes' data unchanged
+        slipped = spec.slip_rate > 0 and rng.random() < spec.slip_rate  # no draw at 0: other models keep their data
         yield task.prompt(), _solution(task, style, rng) if slipped else task.solution(style), images
 
 
 def _solution(task, style: str, rng: random.Random) -> str:
-    """The task's solution in `style` with one slip, in each domain's own terms."""
+    """The task's solution in `style` with one error in each domain's own terms: a misread operand in math (computed
+    right, so the arithmetic the student learns stays right and the error is one a sharper model avoids), an
+    off-by-one constant in code, a miscount by one in visual."""
     if isinstance(task, math_tasks.MathTask):
         return task.solution(style, misread=rng.randrange(task.level), rng=rng)
     if isinstance(task, code_tasks.CodeTask):
@@ -151,14 +153,8 @@ def train_model(spec: ModelSpec, out: Path) -> Path:
 
 
 def recipe_of(spec: Spec) -> dict:
-    """As JSON reads it back (tuples become lists), so a stored recipe compares equal to the spec's. A zero
-    slip_rate is left out, so the recipes written before it existed still match."""
-    return json.loads(json.dumps({"version": RECIPE_VERSION, **_fields(asdict(spec))}))
-
-
-def _fields(recipe: dict) -> dict:
-    return {k: _fields(v) if isinstance(v, dict) else v for k, v in recipe.items()
-            if not (k == "slip_rate" and v == 0)}
+    """As JSON reads it back (tuples become lists), so a stored recipe compares equal to the spec's."""
+    return json.loads(json.dumps({"version": RECIPE_VERSION, **asdict(spec)}))
 
 
 def model_dir(spec: Spec, root: Path) -> Path:

@@ -27,7 +27,6 @@ from uniopd.synthetic.datasets import domain_records
 
 log = logging.getLogger("uniopd.sharpen")
 MAX_TOKENS = 64  # the experiment's response limit (uniopd.experiment_plan.Plan.max_tokens)
-VERIFIERS = {"visual": "math"}  # as in uniopd.experiment: visual answers end in "The answer is N."
 TASKS = {"math": math_tasks, "code": code_tasks}
 GENERATE_CHUNK = 64  # prompts per generate call: one long row holds a whole batch back, and big batches cost more
 
@@ -78,7 +77,7 @@ def sample_and_verify(generator, tokenizer, records: list[dict], k: int, seed: i
     groups = [g for i in range(0, len(prompts), GENERATE_CHUNK)
               for g in generator.generate(prompts[i:i + GENERATE_CHUNK], replace(options, seed=seed + i))]
     flat = [(r, s) for r, group in zip(records, groups, strict=True) for s in group]
-    verdicts = verify_responses(tokenizer, lambda d: VERIFIERS.get(d, d), [s.token_ids for _, s in flat],
+    verdicts = verify_responses(tokenizer, lambda d: d, [s.token_ids for _, s in flat],
                                 [r for r, _ in flat])
     return [Sampled(r, tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True), s.finish_reason == "stop",
                     v.correct) for (r, s), v in zip(flat, verdicts, strict=True)]

@@ -55,8 +55,10 @@ def verify_batch(kind_per_item: list[str], completions: list[str], records: list
     for kind in set(kind_per_item):
         _lookup(kind)  # fail on a config error before doing any work
     keys = [(kind, text, id(record)) for kind, text, record in zip(kind_per_item, completions, records, strict=True)]
-    first = {key: i for i, key in reversed(list(enumerate(keys)))}
-    todo = sorted(first.values())
+    first: dict[tuple, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    todo = list(first.values())
     if not todo:
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo)))) as pool:

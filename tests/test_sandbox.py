@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.sandbox import NOBODY, TRUNCATED, _closed_dir, _make_audit_hook, run_python
+from trainer.sandbox import TRUNCATED, run_python
+from trainer.sandbox_child import NOBODY, _closed_dir, _make_audit_hook
 
 IS_ROOT = os.geteuid() == 0
 
@@ -92,7 +93,9 @@ def test_infinite_loop_times_out_and_the_group_dies(body):
     "import subprocess\nwhile True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
     "while True:\n    os.system('sleep 60 &')",
     "import multiprocessing, time\nwhile True:\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()",
-], ids=["fork", "popen", "system", "multiprocessing"])
+    "import subprocess\nwhile True:\n    subprocess._fork_exec([b'/bin/sleep'], [b'/bin/sleep'], True, (), None, None,"
+    " -1, -1, -1, -1, -1, -1, -1, -1, False, False, None, None, None, -1, None, False)",
+], ids=["fork", "popen", "system", "multiprocessing", "raw-fork-exec"])
 def test_fork_bombs_are_refused_and_leave_nothing_behind(bomb):
     result = run("import os, sys\nprint(os.getcwd(), flush=True)\n" + bomb, timeout_s=5)
     assert not result.ok and not result.timed_out

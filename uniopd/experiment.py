@@ -28,7 +28,7 @@ from trainer.config import set_dotted
 from uniopd import expert_models
 from uniopd.experiment_plan import METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir, student_of
 from uniopd.experiment_report import collect
-from uniopd.launch import RedisServer, ServerProcess, start_rollout, start_teacher
+from uniopd.launch import RedisServer, ServerProcess, die_with_parent, start_rollout, start_teacher
 from uniopd.synthetic.datasets import write_datasets
 
 log = logging.getLogger("uniopd.experiment")
@@ -163,7 +163,7 @@ class Experiment:
         start = time.perf_counter()
         with (run / "train.log").open("wb") as out:
             proc = subprocess.run([sys.executable, "-m", "uniopd", "train", "--config", str(config)], stdout=out,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         if proc.returncode != 0:
             tail = (run / "train.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import redis
+
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A Popen preexec_fn: the kernel sends the child SIGTERM when its parent dies, even by SIGKILL, so a killed demo
+    or experiment leaves no servers, Redis or trainers behind (Linux only; elsewhere nothing). The kernel signals
+    when the *thread* that forked exits, so start children from a thread that outlives them (the main one here)."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before prctl: no signal will come
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def free_port() -> int:
@@ -65,7 +85,8 @@ def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str]
     cmd = [sys.executable, "-m", "uniopd", kind, "serve", "--model", str(model_dir), "--backend", backend,
            "--host", "127.0.0.1", "--port", str(port), *(args or [])]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                preexec_fn=die_with_parent())
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,7 +121,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--daemonize", "no"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent())
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from trainer.run_log import read_log
-from uniopd.experiment_plan import DOMAINS, METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir
+from uniopd.experiment_plan import (
+    DOMAINS,
+    METHODS,
+    PLANS,
+    SETTINGS,
+    Plan,
+    balanced_dir,
+    is_done,
+    read_timings,
+    run_dir,
+)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -42,23 +52,32 @@ def _run(run_dir: Path) -> dict:
         "calib": calib,
         "balance": balance,
         "step_s": _mean_std([r.get("time/step") for r in train])[0],
+        "teacher_clip_fraction": _mean_std([r.get("train/teacher_clip_fraction") for r in train])[0],
         "returns": {k: [x for r in returns for x in r[k]] for k in ("correct", "G", "G_calibrated", "in_loss")},
     }
 
 
-def collect(out: Path, plan: Plan) -> dict:
+def _finished_runs(out: Path, plan: Plan) -> dict:
     runs = defaultdict(dict)
     for setting, method in plan.runs:
         for seed in plan.seeds:
             if is_done(out, setting, method, seed):
                 runs[f"{setting}/{method}"][seed] = _run(run_dir(out, setting, method, seed))
+    return dict(runs)
+
+
+def collect(out: Path, plan: Plan) -> dict:
+    """Everything the report needs. The tuning plan's runs (its own seeds) are reported beside any other plan's."""
+    runs = _finished_runs(out, plan)
+    tuning = _finished_runs(out, PLANS["tuning"]) if plan != PLANS["tuning"] else {}
     balance = {d if student == "student" else f"{d}, {student}": json.loads(p.read_text())
                for student in plan.students for d in DOMAINS
                if (p := balanced_dir(out, student) / f"{d}_train.hist.json").exists()}
     teachers, sharpened = (json.loads(p.read_text()) if (p := out / name).exists() else {}
                            for name in ("teachers.json", "sharpened.json"))
     timings = read_timings(out / "timings.json")
-    return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "balance": balance,
+    return {"plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__}, "runs": runs, "tuning": tuning,
+            "balance": balance,
             "teachers": teachers, "sharpened": sharpened, "timings": timings,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()}}
@@ -152,6 +171,51 @@ def speed_table(results: dict, setting: str) -> list[str]:
         lines.append(f"| {method} | {len(reached)} / {len(steps)} | "
                      f"{np.mean(reached):.1f} | {np.mean(t):.0f} s |" if reached else
                      f"| {method} | 0 / {len(steps)} | not within {results['plan']['steps']} steps | – |")
+    return lines
+
+
+def _gap_closed(run: dict, target: dict[str, float]) -> list[dict[str, float]]:
+    """Per eval, per domain: the share of the student-to-teacher gap closed since this run's step-0 evaluation."""
+    start = run["evals"][0]
+    return [{d: (e[d] - start[d]) / (target[d] - start[d]) for d in target} for e in run["evals"]]
+
+
+def gap_table(results: dict, setting: str) -> list[str]:
+    """What share of the gap to the teachers each method closes, and what reaching half of it cost, next to the RFT
+    that made the teachers (which closes all of it by construction)."""
+    target, plan = teacher_level(results, setting), results["plan"]
+    domains = list(target)
+    per_step = plan["prompts_per_step"] * plan["samples_per_prompt"]
+    lines = [f"| method | gap closed at step {plan['steps']}: {', '.join(domains)} | seeds at half the gap "
+             "(every domain) | step | rollouts | wall time |", "|---|---|---|---|---|---|"]
+    for method, seeds in setting_runs(results, setting).items():
+        closed = [_gap_closed(r, target) for r in seeds.values() if r["evals"]]
+        last = ", ".join(_fmt(*_mean_std([c[-1][d] for c in closed])) for d in domains)
+        hits = [next(((r["evals"][i]["step"], r["evals"][i]["elapsed_s"]) for i, g in enumerate(c)
+                      if all(g[d] >= 0.5 for d in domains)), None) for r, c in zip(seeds.values(), closed, strict=True)]
+        hit = [h for h in hits if h is not None]
+        step = np.mean([h[0] for h in hit]) if hit else math.nan
+        cost = f"{step:.0f} | {step * per_step:.0f} | {np.mean([h[1] for h in hit]):.0f} s" if hit else "– | – | –"
+        lines.append(f"| {method} | {last} | {len(hit)} / {len(hits)} | {cost} |")
+    for name, rounds in sorted(results.get("sharpened", {}).items()):
+        if name in SETTINGS[setting].values():
+            lines.append(f"| RFT that made {name} (from the student) | 100 (by construction) | – | "
+                         f"{sum(r['sft_steps'] for r in rounds)} SFT steps, {len(rounds)} rounds | "
+                         f"{sum(r['samples'] for r in rounds)} samples | {sum(r['s'] for r in rounds):.0f} s |")
+    return lines
+
+
+def tuning_table(results: dict) -> list[str]:
+    """The clip / teacher-signal sweep on the tuning plan's seeds: last-step accuracy, how much the clip acted."""
+    runs = results.get("tuning", {})
+    domains = list(SETTINGS["multi-teacher"])
+    lines = [f"| method | {' | '.join(domains)} | response tokens beyond the clip | step time |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for key, seeds in runs.items():
+        accs = [_fmt(*_mean_std(_final(seeds, d))) for d in domains]
+        clipped = _mean_std([r["teacher_clip_fraction"] for r in seeds.values()])[0]
+        step = _mean_std([r["step_s"] for r in seeds.values()])[0]
+        lines.append(f"| {key.split('/', 1)[1]} | {' | '.join(accs)} | {clipped * 100:.3f}% | {step:.2f} s |")
     return lines
 
 
@@ -284,9 +348,18 @@ def write_report(results: dict, doc: Path, command: str, notes: Path | None = No
             lines += ["Order consistency (per step, mean over steps and seeds; 'before' is the raw OPD return G):", "",
                       *calibration_table(results, setting), "",
                       "Steps to teacher-level held-out accuracy (every domain at or above its teacher's mean):", "",
-                      *speed_table(results, setting), ""]
+                      *speed_table(results, setting), "",
+                      "Share of the student-to-teacher gap closed (per seed from its own step-0 evaluation; 100 = "
+                      "teacher level), and the cost of reaching half of it, beside the cost of making the teachers:",
+                      "", *gap_table(results, setting), ""]
             g = plot_returns(results, setting, figs / f"returns-{setting}.png")
             lines += [f"![G of correct vs incorrect rollouts]({figs.name}/{g.name})", ""]
+    if results.get("tuning"):
+        seeds = sorted({s for v in results["tuning"].values() for s in v})
+        lines += ["## Choosing the clip and the teacher signal", "",
+                  f"Vanilla OPD on the multi-teacher setting, seeds {', '.join(map(str, seeds))} (not used anywhere "
+                  f"else in this report), {PLANS['tuning'].steps} steps; last-step held-out accuracy:", "",
+                  *tuning_table(results), ""]
     if results["balance"]:
         b = plot_balance(results, figs / "offline-balance.png")
         lines += ["## Offline difficulty balancing", "",

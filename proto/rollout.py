@@ -15,13 +15,14 @@ from typing import Annotated, Literal
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from proto.codec import FLOAT32, INT32, media_type, pack_arrays, unpack_arrays
 from proto.schemas import API_VERSION, MSGPACK_ALIASES, TokenId
 
 FinishReason = Literal["stop", "length"]
 Number = StrictFloat | StrictInt
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow to inf and sampling yields NaN (vLLM: greedy)
 
 
 class ChatMessage(BaseModel):
@@ -49,6 +50,13 @@ class GenerateRequest(BaseModel):
                                                                  "however many prompts show it.")
     image_indices: list[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]] | None = Field(
         default=None, description="Per prompt, the images it shows, one per image placeholder token in it, in order.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_samples(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"a temperature below {MIN_TEMPERATURE:g} cannot be sampled; use 0 for greedy decoding")
+        return value
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> GenerateRequest:

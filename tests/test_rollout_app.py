@@ -152,6 +152,7 @@ INVALID = [
     ({"prompts": [[1, 2]], "max_tokens": 5000}, "prompts[0]"),
     ({"prompts": [[1, 2]], "max_tokens": 4, "n": 65}, "n"),
     ({"prompts": [[1, 2]], "max_tokens": 4, "temperature": -1}, "temperature"),
+    ({"prompts": [[1, 2]], "max_tokens": 4, "temperature": 5e-324}, "temperature"),  # sampled NaN before
     ({"prompts": [[1, 2]], "max_tokens": 4, "top_p": 0}, "top_p"),
     ({"prompts": [[1, 2]], "max_tokens": 0}, "max_tokens"),
     ({"prompts": [[]], "max_tokens": 4}, "prompts[0]"),
@@ -237,6 +238,19 @@ async def test_weight_updates_are_guarded_and_validated(tiny_model, weights_root
         assert status == 422 and body["error"]["field"] == name and "float" in body["error"]["message"]
         status, body = await post_weights(client, save({}))
         assert status == 422 and body["error"]["code"] == "invalid_weights"
+        diverged = {**tensors, name: tensors[name].clone().index_fill_(0, torch.tensor([3]), float("nan"))}
+        status, body = await post_weights(client, save(diverged))
+        assert status == 422 and body["error"]["field"] == name and "NaN" in body["error"]["message"]
+        status, body = await post_weights(client, save({**tensors, name: torch.full_like(tensors[name], float("inf"))}))
+        assert status == 422 and body["error"]["field"] == name
+        assert (await post_weights(client, json={"path": "original\x00.safetensors"}))[1]["error"]["field"] == "path"
+        outside = weights_root.parent / f"{weights_root.name}-outside"
+        outside.mkdir()
+        shutil.copy(weights_root / "other.safetensors", outside / "model.safetensors")
+        (weights_root / "linked").mkdir()
+        (weights_root / "linked" / "model.safetensors").symlink_to(outside / "model.safetensors")
+        status, body = await post_weights(client, json={"path": "linked"})
+        assert status == 422 and body["error"]["field"] == "path" and "outside" in body["error"]["message"]
         assert (await post_weights(client, json={"path": "../../etc/passwd"}))[1]["error"]["field"] == "path"
         assert (await post_weights(client, json={"path": "missing.safetensors"}))[0] == 422
         assert (await post_weights(client, b"x", content_type="text/plain"))[0] == 415

@@ -30,9 +30,8 @@ class RunLog:
         """On resume: drop rows of steps after the checkpoint, which the resumed run is about to redo."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in _rows(self.path) if row["step"] <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
@@ -52,5 +51,19 @@ class RunLog:
 
 
 def read_log(path: Path, kind: str | None = "train") -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for r in _rows(Path(path)) if kind is None or r["kind"] == kind]
+
+
+def _rows(path: Path) -> list[dict]:
+    """The log's rows. A last line that does not parse is what a crash mid-write leaves: dropped, with a warning; a
+    bad line anywhere else is damage this code did not cause, and raises."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:80]!r})") from None
+            log.warning("%s: dropping a half-written last line (%d bytes): %r", path, len(line), line[:80])
+    return rows

@@ -30,6 +30,8 @@ def check_tensors(tensors: dict, expected: dict[str, tuple[int, ...]]) -> None:
                            f"tensor {name!r} has shape {tuple(value.shape)}, expected {expected[name]}", name)
         if not value.dtype.is_floating_point:
             raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {value.dtype}, expected a float", name)
+        if not bool(value.isfinite().all()):  # a diverged trainer must not take sampling down with it
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} holds NaN or inf", name)
 
 
 def read_safetensors_file(path: Path) -> dict:
@@ -47,10 +49,15 @@ def tensors_from_path(path: str, root: Path | None) -> dict:
     if root is None:
         raise ApiError(400, "unsupported", "loading weights from a path is disabled (start with --weights-root)",
                        "path")
+    if "\x00" in path:
+        raise ApiError(422, "invalid_field", "path holds a NUL byte", "path")
+    root = root.resolve()
     target = (root / path).resolve()
-    if not target.is_relative_to(root.resolve()):
+    if not target.is_relative_to(root):
         raise ApiError(422, "invalid_field", "path must lie under the server's weights root", "path")
-    files = sorted(target.glob("*.safetensors")) if target.is_dir() else [target]
+    files = sorted(f.resolve() for f in target.glob("*.safetensors")) if target.is_dir() else [target]
+    if not all(f.is_relative_to(root) for f in files):  # a symlink in an allowed directory pointing out of it
+        raise ApiError(422, "invalid_field", "path links to a file outside the server's weights root", "path")
     if not files or not all(f.is_file() and f.suffix == ".safetensors" for f in files):
         raise ApiError(422, "invalid_field", f"no .safetensors file at {path!r}", "path")
     tensors: dict = {}

@@ -54,6 +54,7 @@ def test_batch_metrics_count_the_masked_sample_and_split_by_domain():
     assert m["reverse_kl"] == pytest.approx(-1 - (-7.75 / 6))
     assert (m["math/accuracy"], m["code/accuracy"], m["math/samples"], m["code/samples"]) == (0.5, 0.5, 2, 2)
     assert m["math/mean_return"] == pytest.approx((1.25 / 3 - 1.0) / 2)
+    assert m["code/mean_return"] == pytest.approx(-1.0)  # s3's G; the masked s2 has none (it counted as 0 before)
     assert "teacher_logprob" not in batch_metrics(b, adv, mask, uses_teacher=False)
 
 

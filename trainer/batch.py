@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,7 +67,8 @@ def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
 
 def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, uses_teacher: bool) -> dict[str, float]:
     """What a step logs about its rollouts: tokens, masked samples, mean student/teacher log-probs, the sampled
-    reverse-KL estimate, and per domain accuracy, sample count and mean return G (of `advantages` under `mask`)."""
+    reverse-KL estimate, and per domain accuracy, sample count and mean return G (of `advantages` under `mask`, over
+    the samples with a token under it: a masked sample has no return, and counting it as G = 0 would flatter it)."""
     scored = float(mask.sum())
     m: dict[str, float] = {"tokens": float(batch.valid.sum()),
                            "masked_samples": float((1 - batch.scored).sum()) if uses_teacher else 0.0}
@@ -76,10 +78,12 @@ def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, us
         m["teacher_logprob"] = float((batch.teacher * mask).sum() / scored)
         m["reverse_kl"] = float(((batch.old - batch.teacher) * mask).sum() / scored)
     returns = trajectory_returns(advantages, mask)
+    has_return = (mask.sum(1) > 0).numpy()
     domains = np.array(batch.domains)
     for domain in sorted(set(batch.domains)):
         ids = np.flatnonzero(domains == domain)
         m[f"{domain}/accuracy"] = float(np.mean(batch.correct[ids] == 1))
         m[f"{domain}/samples"] = len(ids)
-        m[f"{domain}/mean_return"] = float(returns[ids].mean())
+        real = ids[has_return[ids]]
+        m[f"{domain}/mean_return"] = float(returns[real].mean()) if len(real) else math.nan
     return m

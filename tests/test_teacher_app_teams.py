@@ -18,9 +18,10 @@ from fastapi import FastAPI
 
 from proto.client import TeacherClient
 from services.common.auth import KeyStore
+from services.rollout_server.app import create_app as create_rollout_app
 from services.teacher_server.app import create_app
 from services.teacher_server.limits import Limits
-from tests.doubles import ScorerDouble
+from tests.doubles import GeneratorDouble, ScorerDouble
 from tests.inprocess import BASE_URL, bearer, running, transport, until
 
 FILE_KEY = "team-a-0123456789"
@@ -82,6 +83,21 @@ async def test_probes_need_no_key_and_everything_else_does(guarded):
             assert (await client.get(path)).status_code == 401
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await client.get(path)).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["teacher", "rollout"])
+async def test_metrics_can_ask_for_a_metrics_key(tiny_model, kind):
+    """/metrics names every team and its usage: with --metrics-keys it wants one of them, and only for itself."""
+    metrics_key = "scraper-key-0123"
+    app = (create_app(lambda: ScorerDouble(), api_keys=[FILE_KEY], metrics_keys=[metrics_key]) if kind == "teacher"
+           else create_rollout_app(lambda: GeneratorDouble(), tiny_model, api_keys=[FILE_KEY],
+                                   metrics_keys=[metrics_key]))
+    async with running(app) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers=bearer(FILE_KEY))).status_code == 401  # an API key is not one
+        assert (await client.get("/metrics", headers=bearer(metrics_key))).status_code == 200
+        assert (await client.get("/v1/info", headers=bearer(metrics_key))).status_code == 401
+        assert (await client.get("/healthz")).status_code == 200
 
 
 async def test_openapi_declares_bearer_auth(guarded):

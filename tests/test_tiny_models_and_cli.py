@@ -68,9 +68,17 @@ def test_serve_refuses_missing_key_file(tiny_model):
     assert "--api-keys" in _cli_error(["teacher", "serve", "--model", str(tiny_model), "--api-keys", "/no/such"])
 
 
-def test_serve_refuses_missing_key_file_in_process(cli_error_in_process, tiny_model):
-    assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--api-keys",
-                                                 "/no/such"])
+@pytest.mark.parametrize(("server", "option"), [("teacher", "--api-keys"), ("teacher", "--metrics-keys"),
+                                                ("rollout", "--metrics-keys"), ("rollout", "--admin-keys")])
+def test_serve_refuses_missing_key_file_in_process(cli_error_in_process, tiny_model, server, option):
+    assert option in cli_error_in_process([server, "serve", "--model", str(tiny_model), option, "/no/such"])
+
+
+def test_serve_refuses_a_bad_metrics_key_file_naming_it(cli_error_in_process, tiny_model, tmp_path):
+    keys = tmp_path / "metrics-keys.txt"
+    keys.write_text("two words\n")
+    assert "--metrics-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--metrics-keys",
+                                                     str(keys)])
 
 
 def test_threads_are_an_hf_option_set_before_the_model_loads(cli_error_in_process, tiny_model):

@@ -47,6 +47,8 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
     p.add_argument("--threads", type=_positive, help="hf backend: torch threads for the model (default: one per "
                    "core); servers sharing a small CPU machine should split its cores rather than each take all")
+    p.add_argument("--metrics-keys", type=Path, help="bearer keys, one per line, that GET /metrics asks for (also: "
+                   "$UNIOPD_METRICS_KEYS); without them /metrics is open, and it names every team and its usage")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -109,9 +111,9 @@ def _add_rollout_serve(sub) -> None:
     _add_image_args(p, d.images)
 
 
-def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """Fail before anything loads, naming the option; returns the API keys."""
-    from services.common.auth import KeysFileError, load_api_keys
+def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Fail before anything loads, naming the option; returns the API keys and the metrics keys."""
+    from services.common.auth import API_KEYS_ENV, METRICS_KEYS_ENV
     from services.common.models import vllm_architecture_error
 
     if not (args.model / "config.json").is_file():
@@ -127,15 +129,21 @@ def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         import torch
 
         torch.set_num_threads(args.threads)
-    for option in ("api_keys", "admin_keys"):
+    for option in ("api_keys", "admin_keys", "metrics_keys"):
         path = getattr(args, option, None)
         if path and not path.is_file():
             parser.error(f"--{option.replace('_', '-')} {path}: no such file")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _keys(args, parser, "api_keys", API_KEYS_ENV), _keys(args, parser, "metrics_keys", METRICS_KEYS_ENV)
+
+
+def _keys(args: argparse.Namespace, parser: argparse.ArgumentParser, option: str, env: str) -> list[str]:
+    from services.common.auth import KeysFileError, load_api_keys
+
     try:
-        return load_api_keys(args.api_keys)
+        return load_api_keys(getattr(args, option), env=env)
     except KeysFileError as exc:
-        parser.error(f"--api-keys {exc}")
+        parser.error(f"--{option.replace('_', '-')} {exc}")
 
 
 def _run(app, args: argparse.Namespace) -> None:
@@ -150,7 +158,7 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from services.teacher_server.backends import load_scorer
     from services.teacher_server.limits import Limits
 
-    _check_server_args(args, parser)
+    _, metrics_keys = _check_server_args(args, parser)
     keys = KeyStore.from_file(args.api_keys)  # the file was just validated; from now on it reloads as it changes
     if args.max_batch_items > args.max_queue_items:
         parser.error("--max-batch-items must be <= --max-queue-items, or a full request could never be queued")
@@ -164,22 +172,19 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
                                              f"key(s)" if keys.table else "disabled")
-    _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys), args)
+    _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys, metrics_keys=metrics_keys), args)
 
 
 def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from services.common.auth import ADMIN_KEYS_ENV, KeysFileError, load_api_keys
+    from services.common.auth import ADMIN_KEYS_ENV
     from services.rollout_server.app import create_app
     from services.rollout_server.backends import load_generator
     from services.rollout_server.limits import RolloutLimits
 
-    keys = _check_server_args(args, parser)
+    keys, metrics_keys = _check_server_args(args, parser)
     if args.weights_root and not args.weights_root.is_dir():
         parser.error(f"--weights-root {args.weights_root}: not a directory")
-    try:
-        admin = load_api_keys(args.admin_keys, env=ADMIN_KEYS_ENV)
-    except KeysFileError as exc:
-        parser.error(f"--admin-keys: {exc}")
+    admin = _keys(args, parser, "admin_keys", ADMIN_KEYS_ENV)
     limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
                            max_prompts=args.max_prompts, max_n=args.max_n,
                            max_pending_requests=args.max_pending_requests, images=_image_limits(args))
@@ -190,7 +195,8 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s",
                                              f"{len(keys)} API key(s)" if keys else "disabled",
                                              f"{len(admin)} admin key(s)" if admin else "disabled")
-    _run(create_app(load, args.model, limits, api_keys=keys, admin_keys=admin, weights_root=args.weights_root), args)
+    _run(create_app(load, args.model, limits, api_keys=keys, admin_keys=admin, weights_root=args.weights_root,
+                    metrics_keys=metrics_keys), args)
 
 
 def _models_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

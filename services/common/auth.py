@@ -31,6 +31,7 @@ log = logging.getLogger("uniopd.auth")
 
 API_KEYS_ENV = "UNIOPD_API_KEYS"
 ADMIN_KEYS_ENV = "UNIOPD_ADMIN_KEYS"
+METRICS_KEYS_ENV = "UNIOPD_METRICS_KEYS"
 DEFAULT_TEAM = "default"
 
 TeamName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]

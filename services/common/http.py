@@ -190,8 +190,10 @@ def require_loaded(model, load_error: str | None):
     return model
 
 
-def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics) -> None:
-    """/healthz (process up), /readyz (model loaded), /metrics (Prometheus): unauthenticated, for orchestrators."""
+def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics,
+               metrics_keys: Sequence[str] = ()) -> None:
+    """/healthz (process up), /readyz (model loaded): unauthenticated, for orchestrators. /metrics (Prometheus) too,
+    unless `metrics_keys` are given (it names every team and its usage; a scraper then sends one as a bearer)."""
 
     @app.get("/healthz", responses=error_responses(400))
     async def healthz() -> dict[str, str]:
@@ -202,7 +204,9 @@ def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics) 
         ready()
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
+             dependencies=bearer_auth(metrics_keys, scheme_name="MetricsBearer",
+                                      description="metrics key (--metrics-keys)"))
     async def render_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 

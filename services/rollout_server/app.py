@@ -176,7 +176,7 @@ async def _spool(request: Request) -> tuple[Path, int]:
 
 def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLimits | None = None,
                api_keys: Sequence[str] = (), admin_keys: Sequence[str] = (),
-               weights_root: Path | None = None) -> FastAPI:
+               weights_root: Path | None = None, metrics_keys: Sequence[str] = ()) -> FastAPI:
     service = RolloutService(load, Path(model_dir), limits or RolloutLimits(), weights_root)
 
     @contextlib.asynccontextmanager
@@ -192,7 +192,7 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
     auth = bearer_auth(api_keys)
     admin = bearer_auth(admin_keys, scheme_name="AdminBearer", description="admin key (--admin-keys)")
 
-    add_probes(app, service.ready, service.metrics)
+    add_probes(app, service.ready, service.metrics, metrics_keys)
 
     @app.get("/v1/info", dependencies=auth, responses=error_responses(400, 401, 503))
     async def info() -> RolloutInfo:

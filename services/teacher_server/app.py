@@ -149,8 +149,9 @@ def _reload_on_sighup(keys: KeyStore):
 
 
 def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: Limits | None = None,
-               api_keys: Sequence[str] | KeyStore = ()) -> FastAPI:
-    """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`."""
+               api_keys: Sequence[str] | KeyStore = (), metrics_keys: Sequence[str] = ()) -> FastAPI:
+    """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`;
+    `metrics_keys`: the keys /metrics asks for (none: it is open)."""
     from services.teacher_server.compat import compat_router
 
     service = TeacherService(load, domains, limits or Limits())
@@ -169,7 +170,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     install_error_handlers(app)
     caller = team_auth(keys)  # routes take `team: Team = Depends(caller)`: the caller's team, or 401
 
-    add_probes(app, service.ready, service.metrics)
+    add_probes(app, service.ready, service.metrics, metrics_keys)
 
     @app.get("/v1/info", dependencies=[Depends(caller)], responses=error_responses(400, 401, 503))
     async def info() -> TeacherInfo:

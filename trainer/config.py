@@ -62,6 +62,11 @@ class RolloutConfig(Strict):
     max_tokens: PosInt = 256
     temperature: Annotated[float, Field(gt=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    timeout_s: Annotated[float, Field(gt=0)] = Field(default=600.0, description="Per call (a generation can be long).")
+    retries: Annotated[int, Field(ge=0)] = Field(
+        default=6, description="Retries of a call that failed in transport or with a 5xx (backoff doubles from "
+                               "backoff_s, capped at 30 s): enough for a restarted server to load a small model.")
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
 
 
 class CacheConfig(Strict):

@@ -12,6 +12,7 @@ import numpy as np
 
 from proto.client import RolloutClient, generate_request
 from trainer.data import record_images
+from trainer.rollout_session import RolloutSession
 from trainer.verifiers import Verdict, verify_batch
 
 log = logging.getLogger("uniopd.train")
@@ -30,7 +31,7 @@ def verify_responses(tokenizer, kind_of: Callable[[str], str], responses: Sequen
     return verdicts
 
 
-async def heldout_accuracy(client: RolloutClient, tokenizer, kind_of: Callable[[str], str],
+async def heldout_accuracy(client: RolloutSession | RolloutClient, tokenizer, kind_of: Callable[[str], str],
                            prompts: Sequence[list[int]], records: Sequence[dict], k: int, seed: int,
                            max_tokens: int) -> dict[str, float]:
     """Mean accuracy over k samples per prompt, per domain, at temperature 1 and top-p 1 (docs/method.md §6)."""

@@ -38,6 +38,7 @@ from trainer.estimators import ESTIMATORS, LossRows, LossSpec
 from trainer.evaluation import heldout_accuracy, verify_responses
 from trainer.opd import trajectory_returns
 from trainer.recipe import RecipeOutput, uni_opd
+from trainer.rollout_session import RolloutSession
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
 from trainer.student import response_prefill
@@ -99,8 +100,10 @@ class Trainer:
             return
         c = self.config
         student_fp = tokenizer_fingerprint(self.tokenizer)
-        self.rollout = RolloutClient(c.rollout.url, api_key=c.env_secret(c.rollout.api_key_env),
-                                     admin_key=c.env_secret(c.rollout.admin_key_env))
+        r = c.rollout
+        self.rollout = RolloutSession(RolloutClient(r.url, api_key=c.env_secret(r.api_key_env),
+                                                    admin_key=c.env_secret(r.admin_key_env), timeout=r.timeout_s),
+                                      r.url, r.retries, r.backoff_s)
         info = await self.rollout.info()
         if info.tokenizer_fingerprint != student_fp:
             raise TokenizerMismatch(f"rollout server {c.rollout.url} serves tokenizer {info.tokenizer_fingerprint[:16]}"
@@ -287,6 +290,7 @@ class Trainer:
         m.update(tokens_per_s=m["tokens"] / max(times["step"], 1e-9), weight_version=version,
                  verify_errors=verify_errors)
         m.update(self.router.metrics(reset=True))
+        m.update(self.rollout.metrics())
         m.update(self.teacher_swap.metrics())
         return m
 

@@ -1,0 +1,87 @@
+"""The trainer survives its rollout server: calls are retried through a restart, and a restarted server (back on its
+initial weights) gets the last weights again before its samples are used. The real rollout app in-process, over a
+transport that can 'kill' it: the next requests fail in transport, then a fresh app answers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+
+from proto.client import RolloutClient
+from proto.errors import ApiError
+from proto.rollout import GenerateRequest
+from services.rollout_server.app import create_app
+from tests.doubles import GeneratorDouble
+from tests.inprocess import BASE_URL, transport, wait_loaded
+from trainer.rollout_session import RolloutSession, RolloutUnavailable
+
+ADMIN = "admin-key-0123"
+REQUEST = GenerateRequest(prompts=[[5, 6, 7], [8, 9]], n=2, max_tokens=6, seed=11)
+
+
+class KillableTransport(httpx.AsyncBaseTransport):
+    """Routes to `app`; while `down` > 0 each request fails the way a killed server's does."""
+
+    def __init__(self, app) -> None:
+        self.app, self.down = app, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            self.down -= 1
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return await transport(self.app).handle_async_request(request)
+
+
+@contextlib.asynccontextmanager
+async def rollout_apps(tiny_model, count: int):
+    """`count` rollout apps over generator doubles, each started and loaded: one server and its restarts."""
+    async with contextlib.AsyncExitStack() as stack:
+        apps = [create_app(lambda: GeneratorDouble(), tiny_model, admin_keys=[ADMIN]) for _ in range(count)]
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            await wait_loaded(app)
+        yield apps
+
+
+def session_over(route: httpx.AsyncBaseTransport, retries: int = 3) -> RolloutSession:
+    return RolloutSession(RolloutClient(BASE_URL, admin_key=ADMIN, transport=route), BASE_URL, retries, backoff_s=0)
+
+
+async def test_a_restarted_server_gets_the_weights_again_before_its_samples_count(tiny_model):
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    async with rollout_apps(tiny_model, 2) as (first, restarted):
+        route = KillableTransport(first)
+        session = session_over(route)
+        assert (await session.push_weights(weights)).weight_version == 1
+        before = await session.generate(REQUEST)
+        route.app, route.down = restarted, 2  # killed mid-call; back up with its initial weights (version 0)
+        after = await session.generate(REQUEST)
+        await session.aclose()
+    assert after.weight_version == before.weight_version == 1
+    assert session.call_retries == 2 and session.repushes == 1
+    assert session.metrics() == {"rollout/retries": 2, "rollout/repushes": 1}
+    assert len(restarted.state.service.generator.loaded) == 1  # the restarted server got the weights once
+    assert [[s.token_ids.tolist() for s in g] for g in after.samples] == \
+        [[s.token_ids.tolist() for s in g] for g in before.samples]  # the same weights and seed sample the same
+
+
+async def test_a_server_that_stays_down_ends_the_run_with_a_message_that_says_so(tiny_model):
+    async with rollout_apps(tiny_model, 1) as (app,):
+        route = KillableTransport(app)
+        route.down = 10
+        session = session_over(route, retries=2)
+        with pytest.raises(RolloutUnavailable, match=r"generate failed 3 times .*RemoteProtocolError.*--resume"):
+            await session.generate(REQUEST)
+        await session.aclose()
+    assert session.call_retries == 2
+
+
+async def test_a_rejected_request_is_not_retried(tiny_model):
+    async with rollout_apps(tiny_model, 1) as (app,):
+        session = session_over(KillableTransport(app))
+        with pytest.raises(ApiError) as err:
+            await session.generate(GenerateRequest(prompts=[[5, 600]], max_tokens=4))  # a token outside the vocab
+        await session.aclose()
+    assert err.value.status == 422 and session.call_retries == 0

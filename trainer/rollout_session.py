@@ -1,0 +1,91 @@
+"""The trainer's side of its rollout server: bounded retries, and sampling only ever from the trainer's weights.
+
+A rollout server is a separate process that can die and come back (a crash, a rolling restart, a preempted node).
+Without this, a killed server ended the run with one line of `RemoteProtocolError`, and a server restarted between a
+weight push and the next generation served its initial weights for a step, silently. So every call here has the
+client's timeout and up to `retries` retries with full-jitter backoff on transport errors and 5xx answers (a 4xx is
+our fault and raises at once), and every generation's `weight_version` is checked against the last push: on a
+mismatch the last weights are pushed again and the request is sampled again, and `repushes` counts it.
+
+The last pushed payload stays in memory (one serialized copy of the student on the main process) so that a restarted
+server can be given it without gathering the weights again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+
+from proto.client import RolloutClient
+from proto.errors import ApiError
+from proto.rollout import GenerateRequest, RolloutInfo, Rollouts, WeightsLoaded
+from trainer.teacher_router import backoff_delay
+
+log = logging.getLogger("uniopd.train")
+T = TypeVar("T")
+
+
+class RolloutUnavailable(RuntimeError):
+    """The rollout server did not answer within the retries; the message says which server, what and why."""
+
+
+class RolloutSession:
+    def __init__(self, client: RolloutClient, url: str, retries: int, backoff_s: float,
+                 backoff_cap_s: float = 30.0) -> None:
+        self.client, self.url = client, url
+        self.retries, self.backoff_s, self.backoff_cap_s = retries, backoff_s, backoff_cap_s
+        self.payload: bytes | None = None
+        self.version: int | None = None  # what the last push returned
+        self.call_retries = 0
+        self.repushes = 0
+
+    async def info(self) -> RolloutInfo:
+        return await self._retrying("info", self.client.info)
+
+    async def push_weights(self, payload: bytes) -> WeightsLoaded:
+        loaded = await self._retrying("weight push", lambda: self.client.push_weights(payload))
+        self.payload, self.version = payload, loaded.weight_version
+        return loaded
+
+    async def generate(self, request: GenerateRequest) -> Rollouts:
+        out = await self._retrying("generate", lambda: self.client.generate(request))
+        if self.version is None or out.weight_version == self.version:
+            return out
+        log.warning("rollout server %s sampled with weight version %d, the last push made %d (restarted?): pushing "
+                    "the weights again and sampling again", self.url, out.weight_version, self.version)
+        self.repushes += 1
+        await self.push_weights(self.payload)
+        out = await self._retrying("generate", lambda: self.client.generate(request))
+        if out.weight_version != self.version:
+            raise RolloutUnavailable(f"rollout server {self.url} sampled with weight version {out.weight_version} "
+                                     f"right after a push that made {self.version}: does another trainer push to it?")
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/retries": self.call_retries, "rollout/repushes": self.repushes}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.call_retries += 1
+                await asyncio.sleep(backoff_delay(attempt - 1, self.backoff_s, self.backoff_cap_s, random.random()))
+            try:
+                return await call()
+            except httpx.TransportError as exc:  # refused, reset, timed out: the server is down or restarting
+                error = f"{type(exc).__name__}: {exc}"
+            except ApiError as exc:
+                if exc.status < 500:
+                    raise
+                error = f"{exc.status} {exc.code}: {exc.message}"  # 503 while a restarted server loads its model
+            log.warning("rollout server %s: %s failed (attempt %d of %d): %s", self.url, what, attempt + 1,
+                        self.retries + 1, error)
+        raise RolloutUnavailable(f"rollout server {self.url}: {what} failed {self.retries + 1} times (last: {error}); "
+                                 "is it running? The run can continue from its last checkpoint with --resume")

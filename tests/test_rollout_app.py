@@ -196,6 +196,22 @@ async def test_prompt_count_n_and_body_size_limits(tiny_model):
     assert fine.status_code == 200
 
 
+async def test_the_work_of_one_request_is_bounded(tiny_model):
+    """Each field within its limit, their product not: 3 prompts x n 4 x 10 tokens = 120 > 100 tokens to generate."""
+    limits = RolloutLimits(max_request_tokens=100, max_prompt_tokens=10)
+    double = GeneratorDouble()
+    async with running(rollout_app(double, tiny_model, limits), headers=bearer(USER)) as client:
+        much = await client.post("/v1/generate", json={"prompts": [[1, 2]] * 3, "n": 4, "max_tokens": 10})
+        long = await client.post("/v1/generate", json={"prompts": [[1] * 6, [2] * 5], "max_tokens": 2})
+        fine = await client.post("/v1/generate", json={"prompts": [[1, 2]] * 2, "n": 5, "max_tokens": 10})
+        info = (await client.get("/v1/info")).json()
+    assert much.status_code == 413 and much.json()["error"]["field"] == "max_tokens"
+    assert "= 120 tokens" in much.json()["error"]["message"] and "--max-request-tokens" in much.json()["error"]["message"]
+    assert long.status_code == 413 and long.json()["error"]["field"] == "prompts"
+    assert fine.status_code == 200 and len(double.calls) == 1
+    assert info["limits"]["max_request_tokens"] == 100 and info["limits"]["max_prompt_tokens"] == 10
+
+
 async def test_too_many_pending_requests_answer_429(tiny_model):
     double = GeneratorDouble(held=True)
     app = rollout_app(double, tiny_model, RolloutLimits(max_pending_requests=1))

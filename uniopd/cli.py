@@ -106,6 +106,10 @@ def _add_rollout_serve(sub) -> None:
     p.add_argument("--max-n", type=_positive, default=d.max_n, help="samples per prompt")
     p.add_argument("--max-prompts", type=_positive, default=d.max_prompts, help="prompts per request")
     p.add_argument("--max-pending-requests", type=_positive, default=d.max_pending_requests)
+    p.add_argument("--max-request-tokens", type=_positive, default=d.max_request_tokens,
+                   help="prompts x n x max_tokens of one request: the work one caller can ask for at once")
+    p.add_argument("--max-prompt-tokens", type=_positive, default=d.max_prompt_tokens,
+                   help="tokens of all prompts of one request together")
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
     p.add_argument("--max-weights-bytes", type=_positive, default=d.max_weights_bytes)
     _add_image_args(p, d.images)
@@ -187,7 +191,9 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     admin = _keys(args, parser, "admin_keys", ADMIN_KEYS_ENV)
     limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
                            max_prompts=args.max_prompts, max_n=args.max_n,
-                           max_pending_requests=args.max_pending_requests, images=_image_limits(args))
+                           max_pending_requests=args.max_pending_requests,
+                           max_request_tokens=args.max_request_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                           images=_image_limits(args))
 
     def load():
         return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)

@@ -20,6 +20,8 @@ class RolloutLimits(PublishedLimits):
     max_prompts: int = 4096
     max_n: int = 64
     max_pending_requests: int = 64
+    max_request_tokens: int = 1 << 21  # prompts x n x max_tokens: what one request may ask the sampler to generate
+    max_prompt_tokens: int = 1 << 20  # all prompts' tokens together
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=4096))  # one per prompt
 
 
@@ -31,6 +33,13 @@ def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids
         raise ApiError(413, "batch_too_large", f"{len(prompts)} prompts; limit is {limits.max_prompts}", "prompts")
     if n > limits.max_n:
         raise ApiError(422, "invalid_field", f"n must be <= {limits.max_n}", "n")
+    if (work := len(prompts) * n * max_tokens) > limits.max_request_tokens:
+        raise ApiError(413, "request_too_large", f"{len(prompts)} prompts x n {n} x max_tokens {max_tokens} = {work} "
+                       f"tokens to generate; one request may ask for {limits.max_request_tokens} "
+                       "(the server's --max-request-tokens): split it", "max_tokens")
+    if (prompt_tokens := sum(map(len, prompts))) > limits.max_prompt_tokens:
+        raise ApiError(413, "request_too_large", f"the prompts hold {prompt_tokens} tokens; one request may hold "
+                       f"{limits.max_prompt_tokens} (the server's --max-prompt-tokens): split it", "prompts")
     for i, p in enumerate(prompts):
         if len(p) + max_tokens > info.max_length:
             raise ApiError(422, "too_long", f"prompts[{i}] has {len(p)} tokens; with max_tokens {max_tokens} that "

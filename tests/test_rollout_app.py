@@ -206,7 +206,8 @@ async def test_the_work_of_one_request_is_bounded(tiny_model):
         fine = await client.post("/v1/generate", json={"prompts": [[1, 2]] * 2, "n": 5, "max_tokens": 10})
         info = (await client.get("/v1/info")).json()
     assert much.status_code == 413 and much.json()["error"]["field"] == "max_tokens"
-    assert "= 120 tokens" in much.json()["error"]["message"] and "--max-request-tokens" in much.json()["error"]["message"]
+    message = much.json()["error"]["message"]
+    assert "= 120 tokens" in message and "--max-request-tokens" in message
     assert long.status_code == 413 and long.json()["error"]["field"] == "prompts"
     assert fine.status_code == 200 and len(double.calls) == 1
     assert info["limits"]["max_request_tokens"] == 100 and info["limits"]["max_prompt_tokens"] == 10
@@ -342,8 +343,10 @@ async def test_hf_samples_carry_teacher_forced_logprobs_and_greedy_matches_trans
     prompt = [5, 6, 7, 8]
     async with running(app):
         sampled = await generate(app, prompts=[prompt], n=3, max_tokens=10, seed=1)
+        warped = await generate(app, prompts=[prompt], n=3, max_tokens=10, seed=2, temperature=0.7, top_p=0.9,
+                                top_k=50)
         greedy = await generate(app, prompts=[prompt], max_tokens=8, temperature=0)
-    for s in sampled.samples[0]:
+    for s in sampled.samples[0] + warped.samples[0] + greedy.samples[0]:  # raw log-probs, whatever the warpers
         full = prompt + s.token_ids.tolist()
         np.testing.assert_allclose(s.logprobs, reference.span(full, len(prompt)), atol=1e-4)
     with torch.inference_mode():

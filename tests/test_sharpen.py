@@ -13,12 +13,13 @@ import pytest
 from proto.rollout import Sample
 from uniopd import expert_models
 from uniopd.expert_models import ModelSpec, SharpenedSpec, ensure_models, is_current, model_dir, recipe_of
-from uniopd.sharpen import RFTRecipe, fresh_records, keep_correct, sample_and_verify
-from uniopd.synthetic import code_tasks, math_tasks
-from uniopd.synthetic.datasets import domain_records
+from uniopd.sharpen import RFTRecipe, fresh_tasks, keep_correct, sample_and_verify
+from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
+from uniopd.synthetic.datasets import domain_records, identity
 
 MATH = math_tasks.MathTask("Ann", "pens", 7, (math_tasks.Op("add", 5), math_tasks.Op("sub", 3)))
 CODE = code_tasks.CodeTask(3, 2, 3)
+VISUAL = visual_tasks.sample_task(random.Random(3), 3)
 
 
 class Chars:
@@ -40,11 +41,14 @@ class Chars:
 class Scripted:
     """A sampler that returns fixed (text, finished) responses per prompt, in order."""
 
-    def __init__(self, responses: list[list[tuple[str, bool]]]) -> None:
-        self.responses = responses
+    def __init__(self, responses: list[list[tuple[str, bool]]], vision: object = None) -> None:
+        self.responses, self.vision = responses, vision
+        self.images: list = []
 
-    def generate(self, prompts, options) -> list[list[Sample]]:
+    def generate(self, prompts, options, images=None) -> list[list[Sample]]:
         assert (options.temperature, options.top_p, options.top_k) == (1.0, 1.0, 0)  # the held-out protocol
+        assert (images is not None) == (self.vision is not None)  # a text model gets no images argument
+        self.images += images or []
         out = []
         for _ in prompts:
             group = []
@@ -62,22 +66,40 @@ def test_a_round_keeps_only_verified_correct_finished_responses():
     responses = [[(right, True), (right, True), (wrong, True), (right, False)],  # a duplicate, a slip, a truncation
                  [(CODE.solution("lambda"), True), (CODE.solution("def", slip=True), True),
                   (CODE.solution("def"), True), ("f = lambda x: 2*x+", True)]]
-    samples = sample_and_verify(Scripted(responses), Chars(), [MATH.record(), CODE.record()], 4, seed=0)
+    samples = sample_and_verify(Scripted(responses), Chars(), [MATH, CODE], 4, seed=0)
     assert [s.correct for s in samples] == [True, True, False, True, True, False, True, False]
     assert keep_correct(samples) == [(MATH.prompt(), right, ()), (MATH.prompt(), right, ()),
                                      (CODE.prompt(), CODE.solution("lambda"), ()),
                                      (CODE.prompt(), CODE.solution("def"), ())]
 
 
-@pytest.mark.parametrize("domain", ["math", "code"])
+def test_a_visual_round_samples_and_keeps_the_picture_with_the_prompt():
+    right = VISUAL.solution("count")
+    wrong = VISUAL.solution("count", slip=1, rng=random.Random(0))
+    sampler = Scripted([[(right, True), (wrong, True)]], vision="a vision model")
+    samples = sample_and_verify(sampler, Chars(), [VISUAL], 2, seed=0)
+    assert [s.correct for s in samples] == [True, False]  # checked by the math verifier ("The answer is N.")
+    assert [im.tobytes() for (im,) in sampler.images] == [VISUAL.render().tobytes()]
+    [(prompt, text, (image,))] = keep_correct(samples)
+    assert (prompt, text) == (VISUAL.prompt(), right) and image.size == (64, 64)
+
+
+@pytest.mark.parametrize("domain", ["math", "code", "visual"])
 def test_sharpening_prompts_are_distinct_fresh_each_round_and_never_held_out(domain):
     recipe = RFTRecipe(domain, rounds=2, prompts=100, samples=4)
     rng = random.Random(0)
-    first, second = fresh_records(recipe, rng), fresh_records(recipe, rng)
-    held_out = {r["prompt"] for r in domain_records(domain, *recipe.held_out)[1]}
-    for records in (first, second):
-        assert len({r["prompt"] for r in records}) == 100 and not {r["prompt"] for r in records} & held_out
+    first, second = fresh_tasks(recipe, rng), fresh_tasks(recipe, rng)
+    held_out = {identity(r) for r in domain_records(domain, *recipe.held_out)[1]}
+    for tasks in (first, second):
+        keys = {identity(record_as_written(t)) for t in tasks}
+        assert len(keys) == 100 and not keys & held_out
     assert first != second
+
+
+def record_as_written(task) -> dict:
+    """As the held-out files write it (datasets.domain_records): pictures under images/."""
+    record = task.record()
+    return {**record, "images": [f"images/{n}" for n in record["images"]]} if "images" in record else record
 
 
 def test_a_teachers_recipe_contains_its_parents_so_a_changed_parent_makes_it_stale(tmp_path):
@@ -114,3 +136,13 @@ def test_ensure_models_builds_the_parent_first_then_sharpens_a_copy(tmp_path):
     ensure_models([SharpenedSpec("t", replace(parent, steps=4), teacher.rft)], tmp_path)
     assert json.loads((paths["t"] / "recipe.json").read_text())["parent"]["steps"] == 4
     assert not (tmp_path / "models" / "t.partial").exists()
+
+
+@pytest.mark.e2e
+def test_a_visual_teacher_is_sharpened_from_a_vision_student(tmp_path):
+    parent = ModelSpec("vp", 64, 1, (), (), steps=3, batch=4, visual_styles=("count",), vision=True)
+    teacher = SharpenedSpec("vt", parent, RFTRecipe("visual", rounds=1, prompts=4, samples=2, batch=4))
+    paths = ensure_models([teacher], tmp_path)
+    [round_] = json.loads((paths["vt"] / "sharpen.json").read_text())
+    assert round_["samples"] == 8 and 0 <= round_["pass_rate"] <= 1
+    assert (paths["vt"] / "processor_config.json").exists()  # still a vision model, loadable by both backends

@@ -29,11 +29,10 @@ from uniopd import expert_models
 from uniopd.experiment_plan import METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir, student_of
 from uniopd.experiment_report import collect
 from uniopd.launch import RedisServer, ServerProcess, die_with_parent, start_rollout, start_teacher
-from uniopd.synthetic.datasets import write_datasets
+from uniopd.synthetic.datasets import VERIFIER_OF, write_datasets
 
 log = logging.getLogger("uniopd.experiment")
 ADMIN_ENV = "UNIOPD_ROLLOUT_ADMIN_KEY"
-VERIFIERS = {"visual": "math"}  # the visual domain's answers end in "The answer is N.", like math's
 # Teachers score at the same moment (a step's rollouts go to every domain's teacher at once) while the trainer computes
 # π_old: with torch's default of a thread per core each, they oversubscribe a small machine (issue 18 measured a
 # teacher call ~30x slower than on an idle server); one thread each splits the cores between them.
@@ -136,7 +135,7 @@ class Experiment:
             "data": {"train": [str(train_dir / f"{d}_train.jsonl") for d in teachers],
                      "eval": [str(self.data[f"{d}_eval"]) for d in teachers]},
             "teachers": {d: {"urls": [self.teacher_urls[t]]} for d, t in teachers.items()},
-            "verifiers": {d: VERIFIERS[d] for d in teachers if d in VERIFIERS},
+            "verifiers": {d: VERIFIER_OF[d] for d in teachers if d in VERIFIER_OF},
             "rollout": {"url": self.rollout_urls[student], "admin_key_env": ADMIN_ENV, "max_tokens": p.max_tokens},
             "cache": {"url": self.redis},
             "algorithm": {"samples_per_prompt": p.samples_per_prompt, "prompts_per_step": p.prompts_per_step,
@@ -227,7 +226,7 @@ class Experiment:
         per_seed: dict[str, list[float]] = {}
         async with RolloutClient(server.url) as client:
             for seed in self.plan.seeds:
-                acc = await heldout_accuracy(client, tokenizer, lambda d: VERIFIERS.get(d, d), prompts, records,
+                acc = await heldout_accuracy(client, tokenizer, lambda d: VERIFIER_OF.get(d, d), prompts, records,
                                              self.plan.eval_samples, derive_seed(seed, 0, "eval"),
                                              self.plan.max_tokens)
                 for key, value in acc.items():

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from uniopd.sft import Pair, length_buckets, sft_step
-from uniopd.synthetic import code_tasks, math_tasks
-from uniopd.synthetic.datasets import domain_records
+from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
+from uniopd.synthetic.datasets import VERIFIER_OF, domain_records, identity
 
 log = logging.getLogger("uniopd.sharpen")
 MAX_TOKENS = 64  # the experiment's response limit (uniopd.experiment_plan.Plan.max_tokens)
-TASKS = {"math": math_tasks, "code": code_tasks}
+TASKS = {"math": math_tasks, "code": code_tasks, "visual": visual_tasks}
 GENERATE_CHUNK = 64  # prompts per generate call: one long row holds a whole batch back, and big batches cost more
 
 
@@ -47,46 +47,59 @@ class RFTRecipe:
 @dataclass(frozen=True)
 class Sampled:
     record: dict
+    images: tuple  # the prompt's pictures (PIL), for the SFT pair
     text: str  # decoded, special tokens dropped (what the verifier reads)
     finished: bool  # ended with a stop token, not at the length limit
     correct: bool
 
 
-def fresh_records(recipe: RFTRecipe, rng: random.Random) -> list[dict]:
-    """recipe.prompts distinct prompts of the domain, none of them a held-out prompt, levels uniform."""
+def fresh_tasks(recipe: RFTRecipe, rng: random.Random) -> list:
+    """recipe.prompts distinct tasks of the domain (by prompt, and picture for visual ones), none of them a held-out
+    prompt, levels uniform."""
     module = TASKS[recipe.domain]
-    excluded = {r["prompt"] for r in domain_records(recipe.domain, *recipe.held_out)[1]}
-    records: dict[str, dict] = {}
+    excluded = {identity(r) for r in domain_records(recipe.domain, *recipe.held_out)[1]}
+    tasks: dict[tuple, object] = {}
     for _ in range(1000 * recipe.prompts):
-        record = module.sample_task(rng, rng.randint(1, module.MAX_LEVEL)).record()
-        if record["prompt"] not in excluded:
-            records.setdefault(record["prompt"], record)
-        if len(records) == recipe.prompts:
-            return list(records.values())
+        task = module.sample_task(rng, rng.randint(1, module.MAX_LEVEL))
+        key = identity(_named(task.record()))
+        if key not in excluded:
+            tasks.setdefault(key, task)
+        if len(tasks) == recipe.prompts:
+            return list(tasks.values())
     raise ValueError(f"{recipe.domain}: fewer than {recipe.prompts} distinct training prompts")
 
 
-def sample_and_verify(generator, tokenizer, records: list[dict], k: int, seed: int) -> list[Sampled]:
+def _named(record: dict) -> dict:
+    """A record as the held-out files name its pictures (datasets.domain_records)."""
+    from uniopd.synthetic.datasets import IMAGE_DIR
+
+    return {**record, "images": [f"{IMAGE_DIR}/{n}" for n in record["images"]]} if "images" in record else record
+
+
+def sample_and_verify(generator, tokenizer, tasks: list, k: int, seed: int) -> list[Sampled]:
     """k samples per prompt at temperature 1, top-p 1, no top-k (the held-out protocol, docs/method.md §6)."""
     from services.rollout_server.generator import SamplingOptions
     from trainer.data import render_prompt
     from trainer.evaluation import verify_responses
 
     options = SamplingOptions(n=k, temperature=1.0, top_p=1.0, top_k=0, max_tokens=MAX_TOKENS, seed=seed)
+    records = [t.record() for t in tasks]
+    images = [(t.render(),) if "images" in r else () for t, r in zip(tasks, records, strict=True)]
     prompts = [render_prompt(tokenizer, r) for r in records]
     groups = [g for i in range(0, len(prompts), GENERATE_CHUNK)
-              for g in generator.generate(prompts[i:i + GENERATE_CHUNK], replace(options, seed=seed + i))]
-    flat = [(r, s) for r, group in zip(records, groups, strict=True) for s in group]
-    verdicts = verify_responses(tokenizer, lambda d: d, [s.token_ids for _, s in flat],
-                                [r for r, _ in flat])
-    return [Sampled(r, tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True), s.finish_reason == "stop",
-                    v.correct) for (r, s), v in zip(flat, verdicts, strict=True)]
+              for g in generator.generate(prompts[i:i + GENERATE_CHUNK], replace(options, seed=seed + i),
+                                          images[i:i + GENERATE_CHUNK] if generator.vision else None)]
+    flat = [(r, im, s) for r, im, group in zip(records, images, groups, strict=True) for s in group]
+    verdicts = verify_responses(tokenizer, lambda d: VERIFIER_OF.get(d, d), [s.token_ids for _, _, s in flat],
+                                [r for r, _, _ in flat])
+    return [Sampled(r, im, tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True),
+                    s.finish_reason == "stop", v.correct) for (r, im, s), v in zip(flat, verdicts, strict=True)]
 
 
 def keep_correct(samples: list[Sampled]) -> list[Pair]:
     """The SFT pairs of a round: verified-correct responses that ended on their own (a truncated response is not a
     complete solution, even when its answer checks out)."""
-    return [(s.record["prompt"], s.text, ()) for s in samples if s.correct and s.finished]
+    return [(s.record["prompt"], s.text, s.images) for s in samples if s.correct and s.finished]
 
 
 def sharpen(model_dir: Path, recipe: RFTRecipe) -> list[dict]:
@@ -105,7 +118,7 @@ def sharpen(model_dir: Path, recipe: RFTRecipe) -> list[dict]:
     for round_ in range(recipe.rounds):
         start = time.perf_counter()
         model.eval()
-        samples = sample_and_verify(generator, tokenizer, fresh_records(recipe, rng), recipe.samples,
+        samples = sample_and_verify(generator, tokenizer, fresh_tasks(recipe, rng), recipe.samples,
                                     rng.getrandbits(63))
         pairs = keep_correct(samples)
         sampled_s = time.perf_counter() - start
@@ -113,7 +126,7 @@ def sharpen(model_dir: Path, recipe: RFTRecipe) -> list[dict]:
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
         batches = [b for _ in range(recipe.epochs) for b in length_buckets(pairs, recipe.batch, rng)]
         for batch in batches:
-            sft_step(model, tokenizer, batch, opt)
+            sft_step(model, tokenizer, batch, opt, generator.vision)
         history.append({"round": round_ + 1, "samples": len(samples),
                         "pass_rate": round(sum(s.correct for s in samples) / len(samples), 4), "kept": len(pairs),
                         "sft_steps": len(batches), "sample_s": round(sampled_s, 1),

@@ -18,6 +18,7 @@ from pathlib import Path
 from uniopd.synthetic import code_tasks, math_tasks, visual_tasks
 
 GENERATORS = {"math": math_tasks.sample_tasks, "code": code_tasks.sample_tasks, "visual": visual_tasks.sample_tasks}
+VERIFIER_OF = {"visual": "math"}  # the visual domain's answers end in "The answer is N.", like math's
 DEFAULT_DOMAINS = ("math", "code")
 IMAGE_DIR = "images"
 
@@ -26,12 +27,12 @@ def domain_tasks(domain: str, seed: int, n_train: int, n_eval: int) -> tuple[lis
     """n_train training tasks and n_eval held-out ones whose prompt (with its images) never occurs in training."""
     tasks = GENERATORS[domain](seed, n_train + 20 * n_eval)
     train = tasks[:n_train]
-    seen = {_identity(t.record()) for t in train}
+    seen = {identity(t.record()) for t in train}
     held_out: list = []
     for task in tasks[n_train:]:
         if len(held_out) == n_eval:
             break
-        key = _identity(task.record())
+        key = identity(task.record())
         if key not in seen:
             held_out.append(task)
             seen.add(key)
@@ -46,7 +47,8 @@ def domain_records(domain: str, seed: int, n_train: int, n_eval: int) -> tuple[l
     return [_written(t) for t in train], [_written(t) for t in held_out]
 
 
-def _identity(record: dict) -> tuple:
+def identity(record: dict) -> tuple:
+    """What makes two prompts the same: the text, and the pictures for visual ones."""
     return record["prompt"], tuple(record.get("images", ()))
 
 

@@ -213,6 +213,15 @@ async def test_the_work_of_one_request_is_bounded(tiny_model):
     assert info["limits"]["max_request_tokens"] == 100 and info["limits"]["max_prompt_tokens"] == 10
 
 
+async def test_a_chat_prompt_too_long_for_the_model_is_refused_before_it_is_tokenized(tiny_model):
+    double = GeneratorDouble(max_length=64)  # 64 tokens hold at most 2048 characters
+    async with running(rollout_app(double, tiny_model), headers=bearer(USER)) as client:
+        resp = await client.post("/v1/generate", json={"messages": [[{"role": "user", "content": "x" * 3000}]],
+                                                       "max_tokens": 2})
+    assert resp.status_code == 413 and resp.json()["error"]["field"] == "messages[0]"
+    assert double.calls == []
+
+
 async def test_too_many_pending_requests_answer_429(tiny_model):
     double = GeneratorDouble(held=True)
     app = rollout_app(double, tiny_model, RolloutLimits(max_pending_requests=1))

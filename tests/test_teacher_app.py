@@ -234,6 +234,17 @@ async def test_malformed_bodies_and_unknown_paths():
         assert (await client.get("/v1/score")).json()["error"]["code"] == "method_not_allowed"
 
 
+async def test_a_json_body_with_too_many_items_is_refused_before_it_is_parsed():
+    """600 items (limit 512) followed by garbage: 413, not the 400 a parse would give."""
+    items = b",".join([b'{"input_ids": [1, 2], "response_start": 1}'] * 600)
+    scorer = ScorerDouble()
+    async with running(teacher_app(scorer)) as client:
+        resp = await client.post("/v1/score", content=b'{"items": [' + items + b"], {not json")
+    assert resp.status_code == 413 and resp.json()["error"] == {
+        "code": "batch_too_large", "message": "600 items; limit is 512", "field": "items"}
+    assert scorer.calls == []
+
+
 async def test_binary_request_out_of_vocab_names_the_token():
     raw = msgpack.unpackb(encode_score_request([ScoreItem(input_ids=[1, 2, 3], response_start=1)], binary=True))
     raw["items"][0]["input_ids"] = np.array([1, 9999, 3], dtype="<i4").tobytes()

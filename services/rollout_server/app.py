@@ -50,6 +50,7 @@ from services.rollout_server.weights import check_tensors, expected_shapes, read
 
 log = logging.getLogger("uniopd.rollout")
 SAFETENSORS = "application/octet-stream"
+MAX_CHARS_PER_TOKEN = 32  # no tokenizer in use averages more characters per token than this
 
 
 class RolloutMetrics(HttpMetrics):
@@ -72,6 +73,8 @@ class RolloutService:
         self.weight_version = 0
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+        # chat prompts are templated and tokenized off the event loop, one at a time (one tokenizer object)
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     def _run(self, fn: Callable, *args):
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -87,7 +90,8 @@ class RolloutService:
             log.exception("model failed to load")
 
     def stop(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._tokenizing):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> Generator:
         return require_loaded(self.generator, self.load_error)
@@ -99,9 +103,15 @@ class RolloutService:
                            weight_version=self.weight_version, eos_token_ids=list(i.eos_token_ids),
                            image_token_id=i.image_token_id, limits=self.limits.as_dict())
 
-    def _render(self, req: GenerateRequest) -> list[list[int]]:
+    def _render(self, req: GenerateRequest, max_length: int) -> list[list[int]]:
+        """Token ids of the prompts; chat conversations are bounded by their length in characters before they are
+        templated and tokenized (a 14 MB message once held the server for a minute)."""
         if req.prompts is not None:
             return req.prompts
+        for i, conv in enumerate(req.messages):
+            if (chars := sum(len(m.content) for m in conv)) > max_length * MAX_CHARS_PER_TOKEN:
+                raise ApiError(413, "too_long", f"messages[{i}] has {chars} characters: more than the max length "
+                               f"{max_length} tokens can hold", f"messages[{i}]")
         rendered = []
         for conv in req.messages:
             text = self.tokenizer.apply_chat_template([m.model_dump() for m in conv], add_generation_prompt=True,
@@ -111,8 +121,9 @@ class RolloutService:
 
     async def generate(self, req: GenerateRequest) -> Rollouts:
         generator = self.ready()
-        prompts = self._render(req)
         info = generator.info()
+        prompts = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._render, req,
+                                                                   info.max_length)
         validate_prompts(prompts, req.n, req.max_tokens, req.stop_token_ids, info, self.limits, req.image_indices,
                          len(req.images))
         if self._pending >= self.limits.max_pending_requests:

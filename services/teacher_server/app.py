@@ -191,7 +191,8 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
             JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: BINARY_BODY}}},
     )
     async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
-        req = decode_score_request(await request.body(), request.headers.get("content-type"))
+        req = decode_score_request(await request.body(), request.headers.get("content-type"),
+                                   service.limits.max_batch_items)
         spans = await service.score(req.items, team, image_bytes(req.images))
         binary = wants_msgpack(request.headers.get("accept"))
         body = encode_score_response(service.fingerprint, spans, binary)

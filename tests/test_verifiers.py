@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from trainer import verifiers
 from trainer.sandbox import run_python
 from trainer.verifiers import Verdict, verifier_kinds, verify, verify_batch
 from trainer.verifiers import math as math_verifier
+from uniopd.synthetic import code_tasks
 
 SQUARE_TESTS = {"domain": "code", "prompt": "square", "tests": "assert f(2) == 4\nassert f(0) == 0"}
 
@@ -119,6 +122,52 @@ def test_code_humaneval_style_check_with_entry_point():
 @pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)"])
 def test_code_that_exits_before_the_tests_is_wrong(exit_call):
     assert verify("code", f"def f(x):\n    return x\n{exit_call}", SQUARE_TESTS) == Verdict(False)
+
+
+SQUARE_CASES = {"domain": "code", "prompt": "square", "entry_point": "f", "cases": [[[2], 4], [[0], 0], [[-3], 9]]}
+ALWAYS_EQUAL = "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+MARKER_THIEF = """
+import os, sys
+def f(x):
+    return x
+for const in sys._getframe().f_code.co_consts:  # the tests' marker, when it is in this program
+    if isinstance(const, str) and const.startswith("uniopd-tests-done-") and len(const) > 18:
+        print(const, flush=True)
+        os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(("completion", "correct"), [
+    ("def f(x):\n    return x * x", True),
+    ("f = lambda x: float(x * x)", True),  # 4.0 is 4, as `assert f(2) == 4` has it
+    ("def f(x):\n    return x + 2", False),
+    ("def f(x):\n    return x * x == x * x", False),  # a bool is not a number
+    ("def f(x):\n    return str(x * x)", False),
+    (ALWAYS_EQUAL + "def f(x):\n    return Yes(0)", False),  # JSON carries its real value, 0
+    ("class Yes:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Yes()", False),
+    ("import os\ndef f(x):\n    return x * x\nprint('uniopd-case-results:[4, 0, 9]', flush=True)\nos._exit(0)", True),
+    ("import os\ndef f(x):\n    return x\nprint('uniopd-case-results:[4, 4, 4]', flush=True)\nos._exit(0)", False),
+    (MARKER_THIEF, False),
+])
+def test_code_cases_are_judged_outside_the_sandbox(completion, correct):
+    """A fake results line must hold the right values, which only the verifier knows (the case with [4, 0, 9] has
+    computed them: it is a lookup of the hidden cases, which the prompt never shows)."""
+    assert verify("code", completion, SQUARE_CASES) == Verdict(correct)
+
+
+def test_the_assert_form_is_fooled_where_the_cases_form_is_not():
+    """The limit the README states for assert tests: both attacks pass them; the synthetic records carry cases."""
+    assert verify("code", ALWAYS_EQUAL + "def f(x):\n    return Yes(0)", SQUARE_TESTS).correct
+    assert verify("code", MARKER_THIEF, SQUARE_TESTS).correct
+
+
+def test_synthetic_code_records_judge_alike_by_cases_and_by_tests():
+    task = code_tasks.CodeTask(5, 3, 2)
+    record, by_tests = task.record(), {k: v for k, v in task.record().items() if k != "cases"}
+    for completion in (task.solution("def"), task.solution("lambda"), task.solution("def", slip=True,
+                                                                                   rng=random.Random(1))):
+        assert verify("code", completion, record) == verify("code", completion, by_tests)
+    assert verify("code", task.solution("lambda"), record).correct
 
 
 def test_code_timeout_is_an_error():

@@ -1,15 +1,21 @@
-"""Code domain: the candidate program followed by the record's tests must run to completion, exit 0, in the sandbox.
+"""Code domain: the candidate program is run in the sandbox against the record's cases or tests.
 
-Record: {"tests": "assert f(2) == 4\\n...", "entry_point": "f" (optional)}. With an entry point and HumanEval-style
-tests that define `check(candidate)`, `check(<entry_point>)` is appended, as that harness does.
+Records with input/output cases, {"entry_point": "f", "cases": [[[4], 19], [[5], 23], ...]} (arguments, expected
+value; JSON values): the sandboxed program prints what the entry point returns for each case's arguments, as JSON,
+and the verdict is taken here, outside the candidate's reach: every value must equal the expected one as a JSON
+value (so an object whose __eq__ always says True, a bool for a number, or an early exit all fail). The expected values
+never enter the sandbox, so a program can only print the right ones by computing them.
 
-"Run to completion" is checked with a random marker printed after the tests: a candidate that calls sys.exit(0)
-or os._exit(0) before the tests run exits 0 but never prints it. (Code that reads its own constants through frame
-introspection could still find the marker; that takes deliberate effort, not a lucky shortcut.)
+Records with assert tests, {"tests": "assert f(2) == 4\\n...", "entry_point": "f" (optional)} (HumanEval style; with an
+entry point and tests that define `check(candidate)`, `check(<entry_point>)` is appended, as that harness does): the
+program followed by the tests must exit 0 and print a random marker placed after them, so a sys.exit(0) before the
+tests fails. This form trusts the candidate's process: a program that reads its own constants (frame introspection)
+can print the marker, and an object with an always-true __eq__ passes `assert f(x) == y`. Give cases where you can.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
@@ -19,6 +25,7 @@ from trainer.sandbox import run_python
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _DEFINES_CHECK = re.compile(r"^def check\(", re.MULTILINE)
 _SANDBOX_ERROR = re.compile(r"sandbox: (?:refused [\w.]+|cannot [^\n]*)")  # a refused call, a failed set-up
+RESULTS = "uniopd-case-results:"  # not a secret: printing a fake line needs the expected values, which stay here
 
 
 def extract_code(completion: str) -> str:
@@ -36,11 +43,56 @@ def program(completion: str, record: dict, marker: str) -> str:
 
 
 def check(completion: str, record: dict, timeout_s: float) -> bool:
+    if "cases" in record:
+        return _check_cases(completion, record, timeout_s)
     marker = f"uniopd-tests-done-{secrets.token_hex(16)}"
-    result = run_python(program(completion, record, marker), timeout_s=timeout_s)
+    result = _run(program(completion, record, marker), timeout_s)
+    return result.ok and marker in result.stdout
+
+
+def _check_cases(completion: str, record: dict, timeout_s: float) -> bool:
+    cases, entry_point = record["cases"], record["entry_point"]
+    if not entry_point.isidentifier():
+        raise ValueError(f"entry_point {entry_point!r} is not a Python name")
+    args = [list(a) for a, _ in cases]
+    harness = (f"import json as _json\nprint({RESULTS!r} + _json.dumps([{entry_point}(*_a) for _a in {args!r}]), "
+               "flush=True)\n")
+    result = _run(f"{extract_code(completion)}\n\n{harness}", timeout_s)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULTS)]
+    if not result.ok or not lines:
+        return False
+    try:
+        got = json.loads(lines[-1].removeprefix(RESULTS))
+    except json.JSONDecodeError:
+        return False
+    return isinstance(got, list) and len(got) == len(cases) and all(
+        same(value, expected) for value, (_, expected) in zip(got, cases, strict=True))
+
+
+def same(value: object, expected: object) -> bool:
+    """Equal as JSON values, all the way down: numbers by value (19.0 is 19, as `assert f(x) == 19` has it), but
+    a bool is not a number and a string is not either."""
+    if _number(value) and _number(expected):
+        return value == expected
+    if type(value) is not type(expected):
+        return False
+    if isinstance(expected, list):
+        return len(value) == len(expected) and all(same(v, e) for v, e in zip(value, expected, strict=True))
+    if isinstance(expected, dict):
+        return value.keys() == expected.keys() and all(same(value[k], expected[k]) for k in expected)
+    return value == expected
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _run(source: str, timeout_s: float):
+    """The sandbox's result; a timeout or a refused call is not a verdict, so it raises."""
+    result = run_python(source, timeout_s=timeout_s)
     if result.timed_out:
         raise TimeoutError(f"timeout: code did not finish within {timeout_s:g}s")
     sandbox_error = _SANDBOX_ERROR.search(result.stderr)
     if not result.ok and sandbox_error:
         raise PermissionError(sandbox_error.group(0))
-    return result.ok and marker in result.stdout
+    return result

@@ -55,8 +55,10 @@ class CodeTask:
         return f"def f(x):\n    return {body}" if style == "def" else f"f = lambda x: {body}"
 
     def record(self) -> dict:
+        """Hidden cases, judged outside the sandbox (trainer/verifiers/code.py); the same as assert tests too."""
         tests = "\n".join(f"assert f({x}) == {self.f(x)}" for x in HIDDEN)
-        return {"domain": "code", "prompt": self.prompt(), "tests": tests, "entry_point": "f", "level": self.level}
+        return {"domain": "code", "prompt": self.prompt(), "tests": tests, "entry_point": "f", "level": self.level,
+                "cases": [[[x], self.f(x)] for x in HIDDEN]}
 
 
 def sample_task(rng: random.Random, level: int) -> CodeTask:

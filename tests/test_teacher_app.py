@@ -234,6 +234,32 @@ async def test_malformed_bodies_and_unknown_paths():
         assert (await client.get("/v1/score")).json()["error"]["code"] == "method_not_allowed"
 
 
+async def test_compat_probes_pass_through_the_scorer_and_info_routes_name_the_model_path():
+    scorer = ScorerDouble()
+    app = create_app(lambda: scorer, limits=Limits(batch_wait_ms=1), api_keys=["key-0123"], model_path="/models/t")
+    async with running(app) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health_generate")).status_code == 200  # probes need no key
+        assert scorer.calls and scorer.calls[-1][0].input_ids == [0, 0]  # a real pass went through the scorer
+        for path in ("/get_model_info", "/get_server_info", "/v1/models"):
+            assert (await client.get(path)).status_code == 401
+        headers = {"Authorization": "Bearer key-0123"}
+        assert (await client.get("/get_model_info", headers=headers)).json()["model_path"] == "/models/t"
+        models = (await client.get("/v1/models", headers=headers)).json()
+    assert models["data"][0]["id"] == "/models/t" and models["data"][0]["max_model_len"] == 1024
+
+
+async def test_the_compat_probes_answer_503_until_the_model_is_loaded():
+    def failing():
+        raise RuntimeError("no such model")
+
+    app = create_app(failing)
+    async with running(app, loaded=False) as client:
+        await until(lambda: app.state.service.load_error, "the load to fail")
+        for path in ("/health", "/health_generate"):
+            assert (await client.get(path)).status_code == 503
+
+
 async def test_a_json_body_with_too_many_items_is_refused_before_it_is_parsed():
     """600 items (limit 512) followed by garbage: 413, not the 400 a parse would give."""
     items = b",".join([b'{"input_ids": [1, 2], "response_start": 1}'] * 600)

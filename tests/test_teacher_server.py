@@ -45,6 +45,20 @@ def test_health_ready_and_info(teacher, tiny_model):
     assert info["fingerprint"]["tokenizer"] == info["tokenizer_fingerprint"]
 
 
+def test_the_probes_and_info_routes_launch_scripts_call(teacher, tiny_model):
+    """SGLang's and OpenAI's shapes, as slime/miles launch scripts and OpenAI clients read them."""
+    for path in ("/health", "/health_generate"):
+        resp = httpx.get(teacher.url + path, timeout=30)
+        assert resp.status_code == 200 and resp.content == b""
+    model_info = httpx.get(teacher.url + "/get_model_info").json()
+    assert model_info["model_path"] == str(tiny_model) and model_info["is_generation"] is True
+    assert httpx.get(teacher.url + "/get_server_info").json()["context_length"] == \
+        httpx.get(teacher.url + "/v1/info").json()["max_length"]
+    models = httpx.get(teacher.url + "/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [str(tiny_model)]
+    assert models["data"][0]["object"] == "model" and models["data"][0]["max_model_len"] > 0
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_scores_match_direct_transformers(teacher, reference, binary):
     items = random_items(np.random.default_rng(1), 12)

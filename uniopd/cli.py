@@ -176,7 +176,8 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
                                              f"key(s)" if keys.table else "disabled")
-    _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys, metrics_keys=metrics_keys), args)
+    _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys, metrics_keys=metrics_keys,
+                    model_path=str(args.model)), args)
 
 
 def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

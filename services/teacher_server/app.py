@@ -149,9 +149,11 @@ def _reload_on_sighup(keys: KeyStore):
 
 
 def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: Limits | None = None,
-               api_keys: Sequence[str] | KeyStore = (), metrics_keys: Sequence[str] = ()) -> FastAPI:
+               api_keys: Sequence[str] | KeyStore = (), metrics_keys: Sequence[str] = (),
+               model_path: str = "model") -> FastAPI:
     """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`;
-    `metrics_keys`: the keys /metrics asks for (none: it is open)."""
+    `metrics_keys`: the keys /metrics asks for (none: it is open); `model_path`: the model as the operator named it,
+    which the SGLang and OpenAI info routes report."""
     from services.teacher_server.compat import compat_router
 
     service = TeacherService(load, domains, limits or Limits())
@@ -163,7 +165,8 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         with _reload_on_sighup(keys):
             yield
         loading.cancel()
-        await service.batcher.stop()
+        if service.batcher is not None:  # None when shut down before start-up ran
+            await service.batcher.stop()
 
     app = FastAPI(title="uniopd teacher", version=API_VERSION, lifespan=lifespan)
     app.state.service = service
@@ -198,7 +201,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
         body = encode_score_response(service.fingerprint, spans, binary)
         return Response(body, media_type=MSGPACK if binary else JSON)
 
-    app.include_router(compat_router(service, caller))
+    app.include_router(compat_router(service, caller, model_path))
     publish_schemas(app, ScoreRequest, refine=_live_limits(service))
     finish_app(app, service.metrics, service.limits.max_body_bytes)
     return app

@@ -6,6 +6,10 @@
 - vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
   `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`).
   Nothing is generated: `text` is empty. Token strings are `token_id:N`, vLLM's `--return-tokens-as-token-ids` form.
+- The probes and info routes their launch scripts call: SGLang's `GET /health` (200, empty body, once the model is
+  loaded) and `/health_generate` (200 once a real one-token scoring pass has gone through the scorer), `/get_model_info`
+  and `/get_server_info` (`model_path` is the `--model` the server was started with, as SGLang's is), and OpenAI's
+  `GET /v1/models` (the model's `id` is that path too, as `vllm serve` names it by default).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,11 +34,12 @@ from pydantic import (
 
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
-from proto.schemas import ScoreItem, TokenId
+from proto.schemas import API_VERSION, ScoreItem, TokenId
 from services.common.auth import Team
 from services.common.http import error_responses
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
+STARTED = int(time.time())
 Sequence_ = Annotated[list[TokenId], Field(min_length=2)]
 StartLen = Annotated[StrictInt, Field(ge=-1, le=2**31 - 1)]
 TopK = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
@@ -250,9 +255,48 @@ def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
             "text_offset": offsets}
 
 
-def compat_router(service, caller: Callable[..., Awaitable[Team]]) -> APIRouter:
-    """`caller` is the auth dependency that names the calling team (its quotas apply here too)."""
+HEALTH_PROBE = ScoreItem(input_ids=[0, 0], response_start=1)  # one scored position: the smallest real pass
+
+
+def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: str) -> APIRouter:
+    """`caller` is the auth dependency that names the calling team (its quotas apply here too); `model_path` is the
+    model as the operator named it (`--model`)."""
     router = APIRouter(tags=["compatibility"])
+
+    @router.get("/health", response_class=Response, responses=error_responses(503))
+    async def health() -> Response:
+        service.ready()
+        return Response(status_code=200)
+
+    @router.get("/health_generate", response_class=Response, responses=error_responses(503))
+    async def health_generate() -> Response:
+        """A scoring pass through the batcher and the backend, outside every team's quota (a probe is no team's)."""
+        service.ready()
+        try:
+            await service.batcher.submit([HEALTH_PROBE], "_health", 1, None)
+        except Exception as exc:
+            raise ApiError(503, "unhealthy", f"a one-token scoring pass failed: {type(exc).__name__}: {exc}") from None
+        return Response(status_code=200)
+
+    @router.get("/get_model_info", dependencies=[Depends(caller)], responses=error_responses(401, 503))
+    async def get_model_info() -> dict:
+        service.ready()
+        return {"model_path": model_path, "tokenizer_path": model_path, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": "default"}
+
+    @router.get("/get_server_info", dependencies=[Depends(caller)], responses=error_responses(401, 503))
+    async def get_server_info() -> dict:
+        info = service.info()
+        return {"model_path": model_path, "tokenizer_path": model_path, "served_model_name": model_path,
+                "context_length": info.max_length, "dtype": info.dtype, "backend": info.backend,
+                "version": f"uniopd-{API_VERSION}", "domains": info.domains, "limits": info.limits}
+
+    @router.get("/v1/models", dependencies=[Depends(caller)], responses=error_responses(401, 503))
+    async def models() -> dict:
+        info = service.info()
+        return {"object": "list", "data": [{
+            "id": model_path, "object": "model", "created": STARTED, "owned_by": "uniopd", "root": model_path,
+            "parent": None, "max_model_len": info.max_length}]}
 
     @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
                                          **error_responses(*_PROBLEMS)})

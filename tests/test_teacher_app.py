@@ -460,7 +460,31 @@ async def test_openai_completions_prompt_logprobs():
         assert {int(t) for t in plp[p]} == {ids[p], *top}  # the top 2 plus the actual token
         assert [plp[p][str(t)]["rank"] for t in top] == [1, 2]
     assert out["object"] == "text_completion" and out["model"] == "scorer-double-7"
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+    greedy = int(double.span([*ids, 0], 1, top_k=1).top_k_ids[-1, 0])  # max_tokens 1: one token, greedily
+    assert out["choices"][0]["text"] == f"token_id:{greedy}" and out["choices"][0]["logprobs"] is None
+
+
+async def test_echo_with_max_tokens_1_has_vllms_layout_so_lm_eval_sums_the_right_tokens():
+    """vLLM: n + 1 entries, the last the generated token's. lm-eval sums token_logprobs[ctxlen:-1]: that must be
+    the continuation's log-prob, with nothing dropped."""
+    double = ScorerDouble(seed=9)
+    ids, ctxlen = list(range(20, 32)), 5
+    async with running(teacher_app(double)) as client:
+        body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0}
+        scored = (await client.post("/v1/completions", json={**body, "max_tokens": 0})).json()["choices"][0]
+        out = (await client.post("/v1/completions", json={**body, "max_tokens": 1})).json()
+    choice, after = out["choices"][0], double.span([*ids, 0], 1, top_k=2)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][:-1] == scored["logprobs"]["token_logprobs"]
+    assert lp["tokens"][-1] == choice["text"] == f"token_id:{after.top_k_ids[-1, 0]}"
+    assert lp["token_logprobs"][-1] == pytest.approx(float(after.top_k_logprobs[-1, 0]))
+    assert list(lp["top_logprobs"][-1]) == [f"token_id:{t}" for t in after.top_k_ids[-1]]
+    assert lp["text_offset"][-1] == lp["text_offset"][-2] + len(lp["tokens"][-2])
+    continuation = double.span(ids, 1).logprobs[ctxlen - 1:]
+    assert sum(lp["token_logprobs"][ctxlen:-1]) == pytest.approx(float(continuation.sum()), rel=1e-6)
+    assert out["usage"]["completion_tokens"] == 1
 
 
 async def test_openai_completions_echo_logprobs():

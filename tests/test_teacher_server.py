@@ -291,3 +291,16 @@ def test_openai_completions_echo_logprobs(teacher, reference):
     np.testing.assert_allclose(lp["token_logprobs"][1:], reference.span(ids, 1), atol=TOL)
 
 
+def test_openai_echo_with_max_tokens_1_appends_the_greedy_token(teacher, reference):
+    """lm-eval's request: the prompt's n entries, then the generated token's, which is transformers' argmax."""
+    ids = list(range(3, 15))
+    out = post(teacher, "/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                 "temperature": 0}).json()
+    lp = out["choices"][0]["logprobs"]
+    next_lp = reference.logprobs([*ids, 0])[len(ids) - 1]  # the distribution after the whole prompt
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and out["usage"]["completion_tokens"] == 1
+    np.testing.assert_allclose(lp["token_logprobs"][1:-1], reference.span(ids, 1), atol=TOL)
+    assert lp["tokens"][-1] == f"token_id:{int(next_lp.argmax())}"
+    assert lp["token_logprobs"][-1] == pytest.approx(float(next_lp.max()), abs=TOL)
+
+

@@ -4,8 +4,13 @@
   `meta_info.input_token_logprobs` is a list of `[logprob, token_id, null]` from `logprob_start_len` on; the entry of
   token 0 has logprob null (nothing precedes it). `logprob_start_len = -1` (SGLang's default) means the last token.
 - vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
-  `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`).
-  Nothing is generated: `text` is empty. Token strings are `token_id:N`, vLLM's `--return-tokens-as-token-ids` form.
+  `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`). With
+  `max_tokens` 0 nothing is generated and `text` is empty. With 1 (what vLLM clients and lm-eval send), one token
+  is generated, always greedily (the temperature is not applied: the token is the one vLLM picks at temperature 0):
+  the prompt is scored with a placeholder token after it, whose position's top-1 is the generated token, and the
+  response has vLLM's layout — `echo` gives n + 1 entries, the last one the generated token's, `text` is that token
+  and `completion_tokens` is 1. Token
+  strings are `token_id:N`, vLLM's `--return-tokens-as-token-ids` form.
 - The probes and info routes their launch scripts call: SGLang's `GET /health` (200, empty body, once the model is
   loaded) and `/health_generate` (200 once a real one-token scoring pass has gone through the scorer), `/get_model_info`
   and `/get_server_info` (`model_path` is the `--model` the server was started with, as SGLang's is), and OpenAI's
@@ -169,7 +174,7 @@ class CompletionRequest(BaseModel):
 
     prompt: Sequences = Field(description="Token ids (one list or a batch).")
     model: str | None = None
-    max_tokens: exact(0, 1) = Field(description="0 or 1: nothing is generated either way.")
+    max_tokens: exact(0, 1) = Field(description="0: nothing is generated; 1: one token, greedily.")
     echo: StrictBool = False
     logprobs: TopK | None = None
     prompt_logprobs: TopK | None = None
@@ -226,6 +231,13 @@ def _check_completion(req: CompletionRequest) -> int:
     return max(req.prompt_logprobs or 0, req.logprobs or 0)
 
 
+def _split_generated(span: ScoredSpan) -> tuple[ScoredSpan, int, float]:
+    """A span scored with a placeholder after the prompt: the prompt's own span, and the greedy next token with its
+    log-prob (the top-1 at the placeholder's position)."""
+    prompt = ScoredSpan(span.logprobs[:-1], span.top_k_ids[:-1], span.top_k_logprobs[:-1])
+    return prompt, int(span.top_k_ids[-1, 0]), float(span.top_k_logprobs[-1, 0])
+
+
 def _prompt_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> list[dict | None]:
     ids = item.input_ids
     out: list[dict | None] = [None]
@@ -253,6 +265,20 @@ def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
                         for ids, lps in zip(span.top_k_ids.tolist(), span.top_k_logprobs.tolist(), strict=True)]
     return {"tokens": tokens, "token_logprobs": [None, *span.logprobs.tolist()], "top_logprobs": top,
             "text_offset": offsets}
+
+
+def _with_generated(echoed: dict | None, token: int, token_lp: float, scored: ScoredSpan, k: int) -> dict:
+    """Legacy logprobs with the generated token's entry appended (after the echoed prompt's, if echoed), as vLLM
+    lays them out: its top-k at that position when k > 0."""
+    out = echoed or {"tokens": [], "token_logprobs": [], "top_logprobs": [] if k else None, "text_offset": []}
+    last = out["text_offset"][-1] + len(out["tokens"][-1]) if out["tokens"] else 0
+    out["tokens"].append(_token(token))
+    out["token_logprobs"].append(token_lp)
+    out["text_offset"].append(last)
+    if k:
+        ids, lps = scored.top_k_ids[-1, :k].tolist(), scored.top_k_logprobs[-1, :k].tolist()
+        out["top_logprobs"].append({_token(t): v for t, v in zip(ids, lps, strict=True)})
+    return out
 
 
 HEALTH_PROBE = ScoreItem(input_ids=[0, 0], response_start=1)  # one scored position: the smallest real pass
@@ -317,20 +343,30 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
     async def completions(req: CompletionRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
         k = _check_completion(req)
         seqs, _ = _lists(req.prompt)
-        items = [ScoreItem(input_ids=s, response_start=1, top_k=k) for s in seqs]
+        generate = req.max_tokens == 1
+        items = [ScoreItem(input_ids=[*s, 0] if generate else s, response_start=1, top_k=max(k, 1) if generate else k)
+                 for s in seqs]
         spans = await service.score(items, team)
         choices = []
-        for i, (item, span) in enumerate(zip(items, spans, strict=True)):
+        for i, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
+            item = ScoreItem(input_ids=seq, response_start=1, top_k=k)
+            token = None
+            if generate:
+                span, token, token_lp = _split_generated(span)
+            logprobs = None
+            if req.echo and req.logprobs is not None:
+                logprobs = _legacy_logprobs(item, span, req.logprobs)
+            if token is not None and req.logprobs is not None:
+                logprobs = _with_generated(logprobs, token, token_lp, spans[i], req.logprobs)
             choices.append({
-                "index": i, "text": "", "finish_reason": "length", "stop_reason": None,
-                "logprobs": _legacy_logprobs(item, span, req.logprobs or 0) if req.echo and req.logprobs is not None
-                else None,
+                "index": i, "text": "" if token is None else _token(token), "finish_reason": "length",
+                "stop_reason": None, "logprobs": logprobs,
                 "prompt_logprobs": _prompt_logprobs(item, span, req.prompt_logprobs or 0)
                 if req.prompt_logprobs is not None else None,
             })
-        tokens = sum(len(s) for s in seqs)
+        tokens, generated = sum(len(s) for s in seqs), len(seqs) if generate else 0
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": service.info().model, "choices": choices,
-                "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+                "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
 
     return router

@@ -17,7 +17,7 @@ import pytest
 from fastapi import FastAPI
 
 from proto.client import TeacherClient
-from services.common.auth import KeyStore
+from services.common.auth import KeysFileError, KeyStore
 from services.rollout_server.app import create_app as create_rollout_app
 from services.teacher_server.app import create_app
 from services.teacher_server.limits import Limits
@@ -98,6 +98,35 @@ async def test_metrics_can_ask_for_a_metrics_key(tiny_model, kind):
         assert (await client.get("/metrics", headers=bearer(metrics_key))).status_code == 200
         assert (await client.get("/v1/info", headers=bearer(metrics_key))).status_code == 401
         assert (await client.get("/healthz")).status_code == 200
+
+
+OPEN_TEAM_FILE = """teams:
+  alpha: {keys: [key-alpha-1]}
+  keyless: {unauthenticated: true, tokens_per_minute: 1000, weight: 2}
+"""
+
+
+async def test_a_team_file_can_admit_keyless_callers_as_a_named_team(tmp_path, monkeypatch):
+    """slime, miles and the Uni-OPD release send no Authorization header: they become `keyless`, with its quota."""
+    app = teams_app(ScorerDouble(), store(tmp_path, OPEN_TEAM_FILE, monkeypatch))
+    async with running(app) as client:
+        keyless = await client.post("/v1/score", json=BODY)
+        usage = (await client.get("/v1/usage")).json()
+        alpha = (await client.get("/v1/usage", headers=bearer("key-alpha-1"))).json()
+        wrong = await client.post("/v1/score", json=BODY, headers={"Authorization": "Bearer key-alpha-2"})
+        other_scheme = await client.post("/v1/score", json=BODY, headers={"Authorization": "Basic key-alpha-1"})
+    assert keyless.status_code == 200 and usage["team"] == "keyless" and usage["requests"] == 1
+    assert usage["limits"]["tokens_per_minute"] == 1000 and alpha["team"] == "alpha"
+    assert wrong.status_code == other_scheme.status_code == 401  # a key that is sent must be right
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("teams:\n  a: {unauthenticated: true}\n  b: {unauthenticated: true}\n", "teams.b.unauthenticated: "),
+    ("teams:\n  a: {keys: []}\n", "teams.a.keys: no keys"),
+])
+def test_the_unauthenticated_team_is_one_at_most_and_others_need_keys(tmp_path, monkeypatch, text, error):
+    with pytest.raises(KeysFileError, match=error):
+        store(tmp_path, text, monkeypatch)
 
 
 async def test_openapi_declares_bearer_auth(guarded):

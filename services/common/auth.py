@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StringConstraints, ValidationError, model_validator
 
 from proto.errors import ApiError
 
@@ -43,7 +43,9 @@ class TeamSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    keys: list[Key] = Field(min_length=1)
+    keys: list[Key] = Field(default_factory=list, description="Bearer keys; at least one, unless unauthenticated.")
+    unauthenticated: bool = Field(default=False, description="Callers that send no Authorization header are this "
+                                                            "team (clients that cannot send a key); at most one team.")
     tokens_per_minute: PositiveInt | None = Field(default=None, description="Response tokens scored per minute.")
     max_concurrent: PositiveInt | None = Field(default=None, description="Scoring requests in flight at once.")
     weight: PositiveInt = Field(default=1, description="Share of the scorer under contention, relative to others.")
@@ -54,6 +56,17 @@ class KeysFile(BaseModel):
 
     teams: dict[TeamName, TeamSpec] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _who_is_admitted(self) -> KeysFile:
+        open_teams = [name for name, spec in self.teams.items() if spec.unauthenticated]
+        if len(open_teams) > 1:
+            raise ValueError(f"teams.{open_teams[1]}.unauthenticated: teams {open_teams} are all unauthenticated; "
+                             "at most one team can be")
+        for name, spec in self.teams.items():
+            if not spec.keys and not spec.unauthenticated:
+                raise ValueError(f"teams.{name}.keys: no keys (give at least one, or make the team unauthenticated)")
+        return self
+
 
 @dataclass(frozen=True)
 class Team:
@@ -63,6 +76,7 @@ class Team:
     tokens_per_minute: int | None = None
     max_concurrent: int | None = None
     weight: int = 1
+    unauthenticated: bool = False  # callers without an Authorization header are this team
 
 
 class KeysFileError(ValueError):
@@ -80,6 +94,11 @@ class KeyTable:
     def __init__(self, teams: dict[Team, list[str]]) -> None:
         self._entries = [(_digest(k), team) for team, keys in teams.items() for k in keys]
         self.teams = list(teams)
+        self.unauthenticated = next((t for t in teams if t.unauthenticated), None)
+
+    def __bool__(self) -> bool:
+        """Auth is on when there is a team (a team file may admit keyless callers as its only team)."""
+        return bool(self.teams)
 
     @classmethod
     def plain(cls, keys: Sequence[str]) -> KeyTable:
@@ -89,6 +108,10 @@ class KeyTable:
         return len(self._entries)
 
     def lookup(self, token: str | None) -> Team:
+        """A key's team. `None` (no Authorization header at all) is the unauthenticated team where the file names
+        one; an empty, malformed or wrong key never is."""
+        if token is None and self.unauthenticated is not None:
+            return self.unauthenticated
         if not token:
             raise ApiError(401, "unauthorized", "missing bearer API key", "Authorization",
                            {"WWW-Authenticate": "Bearer"})
@@ -146,7 +169,8 @@ def _team_file(path: Path, text: str) -> dict[Team, list[str]]:
                 raise KeysFileError(f"{path}: teams.{name}.keys[{i}]: duplicate key, already a key of team "
                                     f"{owner[key]!r}")
             owner[key] = name
-        teams[Team(name, spec.tokens_per_minute, spec.max_concurrent, spec.weight)] = list(spec.keys)
+        teams[Team(name, spec.tokens_per_minute, spec.max_concurrent, spec.weight, spec.unauthenticated)] = \
+            list(spec.keys)
     return teams
 
 

@@ -95,8 +95,9 @@ def team_auth(keys: KeyStore) -> Callable[..., Awaitable[Team]]:
         return anonymous
     bearer = HTTPBearer(auto_error=False, description="API key (its team's quotas apply)")
 
-    async def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Team:  # noqa: B008
-        return keys.current().lookup(creds.credentials if creds else None)
+    async def caller(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Team:  # noqa: B008
+        sent = creds.credentials if creds else "" if "authorization" in request.headers else None
+        return keys.current().lookup(sent)
 
     return caller
 

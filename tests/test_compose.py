@@ -109,6 +109,13 @@ def test_every_uniopd_command_parses_with_the_real_cli(compose):
     assert parser.parse_args(argv(compose["services"]["models"])).out == Path("/assets")
 
 
+def test_teachers_run_one_thread_each_on_cpu_unless_told(compose):
+    teachers = [name for name in compose["services"] if name.startswith("teacher-")]
+    assert teachers and all(compose["services"][t]["environment"]["OMP_NUM_THREADS"] == "1" for t in teachers)
+    four = load("compose.yaml", {**ENV, "UNIOPD_TEACHER_THREADS": "4"})["services"]
+    assert all(four[t]["environment"]["OMP_NUM_THREADS"] == "4" for t in teachers)
+
+
 def test_services_references_ports_and_volumes_agree(compose):
     services, volumes = compose["services"], compose.get("volumes") or {}
     for name, service in services.items():

@@ -59,6 +59,23 @@ def test_a_child_dies_with_its_sigkilled_parent():
     assert not child_outlives_killed_parent(PARENT_WITH_SLEEP)
 
 
+def test_a_child_started_from_a_worker_thread_outlives_that_thread():
+    """PR_SET_PDEATHSIG fires when the forking *thread* exits: from a worker thread it is not armed (servers started
+    by a thread pool must outlive the pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from uniopd.launch import die_with_parent
+
+    with ThreadPoolExecutor(1) as pool:
+        child = pool.submit(lambda: subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent())).result()
+    time.sleep(0.5)
+    try:
+        assert alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_redis_started_by_launch_dies_with_its_sigkilled_parent():

@@ -175,9 +175,11 @@ def speed_table(results: dict, setting: str) -> list[str]:
 
 
 def _gap_closed(run: dict, target: dict[str, float]) -> list[dict[str, float]]:
-    """Per eval, per domain: the share of the student-to-teacher gap closed since this run's step-0 evaluation."""
+    """Per eval, per domain: the share of the student-to-teacher gap closed since this run's step-0 evaluation (NaN
+    where there is no gap: a student that starts at its teacher's level, as undertrained quick models can)."""
     start = run["evals"][0]
-    return [{d: (e[d] - start[d]) / (target[d] - start[d]) for d in target} for e in run["evals"]]
+    return [{d: (e[d] - start[d]) / gap if (gap := target[d] - start[d]) else math.nan for d in target}
+            for e in run["evals"]]
 
 
 def gap_table(results: dict, setting: str) -> list[str]:

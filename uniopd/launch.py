@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,17 +21,19 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 
 
-def die_with_parent() -> Callable[[], None]:
+def die_with_parent() -> Callable[[], None] | None:
     """A Popen preexec_fn: the kernel sends the child SIGTERM when its parent dies, even by SIGKILL, so a killed demo
-    or experiment leaves no servers, Redis or trainers behind (Linux only; elsewhere nothing). The kernel signals
-    when the *thread* that forked exits, so start children from a thread that outlives them (the main one here)."""
+    or experiment leaves no servers, Redis or trainers behind (Linux only). The kernel signals when the *thread* that
+    forked exits, so this is armed only from the main thread; a child started from a worker thread (a pool that
+    starts servers in parallel) lives as long as its process, as before."""
+    if _LIBC is None or threading.current_thread() is not threading.main_thread():
+        return None
     parent = os.getpid()
 
     def arm() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # the parent died before prctl: no signal will come
-                os.kill(os.getpid(), signal.SIGTERM)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return arm
 

@@ -1,9 +1,10 @@
 """Code domain: the candidate program is run in the sandbox against the record's cases or tests.
 
 Records with input/output cases, {"entry_point": "f", "cases": [[[4], 19], [[5], 23], ...]} (arguments, expected
-value; JSON values): the sandboxed program prints what the entry point returns for each case's arguments, as JSON,
-and the verdict is taken here, outside the candidate's reach: every value must equal the expected one as a JSON
-value (so an object whose __eq__ always says True, a bool for a number, or an early exit all fail). The expected values
+value; JSON values): the sandboxed program prints the repr of what the entry point returns for each case's
+arguments, and the verdict is taken here, outside the candidate's reach, on those reprs parsed as Python literals
+(never run): every value must equal the expected one as a JSON value (so an object whose __eq__ always says True, a
+bool for a number, or an early exit all fail). The expected values
 never enter the sandbox, so a program can only print the right ones by computing them.
 
 Records with assert tests, {"tests": "assert f(2) == 4\\n...", "entry_point": "f" (optional)} (HumanEval style; with an
@@ -15,7 +16,7 @@ can print the marker, and an object with an always-true __eq__ passes `assert f(
 
 from __future__ import annotations
 
-import json
+import ast
 import re
 import secrets
 
@@ -55,15 +56,16 @@ def _check_cases(completion: str, record: dict, timeout_s: float) -> bool:
     if not entry_point.isidentifier():
         raise ValueError(f"entry_point {entry_point!r} is not a Python name")
     args = [list(a) for a, _ in cases]
-    harness = (f"import json as _json\nprint({RESULTS!r} + _json.dumps([{entry_point}(*_a) for _a in {args!r}]), "
-               "flush=True)\n")
+    # repr, not json: no import inside the sandbox (json cost 4 ms of a ~25 ms check); the results are parsed here as
+    # literals only, so whatever a __repr__ prints is never run, and only the right values can match
+    harness = f"print({RESULTS!r} + repr([{entry_point}(*_a) for _a in {args!r}]), flush=True)\n"
     result = _run(f"{extract_code(completion)}\n\n{harness}", timeout_s)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULTS)]
     if not result.ok or not lines:
         return False
     try:
-        got = json.loads(lines[-1].removeprefix(RESULTS))
-    except json.JSONDecodeError:
+        got = ast.literal_eval(lines[-1].removeprefix(RESULTS))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # not a literal: nan, an object, garbage
         return False
     return isinstance(got, list) and len(got) == len(cases) and all(
         same(value, expected) for value, (_, expected) in zip(got, cases, strict=True))

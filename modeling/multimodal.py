@@ -43,6 +43,18 @@ class Vision:
         self.placeholder_id: int = self.processor.tokenizer.convert_tokens_to_ids(self.placeholder)
         self.fingerprint = processor_fingerprint(self.processor)
         self.image_token_ids = self._image_token_ids()
+        self._positions: dict[tuple[int, int], int] = {}
+
+    def image_positions(self, size: tuple[int, int]) -> int:
+        """Positions one image of this (width, height) takes once expanded. The processor decides (resizing, tiling),
+        so it is asked, once per size: a few thousand distinct sizes at most, as the pixel limits bound them."""
+        if size not in self._positions:
+            from PIL import Image
+
+            if len(self._positions) >= 4096:
+                self._positions.clear()
+            self._positions[size] = len(self.expand([[self.placeholder_id]], [[Image.new("RGB", size)]])[0][0])
+        return self._positions[size]
 
     def _image_token_ids(self) -> frozenset[int]:
         """The tokens an image expands into: a sampler must never emit them, as they mean nothing without pixels."""

@@ -66,6 +66,9 @@ class ScorerDouble:
     def info(self) -> ScorerInfo:
         return self._info
 
+    def image_positions(self, size: tuple[int, int]) -> int:
+        return 1  # the double scores a placeholder as it is sent
+
     def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence] | None = None) -> list[ScoredSpan]:
         self.calls.append(list(items))
         self.images.append(images)

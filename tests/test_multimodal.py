@@ -150,7 +150,11 @@ def test_hostile_and_malformed_images_are_refused(vlm_teacher, tok):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(gif, "GIF")
+    # fits as sent (one placeholder), not once its image is expanded into 19 positions
+    max_length = httpx.get(vlm_teacher.url + "/v1/info", timeout=30).json()["max_length"]
+    long_item = {**item, "input_ids": ids + [ids[-1]] * (max_length - 5 - len(ids))}
     cases = [
+        ({"items": [long_item], "images": [b64(png(1))]}, 422, "too_long", "items[0]"),
         ({"items": [item], "images": [b64(bomb_png())]}, 413, "image_too_large", "images[0]"),
         ({"items": [item], "images": [b64(png(6, size=200))]}, 413, "image_too_large", "images[0]"),
         ({"items": [item], "images": [b64(truncated)]}, 422, "invalid_image", "images[0]"),
@@ -312,6 +316,12 @@ def test_rollout_refuses_bad_image_requests(vlm_rollout, tok):
         with pytest.raises(ApiError) as err:
             asyncio.run(go(**fields))
         assert err.value.code == code
+    # 4 tokens to generate fit beside the prompt as sent, not beside its image expanded into 19 positions
+    max_length = httpx.get(vlm_rollout.url + "/v1/info", timeout=30).json()["max_length"]
+    prompt += [prompt[-1]] * (max_length - 4 - len(prompt))
+    with pytest.raises(ApiError) as err:
+        asyncio.run(go(images=[b64(png(1)).decode()], image_indices=[[0]]))
+    assert (err.value.code, err.value.field) == ("too_long", "prompts[0]") and "expanded" in str(err.value)
 
 
 @pytest.fixture(scope="module")

@@ -70,16 +70,18 @@ class SharpenedSpec:
 
 Spec = ModelSpec | SharpenedSpec
 STUDENT = ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=3000, seed=4, slip_rate=0.5)
+# cross-modal (docs/method.md §1): a multimodal student made like the text one (fresh data, both styles, slips) on
+# code and image prompts; its image teacher is that checkpoint sharpened on the image domain, and its code teacher is
+# the text-only code teacher (a sibling: same code SFT recipe, sharpened the same way)
+MM_STUDENT = ModelSpec("mm-student", 128, 4, (), code_tasks.STYLES, steps=3000, seed=6,
+                       visual_styles=visual_tasks.STYLES, vision=True, slip_rate=0.5)
 SPECS: dict[str, Spec] = {s.name: s for s in (
     STUDENT,
     SharpenedSpec("math-teacher", STUDENT, RFTRecipe("math", rounds=8, prompts=256, samples=4, seed=7)),
     SharpenedSpec("code-teacher", STUDENT, RFTRecipe("code", rounds=5, prompts=256, samples=4, seed=8)),
     ModelSpec("strong-teacher", 192, 4, ("steps",), ("def",), steps=1600, seed=3),
-    # cross-modal (docs/method.md §1): a multimodal teacher for the image prompts, and a multimodal student that also
-    # writes code, so the text code teacher and the image teacher distil into one model
-    ModelSpec("visual-teacher", 128, 4, (), (), steps=1500, seed=5, visual_styles=("count",), vision=True),
-    ModelSpec("mm-student", 128, 4, (), code_tasks.STYLES, steps=2000, sample_size=4000, seed=6,
-              visual_styles=visual_tasks.STYLES, vision=True),
+    MM_STUDENT,
+    SharpenedSpec("visual-teacher", MM_STUDENT, RFTRecipe("visual", rounds=8, prompts=256, samples=4, seed=9)),
 )}
 QUICK_FACTOR = 0.05  # --quick: same recipes, 5% of the steps (CI smoke runs; the models are undertrained)
 

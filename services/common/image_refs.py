@@ -3,10 +3,12 @@ references against its placeholders, which is what the backends rely on to pair 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from modeling.multimodal import MAX_IMAGES_PER_SEQUENCE
 from proto.errors import ApiError
+
+ImagePositions = Callable[[tuple[int, int]], int]  # (width, height) -> positions the image takes once expanded
 
 
 def check_takes_images(count: int, image_token_id: int | None, field: str) -> None:
@@ -32,3 +34,18 @@ def check_image_refs(prompt: Sequence[int], refs: Sequence[int], n_images: int, 
     if placeholders != len(refs):
         raise ApiError(422, "image_mismatch", f"{where}: the prompt has {placeholders} image placeholders (token "
                        f"{image_token_id}) but {len(refs)} images are referenced", refs_field)
+
+
+def expanded_lengths(lengths: Sequence[int], images: Sequence[Sequence], positions: ImagePositions, limit: int,
+                     field: str, reserve: int = 0) -> list[int]:
+    """Each sequence's length with its images expanded, which is what the model runs and what `limit` bounds (the
+    sent length counts one placeholder per image); `reserve` positions stay free for generated tokens."""
+    out = []
+    for i, (n, shown) in enumerate(zip(lengths, images, strict=True)):
+        expanded = n + sum(positions(img.size) - 1 for img in shown)
+        if expanded + reserve > limit:
+            more = f" and max_tokens {reserve}" if reserve else ""
+            raise ApiError(422, "too_long", f"{field}[{i}] has {n} tokens, {expanded} with its {len(shown)} images "
+                           f"expanded{more}; max length is {limit}", f"{field}[{i}]")
+        out.append(expanded)
+    return out

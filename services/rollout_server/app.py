@@ -45,7 +45,7 @@ from services.common.http import (
 from services.common.images import decode_images
 from services.common.models import load_tokenizer
 from services.rollout_server.generator import Generator, SamplingOptions
-from services.rollout_server.limits import RolloutLimits, validate_prompts
+from services.rollout_server.limits import RolloutLimits, check_expanded, validate_prompts
 from services.rollout_server.weights import check_tensors, expected_shapes, read_safetensors_file, tensors_from_path
 
 log = logging.getLogger("uniopd.rollout")
@@ -136,6 +136,8 @@ class RolloutService:
             if req.images else []
         images = [tuple(decoded[j] for j in refs) for refs in req.image_indices] \
             if decoded and req.image_indices else None
+        if images:
+            check_expanded(prompts, images, req.max_tokens, generator.image_positions, info, self.limits)
 
         def work() -> Rollouts:  # on the worker thread, so the version read is the one that samples
             samples = generator.generate(prompts, options, images)

@@ -28,6 +28,10 @@ class GeneratorInfo(ModelInfo):
 class Generator(Protocol):
     def info(self) -> GeneratorInfo: ...
 
+    def image_positions(self, size: tuple[int, int]) -> int:
+        """Positions an image of this (width, height) takes once expanded (asked of a multimodal generator only)."""
+        ...
+
     def generate(self, prompts: list[list[int]], options: SamplingOptions,
                  images: list[tuple] | None = None) -> list[list[Sample]]:
         """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from proto.errors import ApiError
 from proto.validation import vocab_problem
-from services.common.image_refs import check_image_refs, check_takes_images
+from services.common.image_refs import ImagePositions, check_image_refs, check_takes_images, expanded_lengths
 from services.common.images import ImageLimits
 from services.common.limits import PublishedLimits
 from services.rollout_server.generator import GeneratorInfo
@@ -50,3 +50,13 @@ def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids
             raise problem
     if (problem := vocab_problem(stop_ids, info.vocab_size, "stop_token_ids")) is not None:
         raise problem
+
+
+def check_expanded(prompts: list[list[int]], images: Sequence[Sequence], max_tokens: int, positions: ImagePositions,
+                   info: GeneratorInfo, limits: RolloutLimits) -> None:
+    """The length checks again with images expanded, once the images are decoded and their sizes known."""
+    lengths = expanded_lengths(list(map(len, prompts)), images, positions, info.max_length, "prompts", max_tokens)
+    if (total := sum(lengths)) > limits.max_prompt_tokens:
+        raise ApiError(413, "request_too_large", f"the prompts hold {total} tokens with their images expanded; one "
+                       f"request may hold {limits.max_prompt_tokens} (the server's --max-prompt-tokens): split it",
+                       "prompts")

@@ -38,7 +38,7 @@ from services.common.http import (
 )
 from services.common.images import decode_images
 from services.teacher_server.batcher import MicroBatcher, QueueFull
-from services.teacher_server.limits import Limits, validate_items
+from services.teacher_server.limits import Limits, check_expanded, validate_items
 from services.teacher_server.metrics import Metrics
 from services.teacher_server.quotas import OverQuota, QuotaExceeded, Quotas, Ticket
 from services.teacher_server.scorer import Scorer
@@ -88,6 +88,8 @@ class TeacherService:
         validate_items(items, info, self.limits, len(images))
         decoded = await asyncio.to_thread(decode_images, images, self.limits.images) if images else []
         per_item = [tuple(decoded[j] for j in it.image_indices) for it in items] if decoded else None
+        if per_item:
+            check_expanded(items, per_item, self.scorer.image_positions, info, self.limits)
         ticket = self._admit(team, sum(len(it.input_ids) - it.response_start for it in items))
         spans = None
         try:

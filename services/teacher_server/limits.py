@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from proto.errors import ApiError
 from proto.schemas import ScoreItem
 from proto.validation import score_item_problem
-from services.common.image_refs import check_image_refs, check_takes_images
+from services.common.image_refs import ImagePositions, check_image_refs, check_takes_images, expanded_lengths
 from services.common.images import ImageLimits
 from services.common.limits import PublishedLimits
 from services.teacher_server.scorer import ScorerInfo
@@ -46,3 +46,12 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
         raise ApiError(413, "distribution_too_large", f"the items asking for a distribution need {values} values "
                        f"(response positions x vocab {info.vocab_size}); limit is {limits.max_distribution_values}",
                        "items")
+
+
+def check_expanded(items: Sequence[ScoreItem], images: Sequence[Sequence], positions: ImagePositions,
+                   info: ScorerInfo, limits: Limits) -> None:
+    """The length checks again with images expanded, once the images are decoded and their sizes known."""
+    lengths = expanded_lengths([len(it.input_ids) for it in items], images, positions, info.max_length, "items")
+    if (total := sum(lengths)) > limits.max_request_tokens:
+        raise ApiError(413, "request_too_large", f"{total} tokens with the images expanded; limit is "
+                       f"{limits.max_request_tokens}", "items")

@@ -22,6 +22,10 @@ class ScorerInfo(ModelInfo):
 class Scorer(Protocol):
     def info(self) -> ScorerInfo: ...
 
+    def image_positions(self, size: tuple[int, int]) -> int:
+        """Positions an image of this (width, height) takes once expanded (asked of a multimodal scorer only)."""
+        ...
+
     def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence[Image]] | None = None) -> list[ScoredSpan]:
         """Teacher log-probs of each item's response span; items are already validated against info().
 

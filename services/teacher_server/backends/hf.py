@@ -37,6 +37,9 @@ class HFScorer:
     def info(self) -> ScorerInfo:
         return self._info
 
+    def image_positions(self, size: tuple[int, int]) -> int:
+        return self.vision.image_positions(size)
+
     @torch.inference_mode()
     def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence] | None = None) -> list[ScoredSpan]:
         seqs, pixels = [it.input_ids for it in items], {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modeling.multimodal import Vision, is_multimodal
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
 from services.common.models import describe, make_vllm_engine, tokens_prompt
@@ -20,9 +21,13 @@ class VLLMScorer:
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1)
         self.vocab = vocab
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k)
+        self.vision = Vision(model_dir) if is_multimodal(model_dir) else None  # vLLM expands images the same way
 
     def info(self) -> ScorerInfo:
         return self._info
+
+    def image_positions(self, size: tuple[int, int]) -> int:
+        return self.vision.image_positions(size)
 
     def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence] | None = None) -> list[ScoredSpan]:
         from vllm import SamplingParams

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -30,7 +33,7 @@ def guarded(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def limited(tiny_model):
     args = ["--max-queue-items", "8", "--max-batch-items", "8", "--batch-wait-ms", "1500", "--max-body-bytes",
-            "20000", "--max-request-tokens", "300"]
+            "20000", "--max-request-tokens", "300", "--max-header-bytes", "4096", "--max-headers", "20"]
     with start_teacher(tiny_model, "hf", args) as server:
         yield server
 
@@ -78,6 +81,38 @@ def test_streamed_body_over_limit(limited):
 
     resp = httpx.post(limited.url + "/v1/score", content=chunks(), headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+def test_header_block_limits(limited):
+    """Header bytes are refused by the HTTP parser before anything is buffered past the limit (400, connection
+    closed), header fields past the count by the app before any route (431); neither harms the next request."""
+    url = limited.url + "/v1/score"
+    many = {f"x-extra-{i}": "1" for i in range(25)}
+    resp = httpx.post(url, json=BODY, headers=many)
+    assert resp.status_code == 431 and resp.json()["error"]["code"] == "too_many_headers"
+    assert "limit is 20" in resp.json()["error"]["message"] and resp.json()["error"]["field"] == "headers"
+    resp = httpx.post(url, json=BODY, headers={"x-big": "a" * 8192})  # arrives whole: measured by the app
+    assert resp.status_code == 431 and resp.json()["error"]["code"] == "headers_too_large"
+    port = int(limited.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:  # still arriving past the limit: the parser refuses
+        raw.settimeout(30)
+        sent, reply = 0, b""
+        try:
+            raw.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\n")
+            while sent < 64 << 10:  # never ends its header block
+                raw.sendall(b"x-slow: " + b"a" * 1024 + b"\r\n")
+                sent += 1034
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection mid-header
+        with contextlib.suppress(ConnectionResetError):
+            reply = raw.recv(64)
+        assert sent < 64 << 10 or reply.startswith(b"HTTP/1.1 400"), (sent, reply)
+        assert not reply.startswith(b"HTTP/1.1 2")
+    assert httpx.get(limited.url + "/healthz").status_code == 200
+    assert httpx.post(url, json=BODY, headers={"x-fits": "a" * 2048, **dict(list(many.items())[:10])}
+                      ).status_code == 200
+    assert httpx.get(limited.url + "/v1/info").json()["limits"]["max_headers"] == 20
 
 
 def test_too_many_items_and_tokens(limited):

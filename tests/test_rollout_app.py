@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from proto.client import RolloutClient
 from proto.errors import ApiError
 from proto.rollout import GenerateRequest, Rollouts
+from services.common.limits import HeaderLimits
 from services.rollout_server.app import create_app
 from services.rollout_server.generator import Generator
 from services.rollout_server.limits import RolloutLimits
@@ -193,6 +194,16 @@ async def test_prompt_count_n_and_body_size_limits(tiny_model):
         "code": "batch_too_large", "message": "3 prompts; limit is 2", "field": "prompts"}
     assert big_n.status_code == 422 and big_n.json()["error"]["field"] == "n"
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    assert fine.status_code == 200
+
+
+async def test_too_many_header_fields_get_431_before_any_route(tiny_model):
+    limits = RolloutLimits(headers=HeaderLimits(max_headers=12))  # the client sends ~8 of its own
+    async with running(rollout_app(GeneratorDouble(), tiny_model, limits), headers=bearer(USER)) as client:
+        body = {"prompts": [[1, 2]], "max_tokens": 2}
+        refused = await client.post("/v1/generate", json=body, headers={f"x-{i}": "1" for i in range(10)})
+        fine = await client.post("/v1/generate", json=body)
+    assert refused.status_code == 431 and refused.json()["error"]["code"] == "too_many_headers"
     assert fine.status_code == 200
 
 

@@ -35,6 +35,7 @@ def _nonnegative_float(text: str) -> float:
 
 def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
     from modeling.loading import DTYPES
+    from services.common.limits import HeaderLimits
 
     p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
     p.add_argument("--backend", choices=backends, default="hf")
@@ -49,6 +50,10 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
                    "core); servers sharing a small CPU machine should split its cores rather than each take all")
     p.add_argument("--metrics-keys", type=Path, help="bearer keys, one per line, that GET /metrics asks for (also: "
                    "$UNIOPD_METRICS_KEYS); without them /metrics is open, and it names every team and its usage")
+    p.add_argument("--max-header-bytes", type=_positive, default=HeaderLimits.max_header_bytes,
+                   help="bytes of a request's header block; the HTTP parser refuses more with 400")
+    p.add_argument("--max-headers", type=_positive, default=HeaderLimits.max_headers,
+                   help="header fields of a request; more get 431")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -150,10 +155,19 @@ def _keys(args: argparse.Namespace, parser: argparse.ArgumentParser, option: str
         parser.error(f"--{option.replace('_', '-')} {exc}")
 
 
+def _header_limits(args: argparse.Namespace):
+    from services.common.limits import HeaderLimits
+
+    return HeaderLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers)
+
+
 def _run(app, args: argparse.Namespace) -> None:
+    """h11, not httptools: httptools buffers a header block of any size (measured: a 1 MiB header and 100k header
+    fields were both accepted), h11 stops at --max-header-bytes."""
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                http="h11", h11_max_incomplete_event_size=args.max_header_bytes)
 
 
 def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -169,7 +183,7 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
                     max_request_tokens=args.max_request_tokens, max_queue_items=args.max_queue_items,
                     max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms,
-                    images=_image_limits(args))
+                    images=_image_limits(args), headers=_header_limits(args))
 
     def load():
         return load_scorer(args.backend, args.model, args.dtype, args.max_length, args.max_top_k, args.device)
@@ -194,7 +208,7 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                            max_prompts=args.max_prompts, max_n=args.max_n,
                            max_pending_requests=args.max_pending_requests,
                            max_request_tokens=args.max_request_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                           images=_image_limits(args))
+                           images=_image_limits(args), headers=_header_limits(args))
 
     def load():
         return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)

@@ -10,7 +10,8 @@ it knows the domains' mechanics, but half of its SFT solutions carry one error t
 it errs often; each domain teacher is that checkpoint sharpened on its domain by rejection-sampling
 fine-tuning (uniopd.sharpen), so teacher and student differ only by what the sharpening added — as in the paper,
 where every domain teacher is the base model after domain RL. The strong teacher is larger and trained apart on both
-domains (the strong-to-weak setting); the cross-modal pair is a tiny VLM teacher for image prompts and a VLM student.
+domains (the strong-to-weak setting). The cross-modal student is a tiny VLM made the same way on code and image
+prompts, and its image teacher is that checkpoint sharpened on images.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proto.errors import ApiError, field_path
 from proto.schemas import ErrorBody
 from services.common.auth import DEFAULT_TEAM, KeyStore, KeyTable, Team
+from services.common.limits import HeaderLimits
 
 log = logging.getLogger("uniopd.http")
 
@@ -172,6 +173,29 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
+class HeaderLimitMiddleware:
+    """431 for a request with more header fields or bytes than the limits, before any route (or auth) reads them.
+    What the server buffers is bounded earlier, by the HTTP parser (which refuses a header block still incomplete
+    past the byte limit); a block that arrived whole within one read is measured here."""
+
+    def __init__(self, app, limits: HeaderLimits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers, limits = scope["headers"], self.limits
+            if len(headers) > limits.max_headers:
+                await _send_error(send, ApiError(431, "too_many_headers", f"{len(headers)} header fields; limit is "
+                                                 f"{limits.max_headers} (the server's --max-headers)", "headers"))
+                return
+            if (size := sum(len(k) + len(v) + 4 for k, v in headers)) > limits.max_header_bytes:  # ": " and CRLF
+                await _send_error(send, ApiError(431, "headers_too_large", f"{size} bytes of header fields; limit "
+                                                 f"is {limits.max_header_bytes} (the server's --max-header-bytes)",
+                                                 "headers"))
+                return
+        await self.app(scope, receive, send)
+
+
 async def _send_error(send, err: ApiError) -> None:
     body = json.dumps(err.body()).encode()
     await send({"type": "http.response.start", "status": err.status,
@@ -234,8 +258,9 @@ def publish_schemas(app: FastAPI, *models, refine: Callable[[dict], bool] | None
     app.openapi = openapi
 
 
-def finish_app(app: FastAPI, metrics: HttpMetrics, max_body_bytes: int,
+def finish_app(app: FastAPI, metrics: HttpMetrics, max_body_bytes: int, headers: HeaderLimits,
                overrides: dict[str, int] | None = None) -> None:
-    """Add the middlewares once all routes exist (metrics outermost, so it sees every 413)."""
+    """Add the middlewares once all routes exist (metrics outermost, so it sees every 413 and 431)."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides)
+    app.add_middleware(HeaderLimitMiddleware, limits=headers)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes={r.path for r in app.routes})

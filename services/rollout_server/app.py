@@ -246,5 +246,6 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
             path.unlink(missing_ok=True)
 
     publish_schemas(app, GenerateRequest, WeightsFromPath)
-    finish_app(app, service.metrics, service.limits.max_body_bytes, {"/v1/weights": service.limits.max_weights_bytes})
+    finish_app(app, service.metrics, service.limits.max_body_bytes, service.limits.headers,
+               {"/v1/weights": service.limits.max_weights_bytes})
     return app

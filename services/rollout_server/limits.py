@@ -9,7 +9,7 @@ from proto.errors import ApiError
 from proto.validation import vocab_problem
 from services.common.image_refs import ImagePositions, check_image_refs, check_takes_images, expanded_lengths
 from services.common.images import ImageLimits
-from services.common.limits import PublishedLimits
+from services.common.limits import HeaderLimits, PublishedLimits
 from services.rollout_server.generator import GeneratorInfo
 
 
@@ -23,6 +23,7 @@ class RolloutLimits(PublishedLimits):
     max_request_tokens: int = 1 << 21  # prompts x n x max_tokens: what one request may ask the sampler to generate
     max_prompt_tokens: int = 1 << 20  # all prompts' tokens together
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=4096))  # one per prompt
+    headers: HeaderLimits = field(default_factory=HeaderLimits)
 
 
 def validate_prompts(prompts: list[list[int]], n: int, max_tokens: int, stop_ids: list[int], info: GeneratorInfo,

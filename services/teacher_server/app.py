@@ -205,5 +205,5 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
 
     app.include_router(compat_router(service, caller, model_path))
     publish_schemas(app, ScoreRequest, refine=_live_limits(service))
-    finish_app(app, service.metrics, service.limits.max_body_bytes)
+    finish_app(app, service.metrics, service.limits.max_body_bytes, service.limits.headers)
     return app

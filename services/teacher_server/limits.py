@@ -10,7 +10,7 @@ from proto.schemas import ScoreItem
 from proto.validation import score_item_problem
 from services.common.image_refs import ImagePositions, check_image_refs, check_takes_images, expanded_lengths
 from services.common.images import ImageLimits
-from services.common.limits import PublishedLimits
+from services.common.limits import HeaderLimits, PublishedLimits
 from services.teacher_server.scorer import ScorerInfo
 
 
@@ -24,6 +24,7 @@ class Limits(PublishedLimits):
     max_distribution_values: int = 1 << 22  # R x vocab summed over a request's distribution items (16 MiB float32)
     batch_wait_ms: float = 5.0
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
+    headers: HeaderLimits = field(default_factory=HeaderLimits)
 
 
 def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits, n_images: int = 0) -> None:

@@ -1,14 +1,18 @@
 """The two encodings of /v1/score: JSON for humans, msgpack with packed little-endian arrays for trainers.
 
 Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int,
-                             "image_indices": [int], "distribution": bool}],
+                             "image_indices": [int], "distribution": bool,
+                             "candidates": bin<int32[rows*k]> | [[int]], "candidates_k": int}],
                   "images": [bin<PNG or JPEG bytes>, ...]}
 Binary response: {"api_version", "fingerprint": {...},
                   "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
                   "top_k": bin<int32[items]>, "top_k_ids": bin<int32[sum(lengths*top_k)]>,
                   "top_k_logprobs": bin<float32[sum(lengths*top_k)]>,
                   "vocab": int, "distribution_items": bin<int32[items]> (1 where asked),
-                  "distribution": bin<float32[sum(lengths*vocab) over those items]>}
+                  "distribution": bin<float32[sum(lengths*vocab) over those items]>,
+                  "candidate_k": bin<int32[items]> (0 where not asked),
+                  "candidate_logprobs": bin<float32[sum(lengths*candidate_k)]>,
+                  "tail_logprobs": bin<float32[sum(lengths) over the items with candidates]>}
 Arrays of all items are concatenated, so a response costs a handful of msgpack objects however many items it holds.
 """
 
@@ -35,12 +39,19 @@ FLOAT32 = np.dtype("<f4")
 @dataclass
 class ScoredSpan:
     """Teacher scores of one item's response span; top_k arrays have shape (len(logprobs), k), the distribution
-    (len(logprobs), vocab), or they are None."""
+    (len(logprobs), vocab), candidate log-probs (len(logprobs), candidates k) and their tails (len(logprobs),), or
+    they are None."""
 
     logprobs: np.ndarray
     top_k_ids: np.ndarray | None = None
     top_k_logprobs: np.ndarray | None = None
     distribution: np.ndarray | None = None
+    candidate_logprobs: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
+
+    @property
+    def candidate_k(self) -> int:
+        return 0 if self.candidate_logprobs is None else int(self.candidate_logprobs.shape[1])
 
     @property
     def k(self) -> int:
@@ -82,6 +93,15 @@ def _unpack_ids(raw: object, where: str) -> object:
     return np.frombuffer(raw, dtype=INT32).tolist()
 
 
+def _unpack_rows(raw: bytes, k: object, where: str) -> list[list[int]]:
+    """A packed [rows, k] int32 array as rows (k travels beside it as `candidates_k`)."""
+    ids = _unpack_ids(raw, where)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or len(ids) % k:
+        raise ApiError(422, "invalid_field", f"{where}: a packed array needs candidates_k, a positive int dividing "
+                       f"its {len(ids)} ids", where)
+    return np.asarray(ids, dtype=np.int64).reshape(-1, k).tolist()
+
+
 def decode_score_request(body: bytes, content_type: str | None, max_items: int | None = None) -> ScoreRequest:
     """`max_items`: refuse a JSON body with more items before parsing it (parsing 10^6 tiny items takes seconds of
     the event loop; counting their keys takes milliseconds, and can only over-count)."""
@@ -102,6 +122,9 @@ def decode_score_request(body: bytes, content_type: str | None, max_items: int |
             for i, item in enumerate(items):
                 if isinstance(item, dict) and "input_ids" in item:
                     item["input_ids"] = _unpack_ids(item["input_ids"], f"items[{i}].input_ids")
+                if isinstance(item, dict) and isinstance(item.get("candidates"), bytes):
+                    item["candidates"] = _unpack_rows(item["candidates"], item.pop("candidates_k", None),
+                                                      f"items[{i}].candidates")
         images = _raw_images(obj.pop("images", []) if isinstance(obj, dict) else [])
         request = ScoreRequest.model_validate(obj)
         request.images = images
@@ -147,10 +170,17 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
     packed = [
         {"input_ids": np.asarray(it.input_ids, dtype=INT32).tobytes(), "response_start": it.response_start,
          "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {}),
-         **({"distribution": True} if it.distribution else {})}
+         **({"distribution": True} if it.distribution else {}), **_packed_candidates(it)}
         for it in items
     ]
     return msgpack.packb({"items": packed, **({"images": list(images)} if images else {})})
+
+
+def _packed_candidates(item: ScoreItem) -> dict:
+    if item.candidates is None:
+        return {}
+    rows = np.asarray(item.candidates, dtype=INT32)
+    return {"candidates": rows.tobytes(), "candidates_k": int(rows.shape[1])}
 
 
 def pack_arrays(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
@@ -179,6 +209,9 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
             "vocab": int(full[0].shape[1]) if full else 0,
             "distribution_items": np.array([s.distribution is not None for s in spans], dtype=INT32).tobytes(),
             "distribution": pack_arrays(full, FLOAT32),
+            "candidate_k": np.array([s.candidate_k for s in spans], dtype=INT32).tobytes(),
+            "candidate_logprobs": pack_arrays([s.candidate_logprobs for s in spans if s.candidate_k], FLOAT32),
+            "tail_logprobs": pack_arrays([s.tail_logprobs for s in spans if s.candidate_k], FLOAT32),
         })
     results = []
     for s in spans:
@@ -188,6 +221,9 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
             result["top_k_logprobs"] = s.top_k_logprobs.tolist()
         if s.distribution is not None:
             result["distribution"] = s.distribution.tolist()
+        if s.candidate_k:
+            result["candidate_logprobs"] = s.candidate_logprobs.tolist()
+            result["tail_logprobs"] = s.tail_logprobs.tolist()
         results.append(result)
     return json.dumps(
         {"api_version": API_VERSION, "fingerprint": fingerprint.model_dump(), "results": results},
@@ -215,6 +251,14 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
             for span, dist in zip([s for s, a in zip(spans, asked, strict=True) if a],
                                   unpack_arrays(obj["distribution"], sizes, FLOAT32), strict=True):
                 span.distribution = dist.reshape(-1, vocab)
+        cks = np.frombuffer(obj.get("candidate_k", b""), dtype=INT32)
+        if cks.any():
+            asked = cks > 0
+            cands = unpack_arrays(obj["candidate_logprobs"], lengths[asked] * cks[asked], FLOAT32)
+            tails = unpack_arrays(obj["tail_logprobs"], lengths[asked], FLOAT32)
+            for span, k, cand, tail in zip([s for s, a in zip(spans, asked, strict=True) if a], cks[asked].tolist(),
+                                           cands, tails, strict=True):
+                span.candidate_logprobs, span.tail_logprobs = cand.reshape(-1, k), tail
         return Fingerprint.model_validate(obj["fingerprint"]), spans
     obj = json.loads(body)
     spans = []
@@ -225,5 +269,8 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
             span.top_k_logprobs = np.array(r["top_k_logprobs"], dtype=FLOAT32)
         if r.get("distribution") is not None:
             span.distribution = np.array(r["distribution"], dtype=FLOAT32).reshape(len(span.logprobs), -1)
+        if r.get("candidate_logprobs") is not None:
+            span.candidate_logprobs = np.array(r["candidate_logprobs"], dtype=FLOAT32).reshape(len(span.logprobs), -1)
+            span.tail_logprobs = np.array(r["tail_logprobs"], dtype=FLOAT32)
         spans.append(span)
     return Fingerprint.model_validate(obj["fingerprint"]), spans

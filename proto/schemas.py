@@ -35,6 +35,12 @@ class ScoreItem(BaseModel):
         default=False, description="Also return the teacher's whole log-distribution over its vocabulary at every "
                                    "response position ([R, vocab] float32), for exact KL losses; bounded per request "
                                    "by the server's max_distribution_values (R x vocab summed over items).")
+    candidates: list[list[TokenId]] | None = Field(
+        default=None, description="Candidate token ids to score at every response position: R rows (one per "
+                                  "position) or 1 row (shared by all positions), each of k distinct ids, the same k "
+                                  "in every row. The teacher returns their log-probs and, per position, the log of "
+                                  "the probability mass outside them (a tail bucket), so a loss over candidates + "
+                                  "rest is exact. R x k values count against max_distribution_values.")
     image_indices: list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]] = Field(
         default_factory=list, description="The request images this item shows, one per image placeholder token in "
                                           "its prompt, in order. The teacher expands each placeholder into its image "
@@ -71,6 +77,11 @@ class ScoreResult(BaseModel):
     top_k_logprobs: list[list[float]] | None = None
     distribution: list[list[float]] | None = Field(
         default=None, description="Per response position, log p of every vocabulary token (when asked for).")
+    candidate_logprobs: list[list[float]] | None = Field(
+        default=None, description="Per response position, log p of each candidate, in the order asked (when asked).")
+    tail_logprobs: list[float] | None = Field(
+        default=None, description="Per response position, log of the probability of every token outside its "
+                                  "candidates (-inf when they cover the vocabulary).")
 
 
 class ScoreResponse(BaseModel):
@@ -92,6 +103,10 @@ class TeacherInfo(BaseModel):
     domains: list[str]
     fingerprint: Fingerprint
     image_token_id: int | None = Field(default=None, description="The image placeholder token; null: text only.")
+    candidate_scoring: str = Field(default="gather", description="How candidates are scored: 'gather' (picked from "
+                                   "the forward pass's distribution; R x k values count against "
+                                   "max_distribution_values) or 'full-distribution' (the engine returns the whole "
+                                   "distribution and they are picked from it; R x vocab values count).")
     limits: dict[str, int] = Field(description="Request limits enforced by this server.")
 
 

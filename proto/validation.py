@@ -46,7 +46,37 @@ def score_item_problem(item: ScoreItem, teacher: ItemBounds, where: str = "item"
     if image is not None and image in item.input_ids[item.response_start :]:
         return ApiError(422, "invalid_token", f"{where}: the response holds an image placeholder (token {image}); "
                         "images belong in the prompt", where)
+    if item.candidates is not None and (problem := candidates_problem(item.candidates, n - item.response_start,
+                                                                      teacher, f"{where}.candidates")):
+        return problem
     return vocab_problem(item.input_ids, teacher.vocab_size, f"{where}.input_ids")
+
+
+def candidates_problem(rows: Sequence[Sequence[int]], positions: int, teacher: ItemBounds,
+                       field: str) -> ApiError | None:
+    """Candidates are R rows (one per response position) or 1 shared row, of k distinct in-vocabulary ids each,
+    1 <= k <= max_top_k: the tail bucket is the mass outside a row, so a repeated id would be counted twice."""
+    if len(rows) not in (1, positions):
+        return ApiError(422, "invalid_field", f"{field} has {len(rows)} rows; give one per response position "
+                        f"({positions}) or one shared row", field)
+    k = len(rows[0])
+    if not 1 <= k <= teacher.max_top_k:
+        return ApiError(422, "invalid_field", f"{field}: {k} candidates per position; 1 to {teacher.max_top_k}",
+                        field)
+    for j, row in enumerate(rows):
+        if len(row) != k:
+            return ApiError(422, "invalid_field", f"{field}[{j}] has {len(row)} ids; every row needs {k}",
+                            f"{field}[{j}]")
+    ids = np.asarray(rows, dtype=np.int64)
+    if (bad := np.argwhere(ids >= teacher.vocab_size)).size:
+        r, c = bad[0].tolist()
+        return ApiError(422, "invalid_token", f"{field}[{r}][{c}] = {ids[r, c]} is outside [0, "
+                        f"{teacher.vocab_size})", f"{field}[{r}][{c}]")
+    ordered = np.sort(ids, axis=1)
+    if (dup := np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))).size:
+        return ApiError(422, "invalid_field", f"{field}[{dup[0]}] repeats an id; candidates must be distinct",
+                        f"{field}[{dup[0]}]")
+    return None
 
 
 def vocab_problem(ids: Sequence[int], vocab_size: int, field: str) -> ApiError | None:

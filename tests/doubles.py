@@ -15,7 +15,9 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from modeling.logprobs import candidate_logprobs
 from proto.codec import ScoredSpan
 from proto.rollout import Sample
 from proto.schemas import ScoreItem
@@ -73,9 +75,10 @@ class ScorerDouble:
         self.calls.append(list(items))
         self.images.append(images)
         self.gate.pass_through()
-        return [self.span(it.input_ids, it.response_start, it.top_k, it.distribution) for it in items]
+        return [self.span(it.input_ids, it.response_start, it.top_k, it.distribution, it.candidates) for it in items]
 
-    def span(self, ids: Sequence[int], start: int, top_k: int = 0, distribution: bool = False) -> ScoredSpan:
+    def span(self, ids: Sequence[int], start: int, top_k: int = 0, distribution: bool = False,
+             candidates: list[list[int]] | None = None) -> ScoredSpan:
         """What a correct server returns for this item: log p(ids[p] | ids[p-1]) for p in [start, len(ids))."""
         rows = self.table[np.asarray(ids[start - 1 : -1])]
         span = ScoredSpan(rows[np.arange(len(rows)), np.asarray(ids[start:])])
@@ -84,6 +87,9 @@ class ScorerDouble:
             span.top_k_ids, span.top_k_logprobs = idx.astype(np.int32), np.take_along_axis(rows, idx, -1)
         if distribution:
             span.distribution = rows.copy()
+        if candidates is not None:
+            cand, tail = candidate_logprobs(torch.from_numpy(rows), torch.tensor(candidates))
+            span.candidate_logprobs, span.tail_logprobs = cand.numpy(), tail.numpy()
         return span
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from modeling.logprobs import candidate_logprobs
 from proto.schemas import ScoreItem
 from services.teacher_server.backends.hf import HFScorer
 from tests.conftest import random_items
@@ -80,3 +81,36 @@ def test_multimodal_scorer_and_student_agree_with_images_expanded(tiny_vlm):
         student = response_logprobs(scorer.model, prompts, responses, per_row, scorer.vision).numpy()
     for row, (r, span) in enumerate(zip(responses, spans, strict=True)):
         np.testing.assert_array_equal(span.logprobs, student[row, : len(r)])
+
+
+def _log_softmax(rng: np.random.Generator, rows: int, vocab: int) -> torch.Tensor:
+    return torch.log_softmax(torch.from_numpy(rng.standard_normal((rows, vocab)) * 3), -1)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_candidates_are_gathered_and_the_tail_holds_the_rest(shared):
+    rng = np.random.default_rng(0)
+    dist = _log_softmax(rng, 6, 40)
+    cand = torch.from_numpy(np.stack([rng.permutation(40)[:5] for _ in range(1 if shared else 6)]))
+    picked, tail = candidate_logprobs(dist, cand)
+    rows = cand.expand(6, -1)
+    assert picked.shape == (6, 5) and tail.shape == (6,)
+    torch.testing.assert_close(picked, dist.gather(-1, rows))
+    for r in range(6):
+        others = [v for v in range(40) if v not in rows[r].tolist()]
+        torch.testing.assert_close(tail[r], torch.logsumexp(dist[r, others], -1))
+    torch.testing.assert_close(torch.logsumexp(torch.cat([picked, tail[:, None]], -1), -1), torch.zeros(6,
+                                                                                                     dtype=dist.dtype))
+
+
+def test_candidates_covering_the_vocabulary_leave_an_empty_tail_and_no_nan():
+    """k = vocab: the tail is -inf (no mass), and a distribution with -inf entries (a token the teacher rules out)
+    gives -inf, never NaN."""
+    dist = _log_softmax(np.random.default_rng(1), 3, 8)
+    dist[:, 3] = float("-inf")
+    every = torch.arange(8).flip(0)[None]
+    picked, tail = candidate_logprobs(dist, every)
+    assert torch.isneginf(tail).all() and not picked.isnan().any()
+    torch.testing.assert_close(picked, dist[:, every[0]])
+    picked, tail = candidate_logprobs(dist, torch.tensor([[0, 1, 2, 4, 5, 6, 7]]))  # all but the ruled-out one
+    assert torch.isneginf(tail).all() and not picked.isnan().any()

@@ -167,6 +167,45 @@ async def test_full_distributions_ride_next_to_items_that_did_not_ask(binary):
             assert span.distribution is None
 
 
+@pytest.mark.parametrize("binary", [False, True])
+async def test_candidates_per_position_and_shared_ride_next_to_plain_items(binary):
+    double = ScorerDouble(seed=4)
+    rng = np.random.default_rng(5)
+    plain = random_items(rng, 3)
+    per_position = plain[0].model_copy(update={"candidates": [rng.permutation(512)[:8].tolist() for _ in range(
+        len(plain[0].input_ids) - plain[0].response_start)]})
+    shared = plain[1].model_copy(update={"candidates": [[7, 3, 400]]})
+    items = [per_position, shared, plain[2]]
+    app = teacher_app(double)
+    async with running(app), TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+        _, spans = await client.score(items)
+    for it, span in zip(items, spans, strict=True):
+        want = double.span(it.input_ids, it.response_start, candidates=it.candidates)
+        np.testing.assert_array_equal(span.logprobs, want.logprobs)
+        if it.candidates is None:
+            assert span.candidate_logprobs is None and span.tail_logprobs is None
+            continue
+        assert span.candidate_logprobs.shape == (len(span.logprobs), len(it.candidates[0]))
+        np.testing.assert_array_equal(span.candidate_logprobs, want.candidate_logprobs)
+        np.testing.assert_array_equal(span.tail_logprobs, want.tail_logprobs)
+        rows = double.table[np.asarray(it.input_ids[it.response_start - 1 : -1])]
+        cand = np.broadcast_to(np.asarray(it.candidates), span.candidate_logprobs.shape)
+        np.testing.assert_allclose(span.candidate_logprobs, np.take_along_axis(rows, cand, -1), rtol=1e-6)
+        np.testing.assert_allclose(np.logaddexp(np.logaddexp.reduce(span.candidate_logprobs, -1),
+                                                span.tail_logprobs), 0.0, atol=1e-5)
+
+
+async def test_candidate_values_count_against_the_request_limit():
+    limits = Limits(batch_wait_ms=1, max_distribution_values=40)
+    async with running(teacher_app(ScorerDouble(), limits)) as client:
+        fits = await client.post("/v1/score", json={"items": [{**item([1, 2, 3, 4, 5, 6], 1), "candidates": [
+            list(range(8))]}]})  # 5 positions x 8
+        over = await client.post("/v1/score", json={"items": [{**item([1, 2, 3, 4, 5, 6, 7], 1), "candidates": [
+            list(range(8))]}]})
+    assert fits.status_code == 200 and len(fits.json()["results"][0]["candidate_logprobs"]) == 5
+    assert over.status_code == 413 and "need 48 values" in over.json()["error"]["message"]
+
+
 async def test_hf_distribution_matches_direct_transformers(hf_scorer, reference):
     items = [it.model_copy(update={"distribution": True}) for it in random_items(np.random.default_rng(6), 3)]
     app = teacher_app(hf_scorer)
@@ -206,6 +245,12 @@ INVALID = [
     ({"items": [item([1, 2, 3], 1), item([1, 2, 3], 1, top_k=30)]}, 422, "items[1].top_k"),
     ({"itemz": []}, 422, "items"),
     ([1, 2], 422, None),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 6], [5, 6], [5, 6]]}]}, 422, "items[0].candidates"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 6], [5]]}]}, 422, "items[0].candidates[1]"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 5]]}]}, 422, "items[0].candidates[0]"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 512]]}]}, 422, "items[0].candidates[0][1]"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[]]}]}, 422, "items[0].candidates"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [list(range(21))]}]}, 422, "items[0].candidates"),
 ]
 
 

@@ -173,6 +173,34 @@ async def test_distributions_are_routed_and_cached_apart_from_plain_spans(net):
     await router.aclose()
 
 
+async def test_candidates_are_routed_and_cached_under_their_own_keys(net):
+    """A candidate item's cache entry holds its log-probs, candidates and tails (with a distribution too when asked);
+    other candidates, or none, are other keys."""
+    math = await net.serve(MATH, ScorerDouble(seed=2))
+    items = random_items(np.random.default_rng(12), 3)
+    asked = [items[0].model_copy(update={"candidates": [[4, 8, 15, 16]]}),
+             items[1].model_copy(update={"candidates": [[23, 42]], "distribution": True}),
+             items[2].model_copy(update={"candidates": [[1 + p, 2 + p] for p in range(len(items[2].input_ids)
+                                                                                     - items[2].response_start)]})]
+    others = [it.model_copy(update={"candidates": [[4, 8, 15]]}) for it in items]
+    router = await router_for(net, {"math": [MATH]}, cache=ScoreCache(MEMORY_URL))
+    await router.score_spans([("math", it) for it in items + others])
+    first = await router.score_spans([("math", it) for it in asked])
+    assert router.metrics(reset=True)["cache/hits"] == 0
+    again = await router.score_spans([("math", it) for it in asked])
+    assert router.metrics()["cache/hits"] == 3 and net.scored(MATH) == 2
+    for it, a, b in zip(asked, first, again, strict=True):
+        want = math.span(it.input_ids, it.response_start, distribution=it.distribution, candidates=it.candidates)
+        for got in (a, b):
+            np.testing.assert_array_equal(got.logprobs, want.logprobs)
+            np.testing.assert_array_equal(got.candidate_logprobs, want.candidate_logprobs)
+            np.testing.assert_array_equal(got.tail_logprobs, want.tail_logprobs)
+            assert (got.distribution is None) == (not it.distribution)
+            if it.distribution:
+                np.testing.assert_array_equal(got.distribution, want.distribution)
+    await router.aclose()
+
+
 async def test_a_distribution_of_the_wrong_shape_is_a_failed_call(net):
     await net.serve(MATH, ScorerDouble())
     item = random_items(np.random.default_rng(10), 1)[0].model_copy(update={"distribution": True})

@@ -304,3 +304,29 @@ def test_openai_echo_with_max_tokens_1_appends_the_greedy_token(teacher, referen
     assert lp["token_logprobs"][-1] == pytest.approx(float(next_lp.max()), abs=TOL)
 
 
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_candidates_match_transformers(teacher, reference, binary):
+    """Both backends: per-position and shared candidates, their log-probs and the tail over the rest."""
+    rng = np.random.default_rng(11)
+    items = random_items(rng, 3)
+    n = len(items[0].input_ids) - items[0].response_start
+    items[0] = items[0].model_copy(update={"candidates": [rng.permutation(512)[:16].tolist() for _ in range(n)]})
+    items[1] = items[1].model_copy(update={"candidates": [[9, 2, 300, 41]]})
+
+    async def go():
+        async with TeacherClient(teacher.url, binary=binary) as client:
+            return await client.info(), await client.score(items)
+
+    info, (_, spans) = asyncio.run(go())
+    assert info.candidate_scoring == ("full-distribution" if teacher.backend == "vllm" else "gather")
+    assert spans[2].candidate_logprobs is None
+    for item, span in zip(items[:2], spans[:2], strict=True):
+        full = reference.logprobs(item.input_ids)[item.response_start - 1 : len(item.input_ids) - 1]
+        cand = np.broadcast_to(np.asarray(item.candidates), span.candidate_logprobs.shape)
+        np.testing.assert_allclose(span.candidate_logprobs, np.take_along_axis(full, cand, -1), atol=TOL)
+        rest = np.ones_like(full, dtype=bool)
+        np.put_along_axis(rest, cand, False, -1)
+        want_tail = np.log(np.where(rest, np.exp(full.astype(np.float64)), 0).sum(-1))
+        np.testing.assert_allclose(span.tail_logprobs, want_tail, atol=TOL)

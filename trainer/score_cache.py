@@ -96,7 +96,8 @@ class ScoreCache:
     @staticmethod
     def key(fingerprint_digest: str, item: ScoreItem, images: Sequence[bytes] = ()) -> str:
         """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE), for items with images
-        the images' content hashes in placeholder order, and whether the item asks for its distribution, as hex."""
+        the images' content hashes in placeholder order, whether the item asks for its distribution, and its
+        candidates (shape and ids), as hex."""
         h = hashlib.sha256(KEY_SCHEMA)
         h.update(fingerprint_digest.encode() + b"\0")
         h.update(struct.pack("<ii", item.top_k, item.response_start))
@@ -105,6 +106,9 @@ class ScoreCache:
             h.update(b"\0image:" + hashlib.sha256(image).digest())
         if item.distribution:  # and items without a distribution as before distributions existed
             h.update(b"\0distribution")
+        if item.candidates is not None:
+            rows = np.asarray(item.candidates, dtype=INT32)
+            h.update(b"\0candidates" + struct.pack("<ii", *rows.shape) + rows.tobytes())
         return h.hexdigest()
 
     def _redis_key(self, key: str) -> str:

@@ -365,11 +365,14 @@ class TeacherRouter:
         return results
 
     def _cached_sizes(self, requests: list[tuple[str, ScoreItem]]) -> list[int]:
-        """Float32 values a cached entry must hold: the span, and R x vocab more for a distribution item."""
+        """Float32 values a cached entry must hold: the span, R x vocab more for a distribution item, and R x (k + 1)
+        more for a candidate item (the candidates' log-probs and the tail)."""
         sizes = []
         for domain, item in requests:
             n = len(item.input_ids) - item.response_start
-            sizes.append(n * (1 + self._pools[domain].info.vocab_size) if item.distribution else n)
+            vocab = self._pools[domain].info.vocab_size if item.distribution else 0
+            k = _candidate_k(item)
+            sizes.append(n * (1 + vocab + (k + 1 if k else 0)))
         return sizes
 
     def _validate(self, requests: list[tuple[str, ScoreItem]]) -> None:
@@ -380,7 +383,8 @@ class TeacherRouter:
             if pool.digest is None:
                 raise RuntimeError("call handshake() before score(): the cache key needs each pool's fingerprint")
             if item.top_k:
-                raise ValueError("the router returns response log-probs (and distributions) only; top_k must be 0")
+                raise ValueError("the router returns response log-probs (and distributions, candidates) only; top_k "
+                                 "must be 0")
 
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
@@ -442,6 +446,9 @@ class TeacherRouter:
             if any(it.distribution and (s.distribution is None or s.distribution.shape != (n, pool.info.vocab_size))
                    for it, s, n in zip(items, spans, expected, strict=True)):
                 raise _Retryable("a distribution is missing or has the wrong shape")
+            if any(s.candidate_k != _candidate_k(it) or (s.candidate_k and s.tail_logprobs.shape != (n,))
+                   for it, s, n in zip(items, spans, expected, strict=True)):
+                raise _Retryable("candidate log-probs are missing or have the wrong shape")
         except ApiError as exc:
             if exc.status == 429 or exc.status >= 500:
                 self._failure(pool, replica, f"HTTP {exc.status} {exc.code}: {exc.message}")
@@ -510,16 +517,29 @@ class TeacherRouter:
             await self.cache.aclose()
 
 
+def _candidate_k(item: ScoreItem) -> int:
+    return len(item.candidates[0]) if item.candidates else 0
+
+
 def _to_cache(span: ScoredSpan) -> np.ndarray:
-    """A cache value: the span's log-probs, then its distribution row by row when it has one."""
-    if span.distribution is None:
-        return span.logprobs
-    return np.concatenate([span.logprobs, span.distribution.reshape(-1)])
+    """A cache value: the span's log-probs, then its distribution row by row when it has one, then its candidates'
+    log-probs row by row and their tails when it has them."""
+    parts = [span.logprobs]
+    if span.distribution is not None:
+        parts.append(span.distribution.reshape(-1))
+    if span.candidate_k:
+        parts += [span.candidate_logprobs.reshape(-1), span.tail_logprobs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
     n = len(item.input_ids) - item.response_start
-    return ScoredSpan(value[:n], distribution=value[n:].reshape(n, -1) if item.distribution else None)
+    span, rest = ScoredSpan(value[:n]), value[n:]
+    if k := _candidate_k(item):
+        span.candidate_logprobs, span.tail_logprobs = rest[-n * (k + 1):-n].reshape(n, k), rest[-n:]
+        rest = rest[:-n * (k + 1)]
+    span.distribution = rest.reshape(n, -1) if item.distribution else None
+    return span
 
 
 def _with_images(requests: list[tuple[str, ScoreItem]], images: Sequence[Sequence[bytes]],

@@ -80,12 +80,14 @@ def _image_limits(args: argparse.Namespace):
 def _add_teacher_serve(sub) -> None:
     from services.teacher_server.backends import BACKENDS
     from services.teacher_server.limits import Limits
+    from services.teacher_server.scorer import ScorerInfo
 
     d = Limits()
     p = sub.add_parser("serve", help="serve a teacher model's token log-probs over HTTP")
     _add_server_args(p, BACKENDS)
     p.add_argument("--domain", action="append", default=[], help="domain this teacher serves (repeatable)")
-    p.add_argument("--max-top-k", type=_positive, default=20)
+    p.add_argument("--max-top-k", type=_positive, default=ScorerInfo.max_top_k,
+                   help="most ids per position an item may ask for: its top_k, or its candidates")
     p.add_argument("--max-batch-tokens", type=_positive, default=d.max_batch_tokens,
                    help="token budget of one coalesced scorer call")
     p.add_argument("--batch-wait-ms", type=_nonnegative_float, default=d.batch_wait_ms,

@@ -117,7 +117,7 @@ class TeacherService:
                            tokenizer_fingerprint=i.tokenizer_fingerprint, vocab_size=i.vocab_size,
                            max_length=i.max_length, max_top_k=i.max_top_k, dtype=i.dtype, backend=i.backend,
                            domains=self.domains, fingerprint=self.fingerprint, image_token_id=i.image_token_id,
-                           limits=self.limits.as_dict())
+                           candidate_scoring=i.candidate_scoring, limits=self.limits.as_dict())
 
 
 def _live_limits(service: TeacherService) -> Callable[[dict], bool]:

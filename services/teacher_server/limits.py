@@ -21,7 +21,9 @@ class Limits(PublishedLimits):
     max_request_tokens: int = 1 << 20
     max_queue_items: int = 4096
     max_batch_tokens: int = 16384
-    max_distribution_values: int = 1 << 22  # R x vocab summed over a request's distribution items (16 MiB float32)
+    # values beyond one per position, summed over a request: R x vocab per distribution item, R x k per candidate
+    # item (R x vocab where the backend picks candidates from a full distribution); 16 MiB of float32
+    max_distribution_values: int = 1 << 22
     batch_wait_ms: float = 5.0
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
     headers: HeaderLimits = field(default_factory=HeaderLimits)
@@ -35,7 +37,7 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
     total = values = 0
     for i, it in enumerate(items):
         total += len(it.input_ids)
-        values += (len(it.input_ids) - it.response_start) * info.vocab_size if it.distribution else 0
+        values += (len(it.input_ids) - it.response_start) * _values_per_position(it, info)
         where = f"items[{i}]"
         if (problem := score_item_problem(it, info, where)) is not None:
             raise problem
@@ -44,9 +46,17 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
     if total > limits.max_request_tokens:
         raise ApiError(413, "request_too_large", f"{total} tokens; limit is {limits.max_request_tokens}", "items")
     if values > limits.max_distribution_values:
-        raise ApiError(413, "distribution_too_large", f"the items asking for a distribution need {values} values "
-                       f"(response positions x vocab {info.vocab_size}); limit is {limits.max_distribution_values}",
+        raise ApiError(413, "distribution_too_large", f"the items asking for a distribution or candidates need "
+                       f"{values} values (response positions x vocab {info.vocab_size} or x candidates, "
+                       f"candidate scoring {info.candidate_scoring!r}); limit is {limits.max_distribution_values}",
                        "items")
+
+
+def _values_per_position(item: ScoreItem, info: ScorerInfo) -> int:
+    full = info.vocab_size if item.distribution else 0
+    if item.candidates is not None and item.candidates:
+        full += info.vocab_size if info.candidate_scoring == "full-distribution" else len(item.candidates[0])
+    return full
 
 
 def check_expanded(items: Sequence[ScoreItem], images: Sequence[Sequence], positions: ImagePositions,

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ScorerInfo(ModelInfo):
-    max_top_k: int = 20
+    max_top_k: int = 128
+    # how candidates are scored: "gather" (picked from the distribution the forward pass computed anyway; a candidate
+    # item costs R x k values), or "full-distribution" (the engine returns every token's log-prob at each position
+    # and the candidates are picked from it; a candidate item costs R x vocab values, as a distribution item does)
+    candidate_scoring: str = "gather"
 
 
 class Scorer(Protocol):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling.logprobs import prefill_responses
+from modeling.logprobs import candidate_logprobs, prefill_responses
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
 from services.common.models import serve_hf
@@ -29,7 +29,7 @@ def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]
 
 class HFScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
-                 max_length: int | None = None, max_top_k: int = 20, forward_tokens: int = 16384) -> None:
+                 max_length: int | None = None, max_top_k: int = 128, forward_tokens: int = 16384) -> None:
         self.model, self.vision, base = serve_hf(model_dir, dtype, device, max_length)
         self._info = ScorerInfo(**vars(base), max_top_k=max_top_k)
         self.forward_tokens = forward_tokens
@@ -69,5 +69,9 @@ class HFScorer:
                 span.top_k_logprobs = top.cpu().numpy()
             if it.distribution:
                 span.distribution = scored.distribution(row).cpu().numpy()
+            if it.candidates is not None:
+                dist = scored.distribution(row)
+                cand, tail = candidate_logprobs(dist, torch.tensor(it.candidates, device=dist.device))
+                span.candidate_logprobs, span.tail_logprobs = cand.cpu().numpy(), tail.cpu().numpy()
             spans.append(span)
         return spans

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from modeling.logprobs import candidate_logprobs
 from modeling.multimodal import Vision, is_multimodal
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
@@ -16,11 +18,13 @@ from services.teacher_server.scorer import ScorerInfo
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
-                 max_top_k: int = 20) -> None:
+                 max_top_k: int = 128) -> None:
         # -1: vLLM may return the whole vocabulary (a distribution item); our limits bound k and the distribution
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1)
         self.vocab = vocab
-        self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k)
+        # prompt_logprob_token_ids (fixed candidates) needs vLLM's V2 model runner, which has no CPU build
+        self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k,
+                                candidate_scoring="full-distribution")
         self.vision = Vision(model_dir) if is_multimodal(model_dir) else None  # vLLM expands images the same way
 
     def info(self) -> ScorerInfo:
@@ -33,8 +37,8 @@ class VLLMScorer:
         from vllm import SamplingParams
 
         prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
-        params = [SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution else it.top_k, detokenize=False)
-                  for it in items]
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
+                                 else it.top_k, detokenize=False) for it in items]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab)
                 for it, out in zip(items, outputs, strict=True)]
@@ -44,11 +48,16 @@ def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) ->
     # counted from the end, whether or not the engine reports image placeholders expanded
     positions = range(len(ids) - (len(item.input_ids) - item.response_start), len(ids))
     span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
-    if item.distribution:  # every vocabulary entry, as Python objects: affordable for small vocabularies only
-        span.distribution = np.full((len(positions), vocab), -np.inf, dtype=np.float32)
+    if item.distribution or item.candidates is not None:
+        # every vocabulary entry, as Python objects: affordable for small vocabularies only
+        dist = np.full((len(positions), vocab), -np.inf, dtype=np.float32)
         for row, p in enumerate(positions):
             entries = prompt_logprobs[p]
-            span.distribution[row, list(entries)] = [lp.logprob for lp in entries.values()]
+            dist[row, list(entries)] = [lp.logprob for lp in entries.values()]
+        span.distribution = dist if item.distribution else None
+        if item.candidates is not None:
+            cand, tail = candidate_logprobs(torch.from_numpy(dist), torch.tensor(item.candidates))
+            span.candidate_logprobs, span.tail_logprobs = cand.numpy(), tail.numpy()
     if item.top_k:
         top_ids = np.empty((len(positions), item.top_k), dtype=np.int32)
         top_lps = np.empty((len(positions), item.top_k), dtype=np.float32)

@@ -459,6 +459,52 @@ async def test_sglang_generate_batch_with_per_sequence_start_and_top_logprobs():
     np.testing.assert_array_equal(lps(second["input_token_logprobs"]), double.span(seqs[1], 11).logprobs)
 
 
+async def test_sglang_token_ids_logprob_as_miles_reads_it():
+    """One list for all positions (SGLang's form, miles' union mode): entry 0 is null, every other position holds
+    [logprob, id, null] for each id in the order asked."""
+    double = ScorerDouble(seed=8)
+    ids, union = list(range(40, 60)), [17, 3, 250, 99]
+    payload = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0, "token_ids_logprob": union,
+               "sampling_params": {"max_new_tokens": 0}}
+    async with running(teacher_app(double)) as client:
+        meta = (await client.post("/generate", json=payload)).json()["meta_info"]
+    itil = meta["input_token_ids_logprobs"]
+    assert len(itil) == len(ids) and itil[0] is None and meta["output_token_ids_logprobs"] == []
+    want = double.span(ids, 1, candidates=[union])
+    assert all([tok for _, tok, _ in row] == union for row in itil[1:])
+    np.testing.assert_array_equal(np.array([[lp for lp, _, _ in row] for row in itil[1:]], np.float32),
+                                  want.candidate_logprobs)
+
+
+async def test_sglang_token_ids_logprob_per_position_in_a_batch_beside_top_logprobs():
+    double = ScorerDouble(seed=9)
+    seqs = [list(range(5, 25)), list(range(30, 42))]
+    per_position = [[p, p + 1, 300] for p in range(len(seqs[0]) - 4)]  # positions 4.. of the first sequence
+    payload = {"input_ids": seqs, "return_logprob": True, "logprob_start_len": [4, -1], "top_logprobs_num": 2,
+               "token_ids_logprob": [per_position, [7, 8]], "sampling_params": {"max_new_tokens": 0}}
+    async with running(teacher_app(double)) as client:
+        outs = (await client.post("/generate", json=payload)).json()
+    first, second = outs[0]["meta_info"], outs[1]["meta_info"]
+    want = double.span(seqs[0], 4, top_k=2, candidates=per_position)
+    assert [[tok for _, tok, _ in row] for row in first["input_token_ids_logprobs"]] == per_position
+    np.testing.assert_array_equal(np.array([[lp for lp, _, _ in row] for row in first["input_token_ids_logprobs"]],
+                                           np.float32), want.candidate_logprobs)
+    assert [[t for _, t, _ in row] for row in first["input_top_logprobs"]] == want.top_k_ids.tolist()
+    assert [[tok for _, tok, _ in row] for row in second["input_token_ids_logprobs"]] == [[7, 8]]
+
+
+@pytest.mark.parametrize(("candidates", "says"), [
+    (list(range(21)), "--max-top-k"), ([5, 5], "distinct"), ([[5], [6]], "one per scored position"), ([], "at least"),
+])
+async def test_sglang_token_ids_logprob_refusals_name_the_field(candidates, says):
+    payload = {"input_ids": [1, 2, 3, 4], "return_logprob": True, "logprob_start_len": 1,
+               "token_ids_logprob": candidates, "sampling_params": {"max_new_tokens": 0}}
+    async with running(teacher_app(ScorerDouble())) as client:
+        resp = await client.post("/generate", json=payload)
+    err = resp.json()["error"]
+    assert resp.status_code == 422 and err["field"] == "token_ids_logprob" and says in err["message"], err
+
+
 @pytest.mark.parametrize(("payload", "field"), [
     ({"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 8}},
      "sampling_params.max_new_tokens"),

@@ -234,13 +234,16 @@ def test_sglang_generate_as_slime_parses_it(teacher, reference):
 def test_sglang_generate_batch_start_and_top(teacher, reference):
     seqs = [list(range(5, 25)), list(range(30, 42))]
     payload = {"input_ids": seqs, "return_logprob": True, "logprob_start_len": [4, -1], "top_logprobs_num": 3,
-               "sampling_params": {"max_new_tokens": 0}}
+               "token_ids_logprob": [3, 77, 200], "sampling_params": {"max_new_tokens": 0}}
     outs = post(teacher, "/generate", json=payload).json()
     assert isinstance(outs, list) and len(outs) == 2
     first = outs[0]["meta_info"]
     assert len(first["input_token_logprobs"]) == 16
     np.testing.assert_allclose([e[0] for e in first["input_token_logprobs"]], reference.span(seqs[0], 4), atol=TOL)
     assert len(first["input_top_logprobs"][0]) == 3
+    full = reference.logprobs(seqs[0])[3:-1]  # the distributions that predict positions 4..
+    np.testing.assert_allclose([[lp for lp, _, _ in row] for row in first["input_token_ids_logprobs"]],
+                               full[:, [3, 77, 200]], atol=TOL)
     assert len(outs[1]["meta_info"]["input_token_logprobs"]) == 1
 
 

@@ -3,6 +3,9 @@
 - SGLang native `POST /generate` with `max_new_tokens = 0`, as slime/miles/the Uni-OPD release call their teachers:
   `meta_info.input_token_logprobs` is a list of `[logprob, token_id, null]` from `logprob_start_len` on; the entry of
   token 0 has logprob null (nothing precedes it). `logprob_start_len = -1` (SGLang's default) means the last token.
+  `token_ids_logprob` (miles' top-k OPD) scores given ids at every position: one list for all positions (SGLang's
+  form), or one list per scored position; `meta_info.input_token_ids_logprobs` holds per position the
+  `[logprob, token_id, null]` of each id in the order asked (null for token 0, as in `input_top_logprobs`).
 - vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
   `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`). With
   `max_tokens` 0 nothing is generated and `text` is empty. With 1 (what vLLM clients and lm-eval send), one token
@@ -77,6 +80,10 @@ def one_or_many(tp: Any, many: Any, pick=_is_list) -> Any:
 
 
 Sequences = one_or_many(Sequence_, Annotated[list[Sequence_], Field(min_length=1)], _is_list_of_lists)
+Ids = Annotated[list[TokenId], Field(min_length=1)]
+# one sequence's candidates: a list for all positions, or one per position; a batch: one such entry per sequence,
+# or one list for them all (told apart from the input_ids' shape in the route)
+Candidates = list[TokenId] | list[Ids] | list[list[Ids] | Ids | None]
 
 
 def _lists(ids: list[int] | list[list[int]]) -> tuple[list[list[int]], bool]:
@@ -114,6 +121,7 @@ class SGLangGenerateRequest(BaseModel):
     return_logprob: one_or_many(exact(True), list[exact(True)])
     logprob_start_len: one_or_many(StartLen, list[StartLen]) = -1
     top_logprobs_num: one_or_many(TopK, list[TopK]) = 0
+    token_ids_logprob: Candidates | None = None
     sampling_params: one_or_many(SGLangSamplingParams, list[SGLangSamplingParams])
     stream: exact(False) = False
     rid: str | None = None
@@ -130,6 +138,8 @@ class SGLangMetaInfo(BaseModel):
     output_token_logprobs: list[Any]
     input_top_logprobs: list[list[tuple[float, int, None]] | None] | None = None
     output_top_logprobs: list[Any] | None = None
+    input_token_ids_logprobs: list[list[tuple[float, int, None]] | None] | None = None
+    output_token_ids_logprobs: list[Any] | None = None
 
 
 class SGLangGenerateResponse(BaseModel):
@@ -138,30 +148,65 @@ class SGLangGenerateResponse(BaseModel):
     meta_info: SGLangMetaInfo
 
 
-def _sglang_item(ids: list[int], start: int, top: int) -> tuple[ScoreItem, bool]:
+def _candidates_per_sequence(value: Any, n: int, batched: bool) -> list:
+    """token_ids_logprob as one entry per sequence (None, a shared list, or a list per position)."""
+    if value is None:
+        return [None] * n
+    if not batched or (value and isinstance(value[0], int)):
+        return [value] * n  # a single sequence's entry, or one list for every sequence of a batch
+    return _per_sequence(value, n, "token_ids_logprob")
+
+
+def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None,
+                 max_candidates: int) -> tuple[ScoreItem, bool]:
     """The ScoreItem for one sequence, and whether its first entry is token 0 (which has no logprob)."""
     n = len(ids)
     begin = n - 1 if start == -1 else start
     if begin >= n:
         raise ApiError(422, "invalid_field", f"logprob_start_len must be -1 or in [0, {n})", "logprob_start_len")
-    return ScoreItem(input_ids=ids, response_start=max(begin, 1), top_k=top), begin == 0
+    start_at = max(begin, 1)
+    rows = None
+    if candidates is not None:
+        if not candidates:
+            raise ApiError(422, "invalid_field", "token_ids_logprob: give at least one id", "token_ids_logprob")
+        rows = candidates if isinstance(candidates[0], list) else [candidates]
+        if len(rows) not in (1, n - start_at):
+            raise ApiError(422, "invalid_field", f"token_ids_logprob has {len(rows)} lists; give one for all "
+                           f"positions or one per scored position ({n - start_at})", "token_ids_logprob")
+        if (k := max(map(len, rows))) > max_candidates:
+            raise ApiError(422, "invalid_field", f"token_ids_logprob: {k} ids at a position; this teacher scores at "
+                           f"most {max_candidates} (its --max-top-k)", "token_ids_logprob")
+        if any(len(set(row)) != len(row) or len(row) != len(rows[0]) for row in rows):
+            raise ApiError(422, "invalid_field", "token_ids_logprob: ids must be distinct, and every position's list "
+                           "the same length", "token_ids_logprob")
+    return ScoreItem(input_ids=ids, response_start=start_at, top_k=top, candidates=rows), begin == 0
+
+
+def _entries(ids: list[list[int]], values: list[list[float]]) -> list[list]:
+    """Per position, SGLang's [logprob, token_id, null] triples."""
+    return [[[lp, tok, None] for tok, lp in zip(row_ids, row_lps, strict=True)]
+            for row_ids, row_lps in zip(ids, values, strict=True)]
 
 
 def _sglang_output(item: ScoreItem, span: ScoredSpan, with_first: bool, rid: str) -> dict:
     ids = item.input_ids
     positions = range(item.response_start, len(ids))
     token_lps = [[lp, ids[p], None] for p, lp in zip(positions, span.logprobs.tolist(), strict=True)]
-    tops = None
-    if span.k:
-        tops = [[[lp, tok, None] for tok, lp in zip(row_ids, row_lps, strict=True)]
-                for row_ids, row_lps in zip(span.top_k_ids.tolist(), span.top_k_logprobs.tolist(), strict=True)]
+    tops = _entries(span.top_k_ids.tolist(), span.top_k_logprobs.tolist()) if span.k else None
+    chosen = None
+    if span.candidate_k:
+        rows = item.candidates * len(token_lps) if len(item.candidates) == 1 else item.candidates
+        chosen = _entries(rows, span.candidate_logprobs.tolist())
     if with_first:
         token_lps.insert(0, [None, ids[0], None])
-        if tops is not None:
-            tops.insert(0, None)
+        for per_position in (tops, chosen):
+            if per_position is not None:
+                per_position.insert(0, None)
     meta = {"id": rid, "prompt_tokens": len(ids), "completion_tokens": 0, "cached_tokens": 0,
             "finish_reason": {"type": "length", "length": 0}, "input_token_logprobs": token_lps,
             "output_token_logprobs": [], "input_top_logprobs": tops, "output_top_logprobs": [] if tops else None}
+    if chosen is not None:
+        meta |= {"input_token_ids_logprobs": chosen, "output_token_ids_logprobs": []}
     return {"text": "", "output_ids": [], "meta_info": meta}
 
 
@@ -332,8 +377,11 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         _per_sequence(req.return_logprob, n, "return_logprob")
         starts = _per_sequence(req.logprob_start_len, n, "logprob_start_len")
         tops = _per_sequence(req.top_logprobs_num, n, "top_logprobs_num")
+        candidates = _candidates_per_sequence(req.token_ids_logprob, n, batched)
         _per_sequence(req.sampling_params, n, "sampling_params")
-        built = [_sglang_item(ids, s, t) for ids, s, t in zip(seqs, starts, tops, strict=True)]
+        max_candidates = service.ready().info().max_top_k
+        built = [_sglang_item(ids, s, t, c, max_candidates)
+                 for ids, s, t, c in zip(seqs, starts, tops, candidates, strict=True)]
         spans = await service.score([item for item, _ in built], team)
         rid = req.rid or uuid.uuid4().hex
         outs = [_sglang_output(item, span, first, rid) for (item, first), span in zip(built, spans, strict=True)]

@@ -49,11 +49,12 @@ class ResponseLogprobs:
 def candidate_logprobs(distribution: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of given candidates at each position, and the log of the mass outside them (the tail bucket).
 
-    `distribution` is (R, vocab) log-probs, `candidates` (R, k) or (1, k) distinct ids per row (one row: shared by all
-    positions). The tail is a log-sum-exp over the other tokens, not log(1 - sum), so it stays exact when the
-    candidates hold nearly all the mass; it is -inf when they cover the vocabulary.
+    `distribution` is (..., vocab) log-probs, `candidates` (..., k) distinct ids per position, or (1, k) shared by all
+    positions. The tail is a log-sum-exp over the other tokens, not log(1 - sum), so it stays exact when the
+    candidates hold nearly all the mass; it is -inf when they cover the vocabulary. Differentiable through
+    `distribution`.
     """
-    candidates = candidates.expand(distribution.shape[0], -1)
+    candidates = candidates.expand(*distribution.shape[:-1], candidates.shape[-1])
     picked = distribution.gather(-1, candidates)
     rest = distribution.scatter(-1, candidates, float("-inf"))
     return picked, torch.logsumexp(rest, dim=-1)

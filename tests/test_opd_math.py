@@ -8,7 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.opd import clipped_pg_loss, full_reverse_kl, grpo_advantages, opd_advantages, trajectory_returns
+from modeling.logprobs import candidate_logprobs
+from trainer.opd import (
+    clipped_pg_loss,
+    full_reverse_kl,
+    grpo_advantages,
+    opd_advantages,
+    topk_reverse_kl,
+    trajectory_returns,
+)
 
 
 def test_advantages_are_teacher_minus_old_masked_and_detached():
@@ -157,3 +165,37 @@ def test_full_kl_masks_and_counts_like_the_pg_loss():
     kl = (s.exp() * (s - t)).sum(-1)
     want = (kl[0, :2].mean() + kl[1].mean()) / 6
     assert torch.allclose(loss, want, atol=1e-6)
+
+
+def _topk(s: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Both models bucketed at the same candidates, then the top-k loss."""
+    return topk_reverse_kl(*candidate_logprobs(s, candidates), *candidate_logprobs(t, candidates), torch.ones(3, 4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6))
+def test_topk_kl_is_the_full_kl_at_k_vocab_and_a_lower_bound_below(seed, k):
+    """k + 1 buckets partition the vocabulary: the bucketed KL is the full one when the candidates are every token,
+    and never more than it otherwise (merging outcomes cannot raise a KL); zero at equality."""
+    s, t = _kl_case(seed)
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(seed))
+    every = order.expand(3, 4, 7)
+    full = float(full_reverse_kl(s, t, torch.ones(3, 4))[0])
+    assert math.isclose(float(_topk(s, t, every)[0]), full, rel_tol=1e-5, abs_tol=1e-6)
+    some = s.topk(k, dim=-1).indices  # the student's own top-k, as the trainer picks them
+    bucketed = float(_topk(s, t, some)[0])
+    assert -1e-6 <= bucketed <= full + 1e-5
+    assert float(_topk(s, s, some)[0]) == 0
+
+
+def test_topk_kl_never_nan_with_minus_inf_logprobs():
+    s, t = _kl_case(3)
+    s[0, 0, :3] = -math.inf
+    s[0, 0] = s[0, 0].log_softmax(-1)
+    t[:, :, -1] = -math.inf
+    s = s.clone().requires_grad_(True)
+    every = torch.arange(7).expand(3, 4, 7)  # tails −inf on both sides
+    for candidates in (every, torch.tensor([0, 1, 2]).expand(3, 4, 3), torch.tensor([6, 5]).expand(3, 4, 2)):
+        loss, _ = _topk(s, t, candidates)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert math.isfinite(float(loss.detach())) and torch.isfinite(grad).all()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from modeling.logprobs import ResponseLogprobs
+from modeling.logprobs import ResponseLogprobs, candidate_logprobs
 from trainer.batch import Rollout, batch_metrics, collate
 from trainer.calibration import CalibrationSpec
 from trainer.data import Example
-from trainer.estimators import ESTIMATORS, GRPO, OPD, FullDistributionOPD, LossRows, LossSpec
+from trainer.estimators import ESTIMATORS, GRPO, OPD, FullDistributionOPD, LossRows, LossSpec, TopKOPD
 from trainer.opd import trajectory_returns
 from trainer.recipe import RecipeSpec, uni_opd
 from trainer.timing import timed, timed_await
@@ -71,7 +71,8 @@ def test_grpo_uses_the_verdicts_and_no_teacher():
     assert torch.equal(mask, b.valid) and GRPO.teacher_signal is None and OPD.teacher_signal == "sampled"
     # each group is one correct and one incorrect: ±1 (population std 0.5) on every real token
     assert adv[0, 0] == pytest.approx(1.0, abs=1e-5) and adv[1, 0] == pytest.approx(-1.0, abs=1e-5)
-    assert adv[1, 1] == 0 and set(ESTIMATORS) == {("opd", "sampled"), ("opd", "full"), ("grpo", "sampled")}
+    assert adv[1, 1] == 0 and set(ESTIMATORS) == {("opd", "sampled"), ("opd", "topk"), ("opd", "full"),
+                                                  ("grpo", "sampled")}
 
 
 def test_collate_pads_teacher_distributions_and_rows_cut_to_a_micro_batch():
@@ -156,3 +157,41 @@ async def test_timed_records_each_part_also_when_it_raises():
         raise KeyError
     assert await timed_await("wait", times, asyncio.sleep(0.01, result=7)) == 7
     assert times["sleep"] >= 0.01 and times["wait"] >= 0.01 and math.isfinite(times["fails"])
+
+
+def test_topk_loss_is_the_full_loss_at_k_vocab_and_pulls_the_student_below_it():
+    """The student's top-k under π_old, scored by the teacher with a tail: at k = V the loss is the full one; at
+    k = 2 a step against its gradient lowers the bucketed KL, and collate pads the candidates."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 6, requires_grad=True)
+    tokens = torch.randint(0, 6, (3, 4))
+    teacher = torch.randn(3, 4, 6).log_softmax(-1)
+    old = _student(logits, tokens).logprobs.detach()
+    zero, mask = torch.zeros(3, 4), torch.ones(3, 4)
+    sampled = teacher.gather(-1, tokens[..., None])[..., 0]
+
+    def rows(candidates: torch.Tensor) -> LossRows:
+        cand, tail = candidate_logprobs(teacher, candidates)
+        return LossRows(old, sampled, None, zero, zero, mask, candidates, cand, tail, num_samples=3)
+
+    full_rows = LossRows(old, sampled, teacher, zero, zero, mask, num_samples=3)
+    full, _ = FullDistributionOPD().loss(_student(logits, tokens), full_rows, LossSpec())
+    every = logits.detach().argsort(-1, descending=True)
+    at_vocab, stats = TopKOPD().loss(_student(logits, tokens), rows(every), LossSpec())
+    assert float(at_vocab.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    top2 = every[..., :2]
+    loss, stats = TopKOPD().loss(_student(logits, tokens), rows(top2), LossSpec())
+    assert 0 < float(loss.detach()) <= float(full.detach()) and stats.full_kl == pytest.approx(float(loss.detach()))
+    (grad,) = torch.autograd.grad(loss, logits)
+    stepped = _student((logits - 0.1 * grad).detach(), tokens)
+    assert float(TopKOPD().loss(stepped, rows(top2), LossSpec())[0]) < float(loss.detach())
+    rollouts, _ = _batch()
+    for r in rollouts:
+        r.candidates = np.tile([[3, 1]], (len(r.response), 1))
+        if r.teacher is not None:
+            r.teacher_candidates = np.full((len(r.response), 2), -1.0, np.float32)
+            r.teacher_tail = np.full(len(r.response), -0.5, np.float32)
+    b = collate(rollouts, torch.zeros(4, 3))
+    assert b.candidates.shape == (4, 3, 2) and b.candidates.dtype == torch.int64 and b.candidates[1, 1:].sum() == 0
+    assert b.teacher_tail[2].abs().sum() == 0 and b.teacher_candidates[3, :2].tolist() == [[-1, -1]] * 2
+

@@ -186,9 +186,16 @@ async def test_candidates_are_routed_and_cached_under_their_own_keys(net):
     router = await router_for(net, {"math": [MATH]}, cache=ScoreCache(MEMORY_URL))
     await router.score_spans([("math", it) for it in items + others])
     first = await router.score_spans([("math", it) for it in asked])
-    assert router.metrics(reset=True)["cache/hits"] == 0
+    fresh = router.metrics(reset=True)
+    assert fresh["cache/hits"] == 0
+    # the wire bytes of the step: the 3 items' ids and candidates out, their float32 scores back
+    values = sum((len(it.input_ids) - it.response_start) * (1 + 512 * it.distribution + len(it.candidates[0]) + 1)
+                 for it in asked)
+    assert fresh["teachers/bytes_received"] > 4 * values and fresh["teachers/bytes_sent"] > 0
     again = await router.score_spans([("math", it) for it in asked])
-    assert router.metrics()["cache/hits"] == 3 and net.scored(MATH) == 2
+    cached = router.metrics()
+    assert cached["cache/hits"] == 3 and net.scored(MATH) == 2
+    assert cached["teachers/bytes_sent"] == cached["teachers/bytes_received"] == 0
     for it, a, b in zip(asked, first, again, strict=True):
         want = math.span(it.input_ids, it.response_start, distribution=it.distribution, candidates=it.candidates)
         for got in (a, b):

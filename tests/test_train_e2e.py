@@ -214,11 +214,14 @@ def test_sequences_longer_than_the_teacher_accepts_are_masked_not_sent(stack, tm
     assert 'status="422"' not in metrics and 'route="/v1/score"' not in metrics  # nothing doomed was sent
 
 
-def test_two_processes_train_like_one(stack, tmp_path):
-    """Two CPU processes (torchrun; accelerate's DDP over gloo) make the same updates as a single process."""
+@pytest.mark.parametrize("signal", ["sampled", "topk"])
+def test_two_processes_train_like_one(stack, tmp_path, signal):
+    """Two CPU processes (torchrun; accelerate's DDP over gloo) make the same updates as a single process; with
+    the top-k signal each process computes the candidates of its own rows, and the teachers score them all."""
     single, double = tmp_path / "single", tmp_path / "double"
-    train(write_config(stack, single, schedule__steps=2, schedule__checkpoint_every=2))
-    config = write_config(stack, double, schedule__steps=2, schedule__checkpoint_every=2)
+    algorithm = {"algorithm__teacher_signal": signal, "algorithm__topk": 4}
+    train(write_config(stack, single, schedule__steps=2, schedule__checkpoint_every=2, **algorithm))
+    config = write_config(stack, double, schedule__steps=2, schedule__checkpoint_every=2, **algorithm)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "uniopd", "train",
            "--config", str(config)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
@@ -264,24 +267,25 @@ def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):
             assert 0 <= r["calib/violation_fraction"] <= 1 and r["calib/units_shifted"] <= r["calib/units"]
 
 
-def test_full_distribution_loss_moves_the_student_to_its_teachers(stack, tmp_path):
-    """teacher_signal full: the teachers return whole distributions (through Redis), the loss is the exact reverse
-    KL, Uni-OPD calibration rides on top, and the KL to the teachers falls; a rerun is served from the cache."""
-    config = write_config(stack, tmp_path / "full", schedule__steps=6, schedule__checkpoint_every=0,
-                          algorithm={"teacher_signal": "full", "prompts_per_step": 4, "samples_per_prompt": 4,
-                                     "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 0},
-                          recipe={"calibration": {"preset": "release-text"}})
+@pytest.mark.parametrize("signal", ["full", "topk"])
+def test_distribution_losses_move_the_student_to_its_teachers(stack, tmp_path, signal):
+    """teacher_signal full / topk: the teachers return whole distributions, or the student's top-k and a tail
+    (through Redis); the loss is the exact (bucketed) reverse KL, Uni-OPD calibration rides on top, and the KL to the
+    teachers falls; a rerun is served from the cache."""
+    algorithm = {"teacher_signal": signal, "topk": 4, "prompts_per_step": 4, "samples_per_prompt": 4,
+                 "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 0}
+    config = write_config(stack, tmp_path / signal, schedule__steps=6, schedule__checkpoint_every=0,
+                          algorithm=algorithm, recipe={"calibration": {"preset": "release-text"}})
     train(config)
-    rows = read_log(tmp_path / "full" / "metrics.jsonl")
+    rows = read_log(tmp_path / signal / "metrics.jsonl")
     kl = [r["train/full_kl"] for r in rows]
     assert len(kl) == 6 and all(math.isfinite(x) and x > 0 for x in kl)
     assert np.mean(kl[-2:]) < 0.8 * np.mean(kl[:2]), kl
     assert all(r["masked_samples"] == 0 and "calib/margin_before" in r for r in rows)
-    again = write_config(stack, tmp_path / "full-again", schedule__steps=1, schedule__checkpoint_every=0,
-                         algorithm={"teacher_signal": "full", "prompts_per_step": 4, "samples_per_prompt": 4,
-                                    "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 0})
+    again = write_config(stack, tmp_path / f"{signal}-again", schedule__steps=1, schedule__checkpoint_every=0,
+                         algorithm=algorithm)
     train(again)
-    assert read_log(tmp_path / "full-again" / "metrics.jsonl")[0]["cache/hit_rate"] == 1.0
+    assert read_log(tmp_path / f"{signal}-again" / "metrics.jsonl")[0]["cache/hit_rate"] == 1.0
 
 
 def generated_tokens(server) -> float:

@@ -26,6 +26,9 @@ class Rollout:
     correct: bool = False
     teacher: np.ndarray | None = None  # teacher log-probs of the response; None = not scored (masked out)
     teacher_dist: np.ndarray | None = None  # (response length, vocab) teacher log-distributions, when asked for
+    candidates: np.ndarray | None = None  # (response length, k) the student's top-k ids under π_old (topk signal)
+    teacher_candidates: np.ndarray | None = None  # (response length, k) teacher log-probs of those candidates
+    teacher_tail: np.ndarray | None = None  # (response length,) teacher log-prob of every other token
 
 
 @dataclass
@@ -35,6 +38,9 @@ class Batch:
     old: torch.Tensor  # (B, T) log π_old of each response token, train precision
     teacher: torch.Tensor  # (B, T) teacher log-probs, 0 where unscored
     teacher_dist: torch.Tensor | None  # (B, T, V) teacher log-distributions, 0 where unscored; None if not asked
+    candidates: torch.Tensor | None  # (B, T, k) int64 the student's top-k ids (topk signal), else None
+    teacher_candidates: torch.Tensor | None  # (B, T, k) teacher log-probs of them, 0 where unscored
+    teacher_tail: torch.Tensor | None  # (B, T) teacher log-prob of the rest, 0 where unscored
     valid: torch.Tensor  # (B, T) 1 on real response tokens
     scored: torch.Tensor  # (B,) 1 where the teacher scored the sample
     group: np.ndarray  # (B,) int: the prompt each sample answers
@@ -44,25 +50,36 @@ class Batch:
 
 def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
     width = old.shape[1]
-    dists = [r.teacher_dist for r in rollouts if r.teacher_dist is not None]
-    teacher_dist = None
-    if dists:
-        teacher_dist = torch.zeros((len(rollouts), width, dists[0].shape[1]))
-        for i, r in enumerate(rollouts):
-            if r.teacher_dist is not None:
-                teacher_dist[i, : len(r.teacher_dist)] = torch.from_numpy(np.array(r.teacher_dist))
+    dists = [r.teacher_dist for r in rollouts]
+    vocab = next((d.shape[1] for d in dists if d is not None), None)
+    cands = [r.candidates for r in rollouts]
+    k = next((c.shape[1] for c in cands if c is not None), None)
     lengths = torch.tensor([len(r.response) for r in rollouts])
     teacher = pad([r.teacher if r.teacher is not None else np.zeros(0, np.float32) for r in rollouts])
     return Batch(
         old=old,
         teacher=torch.nn.functional.pad(teacher, (0, width - teacher.shape[1])),
-        teacher_dist=teacher_dist,
+        teacher_dist=None if vocab is None else _rows(dists, width, (vocab,)),
+        candidates=None if k is None else _rows(cands, width, (k,), torch.int64),
+        teacher_candidates=None if k is None else _rows([r.teacher_candidates for r in rollouts], width, (k,)),
+        teacher_tail=None if k is None else _rows([r.teacher_tail for r in rollouts], width, ()),
         valid=(torch.arange(width)[None, :] < lengths[:, None]).float(),
         scored=torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32),
         group=np.array([r.prompt_index for r in rollouts]),
         correct=np.array([1.0 if r.correct else 0.0 for r in rollouts]),
         domains=[r.example.domain for r in rollouts],
     )
+
+
+def _rows(values: Sequence[np.ndarray | None], width: int, trailing: tuple[int, ...],
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-position arrays of the rollouts, (length, *trailing) each or None, right-padded with 0 (and 0 where None)
+    to (B, width, *trailing)."""
+    out = torch.zeros((len(values), width, *trailing), dtype=dtype)
+    for i, value in enumerate(values):
+        if value is not None:
+            out[i, : len(value)] = torch.from_numpy(np.array(value))
+    return out
 
 
 def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, uses_teacher: bool) -> dict[str, float]:

@@ -93,11 +93,16 @@ class AlgorithmConfig(Strict):
     estimator: Literal["opd", "grpo"] = Field(
         default="opd", description="opd: A_t = log π_T(o_t) − log π_old(o_t) per token; grpo: outcome reward only, "
                                    "group-normalized (the RL baseline; teachers are not called)")
-    teacher_signal: Literal["sampled", "full"] = Field(
+    teacher_signal: Literal["sampled", "topk", "full"] = Field(
         default="sampled", description="sampled: the teacher's log-prob of each sampled token (the paper's estimate); "
-                                       "full: its whole distribution at each position, and the exact reverse KL "
-                                       "Σ_v p(v)(log p(v) − log p_T(v)) as the loss (small vocabularies; "
-                                       "docs/method.md §9)")
+                                       "topk: the teacher's log-probs of the student's top-k tokens at each position "
+                                       "(k = topk, from π_old) and of the rest as one tail bucket, with the reverse "
+                                       "KL over those k + 1 buckets as the loss; full: its whole distribution at each "
+                                       "position, and the exact reverse KL Σ_v p(v)(log p(v) − log p_T(v)) as the "
+                                       "loss (small vocabularies; docs/method.md §9)")
+    topk: PosInt = Field(default=8, description="k of teacher_signal topk: candidates per position (each costs 4 "
+                                                "bytes a position each way on the wire; the teacher's --max-top-k "
+                                                "bounds it)")
     samples_per_prompt: PosInt = 16
     prompts_per_step: PosInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-6

@@ -12,9 +12,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from modeling.logprobs import ResponseLogprobs
+from modeling.logprobs import ResponseLogprobs, candidate_logprobs
 from trainer.batch import Batch
-from trainer.opd import LossStats, clipped_pg_loss, full_reverse_kl, grpo_advantages, opd_advantages
+from trainer.opd import (
+    LossStats,
+    clipped_pg_loss,
+    full_reverse_kl,
+    grpo_advantages,
+    opd_advantages,
+    topk_reverse_kl,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,9 @@ class LossRows:
     advantages: torch.Tensor  # after calibration
     offsets: torch.Tensor  # what calibration added to the estimator's advantages
     mask: torch.Tensor
+    candidates: torch.Tensor | None = None  # (B, T, k) the student's top-k ids under π_old (topk signal)
+    teacher_candidates: torch.Tensor | None = None  # (B, T, k) the teacher's log-probs of them
+    teacher_tail: torch.Tensor | None = None  # (B, T) the teacher's log-prob of every other token
     num_samples: int = 0  # B of the whole minibatch, so that micro-batch losses add up to its loss
 
     def take(self, idx: np.ndarray, like: torch.Tensor, num_samples: int) -> LossRows:
@@ -44,11 +54,12 @@ class LossRows:
             return None if t is None else t[idx, : like.shape[1]].to(like.device)
 
         return LossRows(cut(self.old), cut(self.teacher), cut(self.teacher_dist), cut(self.advantages),
-                        cut(self.offsets), cut(self.mask), num_samples)
+                        cut(self.offsets), cut(self.mask), cut(self.candidates), cut(self.teacher_candidates),
+                        cut(self.teacher_tail), num_samples)
 
 
 class AdvantageEstimator(Protocol):
-    teacher_signal: str | None  # what the step asks the teachers for: None (no teacher), "sampled" or "full"
+    teacher_signal: str | None  # what the step asks the teachers for: None (no teacher), "sampled", "topk" or "full"
 
     def advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, T) advantages, (B, T) mask of the tokens that carry them)."""
@@ -82,11 +93,30 @@ class FullDistributionOPD(OPD):
     teacher_signal = "full"
 
     def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
-        kl, mean_kl = full_reverse_kl(student.distributions(), rows.teacher_dist, rows.mask, rows.num_samples)
-        pg, stats = clipped_pg_loss(student.logprobs, rows.old, rows.offsets, None, rows.mask, spec.clip_low,
-                                    spec.clip_high, spec.logprob_clip, rows.num_samples)
-        stats.full_kl = mean_kl
-        return kl + pg, stats
+        return _kl_and_calibration(*full_reverse_kl(student.distributions(), rows.teacher_dist, rows.mask,
+                                                    rows.num_samples), student, rows, spec)
+
+
+class TopKOPD(OPD):
+    """OPD with the reverse KL over the student's top-k tokens and a tail bucket (the rest of the vocabulary) at
+    every position, the teacher scoring exactly those buckets: k + 1 numbers a position instead of one (sampled) or
+    vocab (full). G, balancing and calibration read the sampled-token A_t, as with the full distribution."""
+
+    teacher_signal = "topk"
+
+    def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+        own, own_tail = candidate_logprobs(student.distributions(), rows.candidates)
+        return _kl_and_calibration(*topk_reverse_kl(own, own_tail, rows.teacher_candidates, rows.teacher_tail,
+                                                    rows.mask, rows.num_samples), student, rows, spec)
+
+
+def _kl_and_calibration(kl: torch.Tensor, mean_kl: float, student: ResponseLogprobs, rows: LossRows,
+                        spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+    """A KL loss plus what calibration added to the advantages, on a PG term (zero when calibration is off)."""
+    pg, stats = clipped_pg_loss(student.logprobs, rows.old, rows.offsets, None, rows.mask, spec.clip_low,
+                                spec.clip_high, spec.logprob_clip, rows.num_samples)
+    stats.full_kl = mean_kl
+    return kl + pg, stats
 
 
 class GRPO:
@@ -105,4 +135,5 @@ class GRPO:
 
 # (algorithm.estimator, algorithm.teacher_signal) -> estimator
 ESTIMATORS: dict[tuple[str, str], AdvantageEstimator] = {
-    ("opd", "sampled"): OPD(), ("opd", "full"): FullDistributionOPD(), ("grpo", "sampled"): GRPO()}
+    ("opd", "sampled"): OPD(), ("opd", "topk"): TopKOPD(), ("opd", "full"): FullDistributionOPD(),
+    ("grpo", "sampled"): GRPO()}

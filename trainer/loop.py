@@ -116,6 +116,11 @@ class Trainer:
                                     breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s)
         await self.router.handshake(student_fp, c.allow_tokenizer_mismatch,
                                     expected={d: p.fingerprint for d, p in c.teachers.items()})
+        if self.estimator.teacher_signal == "topk":
+            for domain in c.teachers:
+                if (most := self.router.info(domain).max_top_k) < c.algorithm.topk:
+                    raise ConfigError(f"algorithm.topk: {c.algorithm.topk} candidates a position, but the {domain!r} "
+                                      f"teacher scores at most {most} (its --max-top-k)")
         self.teacher_swap.attach(self.router, student_fp, self.step)
         await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
 
@@ -148,7 +153,8 @@ class Trainer:
         have) stays unscored, so it is masked alone instead of failing its whole request."""
         full = self.estimator.teacher_signal == "full"
         items = [ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                           response_start=len(r.example.prompt_ids), distribution=full) for r in rollouts]
+                           response_start=len(r.example.prompt_ids), distribution=full,
+                           candidates=None if r.candidates is None else r.candidates.tolist()) for r in rollouts]
         fits = [(r, item) for r, item in zip(rollouts, items, strict=True)
                 if score_item_problem(item, self.router.info(r.example.domain)) is None]
         requests = [(r.example.domain, item) for r, item in fits]
@@ -156,24 +162,31 @@ class Trainer:
         for (r, _), span in zip(fits, await self.router.score_spans(requests, images), strict=True):
             if span is not None:
                 r.teacher, r.teacher_dist = span.logprobs, span.distribution
+                r.teacher_candidates, r.teacher_tail = span.candidate_logprobs, span.tail_logprobs
 
     def prefill(self, chunk: list[Rollout]) -> ResponseLogprobs:
         return response_prefill(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk],
                                  [r.example.images for r in chunk], self.vision)
 
     @torch.no_grad()
-    def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray) -> torch.Tensor:
-        """π_old of the given rows in train precision, as a (len(rollouts), T) tensor that is zero elsewhere."""
+    def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """π_old of the given rows in train precision, as a (len(rollouts), T) tensor that is zero elsewhere; and,
+        when k > 0, π_old's k most likely ids at each position as (len(rollouts), T, k) (zero elsewhere)."""
         self.model.eval()
-        out = torch.zeros((len(rollouts), max(len(r.response) for r in rollouts)))
+        width = max(len(r.response) for r in rollouts)
+        out = torch.zeros((len(rollouts), width))
+        top = torch.zeros((len(rollouts), width, k), dtype=torch.int64)
         mb = self.config.algorithm.micro_batch_size
         for i in range(0, len(rows), mb):
             idx = rows[i:i + mb]
             chunk = [rollouts[j] for j in idx]
-            lp = self.prefill(chunk).logprobs
-            for j, row in zip(idx, lp.cpu(), strict=True):
-                out[j, : row.shape[0]] = row
-        return out
+            scored = self.prefill(chunk)
+            for row, (j, lp) in enumerate(zip(idx, scored.logprobs.cpu(), strict=True)):
+                out[j, : lp.shape[0]] = lp
+                if k:
+                    ids = scored.top_k(row, k)[0].cpu()
+                    top[j, : len(ids)] = ids
+        return out, top
 
     def minibatches(self, size: int) -> list[np.ndarray]:
         order = self.rng("minibatch").permutation(size)
@@ -213,19 +226,31 @@ class Trainer:
         """Verdicts ‖ teacher scores ‖ π_old, overlapped, collated; the main process's verdicts and scores reach every
         process, and each π_old row comes from the process that computes it. Returns the Batch and verifier errors."""
         mine = np.concatenate([self.share(m) for m in self.minibatches(len(rollouts))])
-        old_work = timed_await("old_logprobs", times, asyncio.to_thread(self.old_logprobs, rollouts, mine))
+        k = self.config.algorithm.topk if self.estimator.teacher_signal == "topk" else 0
+        old_work = timed_await("old_logprobs", times, asyncio.to_thread(self.old_logprobs, rollouts, mine, k))
         verify_errors = 0
-        if self.main:
+        if k:  # the teacher scores π_old's top-k, so π_old comes first, from every process, before the scoring
+            computed = await old_work
+            old, top = (self.accelerator.reduce(t.to(self.accelerator.device), "sum").cpu() for t in computed)
+            for r, ids in zip(rollouts, top.numpy(), strict=True):
+                r.candidates = ids[: len(r.response)]
+            if self.main:
+                verify_errors, _ = await asyncio.gather(
+                    timed_await("verify", times, asyncio.to_thread(self.verify, rollouts)),
+                    timed_await("score", times, self.score(rollouts)))
+        elif self.main:
             verify_work = timed_await("verify", times, asyncio.to_thread(self.verify, rollouts))
             score_work = timed_await("score", times, self.score(rollouts) if self.estimator.teacher_signal
                                      else asyncio.sleep(0))
-            verify_errors, _, old = await asyncio.gather(verify_work, score_work, old_work)
+            verify_errors, _, (old, _) = await asyncio.gather(verify_work, score_work, old_work)
         else:
-            old = await old_work
-        outcomes = self.broadcast([(r.correct, r.teacher, r.teacher_dist) for r in rollouts])
-        for r, (correct, teacher_lp, teacher_dist) in zip(rollouts, outcomes, strict=True):
-            r.correct, r.teacher, r.teacher_dist = correct, teacher_lp, teacher_dist
-        old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()
+            old, _ = await old_work
+        outcomes = self.broadcast([(r.correct, r.teacher, r.teacher_dist, r.teacher_candidates, r.teacher_tail)
+                                   for r in rollouts])
+        for r, outcome in zip(rollouts, outcomes, strict=True):
+            r.correct, r.teacher, r.teacher_dist, r.teacher_candidates, r.teacher_tail = outcome
+        if not k:
+            old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()
         return collate(rollouts, old), verify_errors
 
     def rng(self, purpose: str) -> np.random.Generator:
@@ -244,7 +269,8 @@ class Trainer:
                recipe: RecipeOutput) -> dict[str, float]:
         a = self.config.algorithm
         inputs = LossRows(batch.old, batch.teacher, batch.teacher_dist, recipe.advantages,
-                          recipe.advantages - advantages, recipe.loss_mask)
+                          recipe.advantages - advantages, recipe.loss_mask, batch.candidates,
+                          batch.teacher_candidates, batch.teacher_tail)
         self.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
         for minibatch in self.minibatches(len(rollouts)):

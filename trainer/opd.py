@@ -89,3 +89,16 @@ def full_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tens
     with torch.no_grad():
         mean_kl = float((kl * mask).sum() / mask.sum().clamp(min=1))
     return loss, mean_kl
+
+
+def topk_reverse_kl(student_candidates: torch.Tensor, student_tail: torch.Tensor, teacher_candidates: torch.Tensor,
+                    teacher_tail: torch.Tensor, mask: torch.Tensor,
+                    num_samples: int | None = None) -> tuple[torch.Tensor, float]:
+    """Reverse KL over k candidates and one tail bucket (the mass of every other token), as a loss: (loss, mean KL
+    per token). (B, T, k) candidate log-probs and (B, T) tail log-probs of both models at the same candidates.
+
+    The k + 1 buckets are a partition of the vocabulary, so this is the exact reverse KL of the two bucketed
+    distributions: equal to full_reverse_kl when the candidates are the whole vocabulary (both tails −inf), and a
+    lower bound on it otherwise. Aggregated and −inf-safe as full_reverse_kl is."""
+    return full_reverse_kl(torch.cat([student_candidates, student_tail[..., None]], -1),
+                           torch.cat([teacher_candidates, teacher_tail[..., None]], -1), mask, num_samples)

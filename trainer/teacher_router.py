@@ -211,6 +211,8 @@ class TeacherRouter:
         self.max_items_per_request = max_items_per_request
         self._domain_stats: dict[str, _DomainStats] = defaultdict(_DomainStats)
         self._cache_base = self._cache_counts()
+        self._retired_bytes = {"bytes_sent": 0, "bytes_received": 0}  # of replicas a swap closed
+        self._wire_base = self._wire_bytes()
 
     # --- start-up -------------------------------------------------------------------------------------------------
 
@@ -266,7 +268,11 @@ class TeacherRouter:
         self._pools[domain] = pool
         live = [r for p in self._pools.values() for r in p.replicas]
         self._replicas = {r.url: r for r in live}
-        await asyncio.gather(*(r.client.aclose() for r in before if all(r is not x for x in live)))
+        retired = [r for r in before if all(r is not x for x in live)]
+        for r in retired:  # their bytes still count in the step's wire totals
+            self._retired_bytes["bytes_sent"] += r.client.bytes_sent
+            self._retired_bytes["bytes_received"] += r.client.bytes_received
+        await asyncio.gather(*(r.client.aclose() for r in retired))
 
     def _replica_for(self, domain: str, endpoint: Endpoint) -> _Replica:
         """The live replica of this URL when another domain shares it or its key is unchanged, else a new one."""
@@ -480,6 +486,13 @@ class TeacherRouter:
 
     # --- observability --------------------------------------------------------------------------------------------
 
+    def _wire_bytes(self) -> dict[str, float]:
+        """Scoring request and response bodies over every replica, closed ones included, cumulative."""
+        replicas = self._replicas.values()
+        return {"bytes_sent": self._retired_bytes["bytes_sent"] + sum(r.client.bytes_sent for r in replicas),
+                "bytes_received": self._retired_bytes["bytes_received"] + sum(r.client.bytes_received
+                                                                              for r in replicas)}
+
     def _cache_counts(self) -> dict[str, float]:
         return self.cache.stats() if self.cache is not None else {"hits": 0, "misses": 0, "errors": 0}
 
@@ -494,6 +507,7 @@ class TeacherRouter:
         lookups = cache["hits"] + cache["misses"]
         out.update({f"cache/{k}": v for k, v in cache.items()})
         out["cache/hit_rate"] = cache["hits"] / lookups if lookups else 0.0
+        out.update({f"teachers/{k}": v - self._wire_base[k] for k, v in self._wire_bytes().items()})
         for domain in self._pools:
             stats = self._domain_stats[domain]
             out.update({f"domain/{domain}/scored": stats.scored, f"domain/{domain}/masked": stats.masked,
@@ -509,6 +523,7 @@ class TeacherRouter:
             r.stats = EndpointStats()
         self._domain_stats.clear()
         self._cache_base = self._cache_counts()
+        self._wire_base = self._wire_bytes()
 
     async def aclose(self) -> None:
         """Closes the teacher clients and the cache the router was given."""

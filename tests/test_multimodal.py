@@ -400,3 +400,31 @@ def test_router_sends_each_image_once_and_splits_at_the_teachers_image_limit(vlm
     assert all(s is not None for s in scores)
     assert metrics[f"endpoint/{vlm_teacher.url}/calls"] == 2  # 4 images, then 2
     np.testing.assert_array_equal(scores[0], scores[1])  # the two samples of a group are the same sequence here
+
+
+@pytest.mark.e2e
+def test_sglang_generate_takes_image_data_as_slime_sends_it(vlm_teacher, vreference, tok):
+    """/generate with `image_data` (a data URL, and bare base64 in a batch): every position gets an entry, null up
+    to the last image placeholder, then the image-conditioned log-probs, so slime's tail parsing reads the response."""
+    ids, start = chat_ids(tok, f"{IMAGE}\nHow many?", "Three, I think.")
+    image = png(21)
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0, "image_data": url,
+            "sampling_params": {"max_new_tokens": 0}}
+    entries = httpx.post(vlm_teacher.url + "/generate", json=body, timeout=60).json()["meta_info"][
+        "input_token_logprobs"]
+    placeholder = ids.index(tok.convert_tokens_to_ids(IMAGE))
+    assert len(entries) == len(ids) and all(e[0] is None for e in entries[: placeholder + 1])
+    assert all(e[0] is not None for e in entries[placeholder + 1:])
+    got = np.array([e[0] for e in entries[start:]], dtype=np.float32)
+    np.testing.assert_allclose(got, vreference.span(ids, start, [image]), atol=2e-4)
+    batch = {**body, "input_ids": [ids, ids], "image_data": [[base64.b64encode(image).decode()], [url]]}
+    outs = httpx.post(vlm_teacher.url + "/generate", json=batch, timeout=60).json()
+    assert [[e[0] for e in o["meta_info"]["input_token_logprobs"]] for o in outs] == [[e[0] for e in entries]] * 2
+    for bad, code in (("http://example.com/a.png", "invalid_field"), ("data:image/png,abc", "invalid_field"),
+                      ("@@@", "invalid_field")):
+        resp = httpx.post(vlm_teacher.url + "/generate", json={**body, "image_data": bad}, timeout=60)
+        assert resp.status_code == 422 and resp.json()["error"]["code"] == code, resp.text
+        assert resp.json()["error"]["field"] == "image_data[0]"
+    missing = httpx.post(vlm_teacher.url + "/generate", json={**body, "image_data": None}, timeout=60)
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "image_mismatch"

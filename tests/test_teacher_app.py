@@ -529,6 +529,10 @@ async def test_sglang_generate_refuses_generation_with_400(payload, field):
      "return_logprob"),
     ({"input_ids": [1, 2, 600], "return_logprob": True, "sampling_params": {"max_new_tokens": 0}},
      "items[0].input_ids[2]"),
+    ({"input_ids": [1, 2, 3], "return_logprob": True, "image_data": "iVBORw0KGgo=",
+      "sampling_params": {"max_new_tokens": 0}}, "images"),  # a text-only teacher takes no images
+    ({"input_ids": [[1, 2, 3], [4, 5]], "return_logprob": True, "image_data": ["iVBORw0KGgo="],
+      "sampling_params": {"max_new_tokens": 0}}, "image_data"),
 ])
 async def test_sglang_generate_invalid_fields(payload, field):
     async with running(teacher_app(ScorerDouble())) as client:

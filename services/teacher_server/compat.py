@@ -6,6 +6,8 @@
   `token_ids_logprob` (miles' top-k OPD) scores given ids at every position: one list for all positions (SGLang's
   form), or one list per scored position; `meta_info.input_token_ids_logprobs` holds per position the
   `[logprob, token_id, null]` of each id in the order asked (null for token 0, as in `input_top_logprobs`).
+  `image_data` (slime, the Uni-OPD release) carries a multimodal sequence's images: base64 or `data:` URLs, one per
+  image placeholder of its `input_ids` in order (uniopd's one-placeholder form); never fetched from a URL or a path.
 - vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
   `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`). With
   `max_tokens` 0 nothing is generated and `text` is empty. With 1 (what vLLM clients and lm-eval send), one token
@@ -22,6 +24,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +44,7 @@ from pydantic import (
     Tag,
 )
 
+from proto.client import share_images
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import API_VERSION, ScoreItem, TokenId
@@ -122,6 +127,9 @@ class SGLangGenerateRequest(BaseModel):
     logprob_start_len: one_or_many(StartLen, list[StartLen]) = -1
     top_logprobs_num: one_or_many(TopK, list[TopK]) = 0
     token_ids_logprob: Candidates | None = None
+    image_data: str | list[str] | list[str | list[str] | None] | None = Field(
+        default=None, description="Images of a sequence (one per image placeholder, in order) or of each sequence of a "
+                                  "batch: base64 PNG/JPEG or data: URLs.")
     sampling_params: one_or_many(SGLangSamplingParams, list[SGLangSamplingParams])
     stream: exact(False) = False
     rid: str | None = None
@@ -157,14 +165,43 @@ def _candidates_per_sequence(value: Any, n: int, batched: bool) -> list:
     return _per_sequence(value, n, "token_ids_logprob")
 
 
-def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None,
-                 max_candidates: int) -> tuple[ScoreItem, bool]:
-    """The ScoreItem for one sequence, and whether its first entry is token 0 (which has no logprob)."""
+def _images_per_sequence(value: Any, n: int, batched: bool) -> list[list[str]]:
+    """image_data as each sequence's images: a string is one image; a batch gives one entry per sequence."""
+    if value is None:
+        return [[] for _ in range(n)]
+    entries = _per_sequence(value, n, "image_data") if batched else [value]
+    return [[] if e is None else [e] if isinstance(e, str) else e for e in entries]
+
+
+def _image_bytes(data: str, field: str) -> bytes:
+    """A base64 image, bare or as a data: URL; anything that names a location is refused, never fetched."""
+    if data.startswith("data:"):
+        head, sep, data = data.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ApiError(422, "invalid_field", f"{field}: a data URL must be base64 (data:image/png;base64,...)",
+                           field)
+    elif "://" in data[:16] or data.startswith(("/", "./", "~")):
+        raise ApiError(422, "invalid_field", f"{field}: images are sent as base64, never fetched from a URL or path",
+                       field)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_field", f"{field}: not valid base64", field) from None
+
+
+def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None, max_candidates: int,
+                 image_token_id: int | None) -> tuple[ScoreItem, int]:
+    """The ScoreItem for one sequence, and the position its entries begin at. Positions before the item's
+    response_start get null logprobs: token 0 (nothing precedes it) and, in a sequence with images, everything up to
+    its last image placeholder (an image token has no log-prob to give)."""
     n = len(ids)
     begin = n - 1 if start == -1 else start
     if begin >= n:
         raise ApiError(422, "invalid_field", f"logprob_start_len must be -1 or in [0, {n})", "logprob_start_len")
-    start_at = max(begin, 1)
+    last_image = max((p for p, t in enumerate(ids) if t == image_token_id), default=-1) if image_token_id else -1
+    start_at = max(begin, 1, last_image + 1)
+    if start_at >= n:
+        raise ApiError(422, "invalid_field", "input_ids: no token follows the last image placeholder", "input_ids")
     rows = None
     if candidates is not None:
         if not candidates:
@@ -179,7 +216,7 @@ def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None,
         if any(len(set(row)) != len(row) or len(row) != len(rows[0]) for row in rows):
             raise ApiError(422, "invalid_field", "token_ids_logprob: ids must be distinct, and every position's list "
                            "the same length", "token_ids_logprob")
-    return ScoreItem(input_ids=ids, response_start=start_at, top_k=top, candidates=rows), begin == 0
+    return ScoreItem(input_ids=ids, response_start=start_at, top_k=top, candidates=rows), begin
 
 
 def _entries(ids: list[list[int]], values: list[list[float]]) -> list[list]:
@@ -188,7 +225,7 @@ def _entries(ids: list[list[int]], values: list[list[float]]) -> list[list]:
             for row_ids, row_lps in zip(ids, values, strict=True)]
 
 
-def _sglang_output(item: ScoreItem, span: ScoredSpan, with_first: bool, rid: str) -> dict:
+def _sglang_output(item: ScoreItem, span: ScoredSpan, begin: int, rid: str) -> dict:
     ids = item.input_ids
     positions = range(item.response_start, len(ids))
     token_lps = [[lp, ids[p], None] for p, lp in zip(positions, span.logprobs.tolist(), strict=True)]
@@ -197,11 +234,11 @@ def _sglang_output(item: ScoreItem, span: ScoredSpan, with_first: bool, rid: str
     if span.candidate_k:
         rows = item.candidates * len(token_lps) if len(item.candidates) == 1 else item.candidates
         chosen = _entries(rows, span.candidate_logprobs.tolist())
-    if with_first:
-        token_lps.insert(0, [None, ids[0], None])
-        for per_position in (tops, chosen):
-            if per_position is not None:
-                per_position.insert(0, None)
+    unscored = range(begin, item.response_start)
+    token_lps[:0] = [[None, ids[p], None] for p in unscored]
+    for per_position in (tops, chosen):
+        if per_position is not None:
+            per_position[:0] = [None] * len(unscored)
     meta = {"id": rid, "prompt_tokens": len(ids), "completion_tokens": 0, "cached_tokens": 0,
             "finish_reason": {"type": "length", "length": 0}, "input_token_logprobs": token_lps,
             "output_token_logprobs": [], "input_top_logprobs": tops, "output_top_logprobs": [] if tops else None}
@@ -378,13 +415,20 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         starts = _per_sequence(req.logprob_start_len, n, "logprob_start_len")
         tops = _per_sequence(req.top_logprobs_num, n, "top_logprobs_num")
         candidates = _candidates_per_sequence(req.token_ids_logprob, n, batched)
+        shown = [[_image_bytes(data, f"image_data[{i}][{j}]" if batched else f"image_data[{j}]")
+                  for j, data in enumerate(row)] for i, row in enumerate(_images_per_sequence(req.image_data, n,
+                                                                                              batched))]
         _per_sequence(req.sampling_params, n, "sampling_params")
-        max_candidates = service.ready().info().max_top_k
-        built = [_sglang_item(ids, s, t, c, max_candidates)
+        images, refs = share_images(shown)
+        info = service.ready().info()
+        built = [_sglang_item(ids, s, t, c, info.max_top_k, info.image_token_id)
                  for ids, s, t, c in zip(seqs, starts, tops, candidates, strict=True)]
-        spans = await service.score([item for item, _ in built], team)
+        items = [item.model_copy(update={"image_indices": r}) if r else item for (item, _), r in zip(built, refs,
+                                                                                                      strict=True)]
+        spans = await service.score(items, team, images)
         rid = req.rid or uuid.uuid4().hex
-        outs = [_sglang_output(item, span, first, rid) for (item, first), span in zip(built, spans, strict=True)]
+        outs = [_sglang_output(item, span, begin, rid) for item, (_, begin), span in zip(items, built, spans,
+                                                                                            strict=True)]
         return outs if batched else outs[0]
 
     @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})

@@ -3,14 +3,14 @@ tuning sweep."""
 
 from __future__ import annotations
 
-from uniopd.experiment_report import gap_table, tuning_table
+from uniopd.experiment_report import gap_table, signal_table, tuning_table
 
 PLAN = {"steps": 40, "prompts_per_step": 4, "samples_per_prompt": 2}
 
 
-def run(math: list[float], clip: float = 0.0) -> dict:
+def run(math: list[float], clip: float = 0.0, wire: float = 0.0) -> dict:
     return {"evals": [{"step": 20 * i, "elapsed_s": 10.0 * i, "math": m} for i, m in enumerate(math)],
-            "teacher_clip_fraction": clip, "step_s": 0.5}
+            "teacher_clip_fraction": clip, "step_s": 0.5, "wire_bytes": wire}
 
 
 def results(runs: dict, teacher: float = 0.5, sharpened: dict | None = None) -> dict:
@@ -41,3 +41,11 @@ def test_the_tuning_table_reports_accuracy_and_how_much_the_clip_acted():
 
 def test_no_tuning_runs_no_rows():
     assert len(tuning_table({"tuning": {}})) == 2
+
+
+def test_the_signal_table_reports_what_each_signal_bought_and_its_bytes():
+    runs = {"single-teacher-math/opd": {0: run([0.1, 0.2], wire=2048), 1: run([0.1, 0.4], wire=4096)},
+            "single-teacher-math/opd-topk8": {0: run([0.1, 0.5], wire=10240)}}
+    rows = signal_table(results(runs), "single-teacher-math")
+    assert rows[2] == "| sampled token (`opd`) | 30.0 ± 10.0 | 0.50 ± 0.00 s | 3 KiB |"
+    assert rows[3] == "| top-8 + tail (`opd-topk8`) | 50.0 ± 0.0 | 0.50 ± 0.00 s | 10 KiB |" and len(rows) == 4

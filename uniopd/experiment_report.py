@@ -53,6 +53,8 @@ def _run(run_dir: Path) -> dict:
         "balance": balance,
         "step_s": _mean_std([r.get("time/step") for r in train])[0],
         "teacher_clip_fraction": _mean_std([r.get("train/teacher_clip_fraction") for r in train])[0],
+        "wire_bytes": _mean_std([r.get("teachers/bytes_sent", math.nan) + r.get("teachers/bytes_received", math.nan)
+                                 for r in train])[0],
         "returns": {k: [x for r in returns for x in r[k]] for k in ("correct", "G", "G_calibrated", "in_loss")},
     }
 
@@ -221,6 +223,28 @@ def tuning_table(results: dict) -> list[str]:
     return lines
 
 
+SIGNALS = {"opd": "sampled token", "opd-topk8": "top-8 + tail", "opd-topk32": "top-32 + tail",
+           "opd-full": "full distribution"}
+
+
+def signal_table(results: dict, setting: str) -> list[str]:
+    """What each teacher signal bought and cost: last-step accuracy, step time, scoring bytes on the wire."""
+    runs = setting_runs(results, setting)
+    domains = list(SETTINGS[setting])
+    lines = [f"| teacher signal | {' | '.join(domains)} | step time | scoring bytes a step (sent + received) |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for method, label in SIGNALS.items():
+        if method not in runs:
+            continue
+        seeds = runs[method]
+        accs = [_fmt(*_mean_std(_final(seeds, d))) for d in domains]
+        step = _mean_std([r["step_s"] for r in seeds.values()])
+        wire = _mean_std([r["wire_bytes"] for r in seeds.values()])
+        lines.append(f"| {label} (`{method}`) | {' | '.join(accs)} | {step[0]:.2f} ± {step[1]:.2f} s | "
+                     f"{wire[0] / 1024:,.0f} KiB |")
+    return lines
+
+
 def sharpening_table(results: dict) -> list[str]:
     """Each sharpened teacher's RFT from the student: what it cost and how its pass rate on fresh prompts moved."""
     lines = ["| teacher | RFT rounds | samples generated | SFT steps | wall time | pass rate, first → last round |",
@@ -356,6 +380,10 @@ def write_report(results: dict, doc: Path, command: str, notes: Path | None = No
                       "", *gap_table(results, setting), ""]
             g = plot_returns(results, setting, figs / f"returns-{setting}.png")
             lines += [f"![G of correct vs incorrect rollouts]({figs.name}/{g.name})", ""]
+        if sum(m in SIGNALS for m in setting_runs(results, setting)) > 1:
+            lines += ["What each teacher signal bought and cost (last-step held-out accuracy; mean step time; the "
+                      "teachers' request and response bodies per step, msgpack, including cache misses only):", "",
+                      *signal_table(results, setting), ""]
     if results.get("tuning"):
         seeds = sorted({s for v in results["tuning"].values() for s in v})
         lines += ["## Choosing the clip and the teacher signal", "",

@@ -2,7 +2,7 @@
 
 Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int,
                              "image_indices": [int], "distribution": bool,
-                             "candidates": bin<int32[rows*k]> | [[int]], "candidates_k": int}],
+                             "candidates": bin<int32[rows*k]> | [[int]], "candidates_k": int, "ranks": bool}],
                   "images": [bin<PNG or JPEG bytes>, ...]}
 Binary response: {"api_version", "fingerprint": {...},
                   "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
@@ -12,7 +12,8 @@ Binary response: {"api_version", "fingerprint": {...},
                   "distribution": bin<float32[sum(lengths*vocab) over those items]>,
                   "candidate_k": bin<int32[items]> (0 where not asked),
                   "candidate_logprobs": bin<float32[sum(lengths*candidate_k)]>,
-                  "tail_logprobs": bin<float32[sum(lengths) over the items with candidates]>}
+                  "tail_logprobs": bin<float32[sum(lengths) over the items with candidates]>,
+                  "rank_items": bin<int32[items]> (1 where asked), "ranks": bin<int32[sum(lengths) over those]>}
 Arrays of all items are concatenated, so a response costs a handful of msgpack objects however many items it holds.
 """
 
@@ -48,6 +49,7 @@ class ScoredSpan:
     distribution: np.ndarray | None = None
     candidate_logprobs: np.ndarray | None = None
     tail_logprobs: np.ndarray | None = None
+    ranks: np.ndarray | None = None  # (len(logprobs),) int32: each token's rank, 1 = the teacher's most likely
 
     @property
     def candidate_k(self) -> int:
@@ -170,7 +172,8 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
     packed = [
         {"input_ids": np.asarray(it.input_ids, dtype=INT32).tobytes(), "response_start": it.response_start,
          "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {}),
-         **({"distribution": True} if it.distribution else {}), **_packed_candidates(it)}
+         **({"distribution": True} if it.distribution else {}), **({"ranks": True} if it.ranks else {}),
+         **_packed_candidates(it)}
         for it in items
     ]
     return msgpack.packb({"items": packed, **({"images": list(images)} if images else {})})
@@ -212,6 +215,8 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
             "candidate_k": np.array([s.candidate_k for s in spans], dtype=INT32).tobytes(),
             "candidate_logprobs": pack_arrays([s.candidate_logprobs for s in spans if s.candidate_k], FLOAT32),
             "tail_logprobs": pack_arrays([s.tail_logprobs for s in spans if s.candidate_k], FLOAT32),
+            "rank_items": np.array([s.ranks is not None for s in spans], dtype=INT32).tobytes(),
+            "ranks": pack_arrays([s.ranks for s in spans if s.ranks is not None], INT32),
         })
     results = []
     for s in spans:
@@ -224,6 +229,8 @@ def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan],
         if s.candidate_k:
             result["candidate_logprobs"] = s.candidate_logprobs.tolist()
             result["tail_logprobs"] = s.tail_logprobs.tolist()
+        if s.ranks is not None:
+            result["ranks"] = s.ranks.tolist()
         results.append(result)
     return json.dumps(
         {"api_version": API_VERSION, "fingerprint": fingerprint.model_dump(), "results": results},
@@ -259,6 +266,11 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
             for span, k, cand, tail in zip([s for s, a in zip(spans, asked, strict=True) if a], cks[asked].tolist(),
                                            cands, tails, strict=True):
                 span.candidate_logprobs, span.tail_logprobs = cand.reshape(-1, k), tail
+        ranked = np.frombuffer(obj.get("rank_items", b""), dtype=INT32).astype(bool)
+        if ranked.any():
+            for span, ranks in zip([s for s, a in zip(spans, ranked, strict=True) if a],
+                                   unpack_arrays(obj["ranks"], lengths[ranked], INT32), strict=True):
+                span.ranks = ranks
         return Fingerprint.model_validate(obj["fingerprint"]), spans
     obj = json.loads(body)
     spans = []
@@ -272,5 +284,7 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
         if r.get("candidate_logprobs") is not None:
             span.candidate_logprobs = np.array(r["candidate_logprobs"], dtype=FLOAT32).reshape(len(span.logprobs), -1)
             span.tail_logprobs = np.array(r["tail_logprobs"], dtype=FLOAT32)
+        if r.get("ranks") is not None:
+            span.ranks = np.array(r["ranks"], dtype=INT32)
         spans.append(span)
     return Fingerprint.model_validate(obj["fingerprint"]), spans

@@ -35,6 +35,9 @@ class ScoreItem(BaseModel):
         default=False, description="Also return the teacher's whole log-distribution over its vocabulary at every "
                                    "response position ([R, vocab] float32), for exact KL losses; bounded per request "
                                    "by the server's max_distribution_values (R x vocab summed over items).")
+    ranks: StrictBool = Field(
+        default=False, description="Also return each response token's rank under the teacher (1 = its most likely "
+                                   "token), also where it is outside any top-k: what OpenAI-style clients show.")
     candidates: list[list[TokenId]] | None = Field(
         default=None, description="Candidate token ids to score at every response position: R rows (one per "
                                   "position) or 1 row (shared by all positions), each of k distinct ids, the same k "
@@ -77,6 +80,8 @@ class ScoreResult(BaseModel):
     top_k_logprobs: list[list[float]] | None = None
     distribution: list[list[float]] | None = Field(
         default=None, description="Per response position, log p of every vocabulary token (when asked for).")
+    ranks: list[int] | None = Field(default=None, description="Per response position, the token's rank (1 = most "
+                                                              "likely), when asked for.")
     candidate_logprobs: list[list[float]] | None = Field(
         default=None, description="Per response position, log p of each candidate, in the order asked (when asked).")
     tail_logprobs: list[float] | None = Field(

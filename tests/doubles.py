@@ -75,10 +75,11 @@ class ScorerDouble:
         self.calls.append(list(items))
         self.images.append(images)
         self.gate.pass_through()
-        return [self.span(it.input_ids, it.response_start, it.top_k, it.distribution, it.candidates) for it in items]
+        return [self.span(it.input_ids, it.response_start, it.top_k, it.distribution, it.candidates, it.ranks)
+                for it in items]
 
     def span(self, ids: Sequence[int], start: int, top_k: int = 0, distribution: bool = False,
-             candidates: list[list[int]] | None = None) -> ScoredSpan:
+             candidates: list[list[int]] | None = None, ranks: bool = False) -> ScoredSpan:
         """What a correct server returns for this item: log p(ids[p] | ids[p-1]) for p in [start, len(ids))."""
         rows = self.table[np.asarray(ids[start - 1 : -1])]
         span = ScoredSpan(rows[np.arange(len(rows)), np.asarray(ids[start:])])
@@ -87,6 +88,8 @@ class ScorerDouble:
             span.top_k_ids, span.top_k_logprobs = idx.astype(np.int32), np.take_along_axis(rows, idx, -1)
         if distribution:
             span.distribution = rows.copy()
+        if ranks:
+            span.ranks = ((rows > span.logprobs[:, None]).sum(-1) + 1).astype(np.int32)
         if candidates is not None:
             cand, tail = candidate_logprobs(torch.from_numpy(rows), torch.tensor(candidates))
             span.candidate_logprobs, span.tail_logprobs = cand.numpy(), tail.numpy()

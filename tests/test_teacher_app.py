@@ -195,6 +195,19 @@ async def test_candidates_per_position_and_shared_ride_next_to_plain_items(binar
                                                 span.tail_logprobs), 0.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("binary", [False, True])
+async def test_ranks_are_returned_where_asked(binary):
+    double = ScorerDouble(seed=3)
+    items = random_items(np.random.default_rng(4), 3)
+    items[1] = items[1].model_copy(update={"ranks": True})
+    app = teacher_app(double)
+    async with running(app), TeacherClient(BASE_URL, binary=binary, transport=transport(app)) as client:
+        _, spans = await client.score(items)
+    want = double.span(items[1].input_ids, items[1].response_start, ranks=True).ranks
+    assert spans[0].ranks is None and spans[2].ranks is None
+    assert spans[1].ranks.tolist() == want.tolist() and min(want) >= 1
+
+
 async def test_candidate_values_count_against_the_request_limit():
     limits = Limits(batch_wait_ms=1, max_distribution_values=40)
     async with running(teacher_app(ScorerDouble(), limits)) as client:
@@ -545,15 +558,19 @@ async def test_openai_completions_prompt_logprobs():
     ids = list(range(50, 70))
     async with running(teacher_app(double)) as client:
         out = (await client.post("/v1/completions", json={"model": "x", "prompt": ids, "max_tokens": 1,
-                                                          "prompt_logprobs": 2})).json()
+                                                          "prompt_logprobs": 2,
+                                                          "return_tokens_as_token_ids": True})).json()
     plp = out["choices"][0]["prompt_logprobs"]
     assert plp[0] is None and len(plp) == len(ids)
-    want = double.span(ids, 1, top_k=2)
+    want = double.span(ids, 1, top_k=2, ranks=True)
     got = np.array([plp[p][str(ids[p])]["logprob"] for p in range(1, len(ids))], dtype=np.float32)
     np.testing.assert_array_equal(got, want.logprobs)
     for p, top in zip(range(1, len(ids)), want.top_k_ids.tolist(), strict=True):
         assert {int(t) for t in plp[p]} == {ids[p], *top}  # the top 2 plus the actual token
         assert [plp[p][str(t)]["rank"] for t in top] == [1, 2]
+    # the actual token's rank is an integer, also outside the top 2 (vLLM's layout)
+    assert [plp[p][str(ids[p])]["rank"] for p in range(1, len(ids))] == want.ranks.tolist()
+    assert any(r > 2 for r in want.ranks.tolist())
     assert out["object"] == "text_completion" and out["model"] == "scorer-double-7"
     assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
     greedy = int(double.span([*ids, 0], 1, top_k=1).top_k_ids[-1, 0])  # max_tokens 1: one token, greedily
@@ -566,14 +583,14 @@ async def test_echo_with_max_tokens_1_has_vllms_layout_so_lm_eval_sums_the_right
     double = ScorerDouble(seed=9)
     ids, ctxlen = list(range(20, 32)), 5
     async with running(teacher_app(double)) as client:
-        body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0}
+        body = {"prompt": ids, "echo": True, "logprobs": 2, "temperature": 0, "return_tokens_as_token_ids": True}
         scored = (await client.post("/v1/completions", json={**body, "max_tokens": 0})).json()["choices"][0]
         out = (await client.post("/v1/completions", json={**body, "max_tokens": 1})).json()
     choice, after = out["choices"][0], double.span([*ids, 0], 1, top_k=2)
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
     assert lp["token_logprobs"][:-1] == scored["logprobs"]["token_logprobs"]
-    assert lp["tokens"][-1] == choice["text"] == f"token_id:{after.top_k_ids[-1, 0]}"
+    assert lp["tokens"][-1] == f"token_id:{after.top_k_ids[-1, 0]}" and choice["text"] == "".join(lp["tokens"])
     assert lp["token_logprobs"][-1] == pytest.approx(float(after.top_k_logprobs[-1, 0]))
     assert list(lp["top_logprobs"][-1]) == [f"token_id:{t}" for t in after.top_k_ids[-1]]
     assert lp["text_offset"][-1] == lp["text_offset"][-2] + len(lp["tokens"][-2])
@@ -587,13 +604,20 @@ async def test_openai_completions_echo_logprobs():
     ids = list(range(3, 15))
     async with running(teacher_app(double)) as client:
         out = (await client.post("/v1/completions", json={"prompt": [ids], "max_tokens": 0, "echo": True,
-                                                          "logprobs": 1})).json()
+                                                          "logprobs": 1, "return_tokens_as_token_ids": True})).json()
+        zero = (await client.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True,
+                                                           "logprobs": 0, "return_tokens_as_token_ids": True})).json()
     lp = out["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and lp["tokens"] == [f"token_id:{t}" for t in ids]
     np.testing.assert_array_equal(np.array(lp["token_logprobs"][1:], np.float32), double.span(ids, 1).logprobs)
     top = double.span(ids, 1, top_k=1).top_k_ids[:, 0].tolist()
     assert [next(iter(row)) for row in lp["top_logprobs"][1:]] == [f"token_id:{t}" for t in top]
-    assert lp["text_offset"][:2] == [0, len("token_id:3")] and out["choices"][0]["text"] == ""
+    # vLLM's layout: the top 1 and the token itself, two entries where they differ, one where they are the same
+    assert [len(row) for row in lp["top_logprobs"][1:]] == [1 if t == i else 2 for t, i in zip(top, ids[1:],
+                                                                                            strict=True)]
+    assert lp["text_offset"][:2] == [0, len("token_id:3")] and out["choices"][0]["text"] == "".join(lp["tokens"])
+    assert zero["choices"][0]["logprobs"]["top_logprobs"][1:] == [{f"token_id:{t}": v} for t, v in zip(
+        ids[1:], lp["token_logprobs"][1:], strict=True)]  # logprobs 0: {token: logprob}
 
 
 @pytest.mark.parametrize(("payload", "status", "field"), [
@@ -605,7 +629,9 @@ async def test_openai_completions_echo_logprobs():
     ({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt"),
     ({"prompt": [[1, 2, 3], [7]], "max_tokens": 1, "prompt_logprobs": 0}, 422, "prompt[1]"),
     ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": -1}, 422, "prompt_logprobs"),
-    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 21}, 422, "items[0].top_k"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 21, "return_tokens_as_token_ids": True}, 422,
+     "items[0].top_k"),
+    ({"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 2}, 400, "return_tokens_as_token_ids"),  # no tokenizer
 ])
 async def test_openai_completions_refuses_what_it_does_not_score(payload, status, field):
     double = ScorerDouble()

@@ -204,7 +204,8 @@ async def test_tokens_per_minute_answers_429_with_retry_after_on_every_scoring_r
     async with running(teams_app(double, quota_keys)) as client:
         assert (await client.post("/v1/score", json=body(60), headers=bearer("key-alpha"))).status_code == 200
         refused = await client.post("/v1/score", json=body(60), headers=bearer("key-alpha"))
-        compat = {"prompt": list(range(1, 62)), "max_tokens": 0, "prompt_logprobs": 0}  # 60 scored tokens
+        compat = {"prompt": list(range(1, 62)), "max_tokens": 0, "prompt_logprobs": 0,  # 60 scored tokens
+                  "return_tokens_as_token_ids": True}
         via_openai = await client.post("/v1/completions", json=compat, headers=bearer("key-alpha"))
         sglang = {"input_ids": list(range(1, 62)), "return_logprob": True, "logprob_start_len": 1,
                   "sampling_params": {"max_new_tokens": 0}}

@@ -9,6 +9,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from proto.client import TeacherClient
 from proto.codec import encode_score_request
@@ -272,7 +273,7 @@ def test_sglang_generate_invalid_fields(teacher, payload, field):
     assert resp.status_code in (400, 422) and resp.json()["error"]["field"] == field, resp.text
 
 
-def test_openai_completions_prompt_logprobs(teacher, reference):
+def test_openai_completions_prompt_logprobs(teacher, reference, tiny_model):
     ids = list(range(50, 70))
     out = post(teacher, "/v1/completions", json={"model": "x", "prompt": ids, "max_tokens": 1,
                                                  "prompt_logprobs": 2}).json()
@@ -283,6 +284,15 @@ def test_openai_completions_prompt_logprobs(teacher, reference):
     np.testing.assert_allclose(got, reference.span(ids, 1), atol=TOL)
     assert all(len(set(entry) | {str(ids[p])}) <= 3 for p, entry in enumerate(plp) if entry)
     assert out["object"] == "text_completion" and out["usage"]["prompt_tokens"] == len(ids)
+    # as vLLM: every token's rank is an integer, also outside the top 2, and tokens are decoded text
+    full = reference.logprobs(ids)
+    want = [int((full[p - 1] > full[p - 1, ids[p]]).sum()) + 1 for p in range(1, len(ids))]
+    assert [plp[p][str(ids[p])]["rank"] for p in range(1, len(ids))] == want and max(want) > 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert [plp[p][str(ids[p])]["decoded_token"] for p in range(1, len(ids))] == [tokenizer.decode([t])
+                                                                                for t in ids[1:]]
+    greedy = int(reference.logprobs([*ids, 0])[len(ids) - 1].argmax())
+    assert choice["text"] == tokenizer.decode([greedy])
 
 
 def test_openai_completions_echo_logprobs(teacher, reference):
@@ -298,7 +308,7 @@ def test_openai_echo_with_max_tokens_1_appends_the_greedy_token(teacher, referen
     """lm-eval's request: the prompt's n entries, then the generated token's, which is transformers' argmax."""
     ids = list(range(3, 15))
     out = post(teacher, "/v1/completions", json={"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1,
-                                                 "temperature": 0}).json()
+                                                 "temperature": 0, "return_tokens_as_token_ids": True}).json()
     lp = out["choices"][0]["logprobs"]
     next_lp = reference.logprobs([*ids, 0])[len(ids) - 1]  # the distribution after the whole prompt
     assert len(lp["token_logprobs"]) == len(ids) + 1 and out["usage"]["completion_tokens"] == 1

@@ -388,9 +388,9 @@ class TeacherRouter:
                 raise ValueError(f"no teacher pool for domain {domain!r} (pools: {sorted(self._pools)})")
             if pool.digest is None:
                 raise RuntimeError("call handshake() before score(): the cache key needs each pool's fingerprint")
-            if item.top_k:
+            if item.top_k or item.ranks:
                 raise ValueError("the router returns response log-probs (and distributions, candidates) only; top_k "
-                                 "must be 0")
+                                 "must be 0 and ranks false")
 
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:

@@ -10,12 +10,14 @@
   image placeholder of its `input_ids` in order (uniopd's one-placeholder form); never fetched from a URL or a path.
 - vLLM OpenAI-style `POST /v1/completions` with token-id prompts, `max_tokens` 0 or 1 and `prompt_logprobs` (→
   `choices[].prompt_logprobs`, entry 0 null) and/or `echo` with `logprobs` (→ legacy `choices[].logprobs`). With
-  `max_tokens` 0 nothing is generated and `text` is empty. With 1 (what vLLM clients and lm-eval send), one token
-  is generated, always greedily (the temperature is not applied: the token is the one vLLM picks at temperature 0):
-  the prompt is scored with a placeholder token after it, whose position's top-1 is the generated token, and the
-  response has vLLM's layout — `echo` gives n + 1 entries, the last one the generated token's, `text` is that token
-  and `completion_tokens` is 1. Token
-  strings are `token_id:N`, vLLM's `--return-tokens-as-token-ids` form.
+  `max_tokens` 0 nothing is generated. With 1 (what vLLM clients and lm-eval send), one token is generated, always
+  greedily (the temperature is not applied: the token is the one vLLM picks at temperature 0): the prompt is scored
+  with a placeholder token after it, whose position's top-1 is the generated token, and the response has vLLM's
+  layout — `echo` gives n + 1 entries, the last one the generated token's, and `completion_tokens` is 1. As vLLM:
+  `text` is the generated text, after the prompt's with `echo`; token strings are decoded text (`token_id:N` when
+  the request sets `return_tokens_as_token_ids`); legacy `top_logprobs[i]` holds the top k and the token itself
+  (k + 1 entries when it is outside them; `{token: logprob}` with `logprobs: 0`); every `prompt_logprobs` entry
+  has an integer `rank`, also outside the top k.
 - The probes and info routes their launch scripts call: SGLang's `GET /health` (200, empty body, once the model is
   loaded) and `/health_generate` (200 once a real one-token scoring pass has gone through the scorer), `/get_model_info`
   and `/get_server_info` (`model_path` is the `--model` the server was started with, as SGLang's is), and OpenAI's
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, Response
@@ -50,6 +54,7 @@ from proto.errors import ApiError
 from proto.schemas import API_VERSION, ScoreItem, TokenId
 from services.common.auth import Team
 from services.common.http import error_responses
+from services.common.models import load_tokenizer
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
 STARTED = int(time.time())
@@ -266,6 +271,8 @@ class CompletionRequest(BaseModel):
     top_p: StrictFloat | StrictInt | None = None
     seed: StrictInt | None = None
     user: str | None = None
+    return_tokens_as_token_ids: StrictBool = Field(
+        default=False, description="Token strings as `token_id:N` instead of decoded text (vLLM's option).")
 
 
 class PromptLogprob(BaseModel):
@@ -316,50 +323,72 @@ def _check_completion(req: CompletionRequest) -> int:
 def _split_generated(span: ScoredSpan) -> tuple[ScoredSpan, int, float]:
     """A span scored with a placeholder after the prompt: the prompt's own span, and the greedy next token with its
     log-prob (the top-1 at the placeholder's position)."""
-    prompt = ScoredSpan(span.logprobs[:-1], span.top_k_ids[:-1], span.top_k_logprobs[:-1])
+    prompt = ScoredSpan(span.logprobs[:-1], span.top_k_ids[:-1], span.top_k_logprobs[:-1],
+                        ranks=None if span.ranks is None else span.ranks[:-1])
     return prompt, int(span.top_k_ids[-1, 0]), float(span.top_k_logprobs[-1, 0])
 
 
-def _prompt_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> list[dict | None]:
+class TokenText:
+    """Token strings as a vLLM server writes them: decoded text, or `token_id:N` when the request asks for ids."""
+
+    def __init__(self, tokenizer: Any | None, as_ids: bool) -> None:
+        if tokenizer is None and not as_ids:
+            raise ApiError(400, "unsupported", "this teacher has no tokenizer to decode tokens with; send "
+                           "return_tokens_as_token_ids: true", "return_tokens_as_token_ids")
+        self.tokenizer, self.as_ids = tokenizer, as_ids
+
+    def token(self, tok: int) -> str:
+        return _token(tok) if self.as_ids else self.tokenizer.decode([tok])
+
+    def text(self, ids: list[int]) -> str:
+        return "".join(map(self.token, ids)) if self.tokenizer is None else self.tokenizer.decode(ids)
+
+
+def _prompt_logprobs(item: ScoreItem, span: ScoredSpan, k: int, names: TokenText) -> list[dict | None]:
     ids = item.input_ids
     out: list[dict | None] = [None]
     tops = span.top_k_ids.tolist() if span.k else [[]] * len(span.logprobs)
     top_lps = span.top_k_logprobs.tolist() if span.k else [[]] * len(span.logprobs)
-    for j, lp in enumerate(span.logprobs.tolist()):
+    for j, (lp, rank) in enumerate(zip(span.logprobs.tolist(), span.ranks.tolist(), strict=True)):
         tok = ids[j + 1]
-        row = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": _token(t)}
+        row = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": names.token(t)}
                for r, (t, v) in enumerate(zip(tops[j][:k], top_lps[j][:k], strict=True))}
-        rank = tops[j].index(tok) + 1 if tok in tops[j] else None
-        row[str(tok)] = {"logprob": lp, "rank": rank, "decoded_token": _token(tok)}
+        row[str(tok)] = {"logprob": lp, "rank": rank, "decoded_token": names.token(tok)}
         out.append(row)
     return out
 
 
-def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int) -> dict:
-    tokens = [_token(t) for t in item.input_ids]
+def _top_entries(ids: list[int], lps: list[float], tok: int, lp: float, names: TokenText) -> dict[str, float]:
+    """A legacy top_logprobs entry as vLLM writes it: the top k, then the token itself (k + 1 entries when it is
+    outside them)."""
+    return {**{names.token(t): v for t, v in zip(ids, lps, strict=True)}, names.token(tok): lp}
+
+
+def _legacy_logprobs(item: ScoreItem, span: ScoredSpan, k: int, names: TokenText) -> dict:
+    tokens = [names.token(t) for t in item.input_ids]
     offsets, pos = [], 0
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = None
-    if k:
-        top = [None] + [{_token(t): v for t, v in zip(ids[:k], lps[:k], strict=True)}
-                        for ids, lps in zip(span.top_k_ids.tolist(), span.top_k_logprobs.tolist(), strict=True)]
+    tops = span.top_k_ids[:, :k].tolist() if k else [[]] * len(span.logprobs)
+    top_lps = span.top_k_logprobs[:, :k].tolist() if k else [[]] * len(span.logprobs)
+    top = [None] + [_top_entries(ids, lps, tok, lp, names) for ids, lps, tok, lp in zip(
+        tops, top_lps, item.input_ids[1:], span.logprobs.tolist(), strict=True)]
     return {"tokens": tokens, "token_logprobs": [None, *span.logprobs.tolist()], "top_logprobs": top,
             "text_offset": offsets}
 
 
-def _with_generated(echoed: dict | None, token: int, token_lp: float, scored: ScoredSpan, k: int) -> dict:
+def _with_generated(echoed: dict | None, token: int, token_lp: float, scored: ScoredSpan, k: int,
+                    names: TokenText) -> dict:
     """Legacy logprobs with the generated token's entry appended (after the echoed prompt's, if echoed), as vLLM
-    lays them out: its top-k at that position when k > 0."""
-    out = echoed or {"tokens": [], "token_logprobs": [], "top_logprobs": [] if k else None, "text_offset": []}
+    lays them out: its top-k at that position and itself."""
+    out = echoed or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     last = out["text_offset"][-1] + len(out["tokens"][-1]) if out["tokens"] else 0
-    out["tokens"].append(_token(token))
+    out["tokens"].append(names.token(token))
     out["token_logprobs"].append(token_lp)
     out["text_offset"].append(last)
-    if k:
-        ids, lps = scored.top_k_ids[-1, :k].tolist(), scored.top_k_logprobs[-1, :k].tolist()
-        out["top_logprobs"].append({_token(t): v for t, v in zip(ids, lps, strict=True)})
+    ids, lps = scored.top_k_ids[-1, :k].tolist(), scored.top_k_logprobs[-1, :k].tolist()
+    out["top_logprobs"].append(_top_entries(ids, lps, token, token_lp, names))
     return out
 
 
@@ -370,6 +399,16 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
     """`caller` is the auth dependency that names the calling team (its quotas apply here too); `model_path` is the
     model as the operator named it (`--model`)."""
     router = APIRouter(tags=["compatibility"])
+
+    @functools.cache
+    def tokenizer() -> Any | None:
+        """The model's tokenizer, to write token strings as text; None where the model path has none."""
+        if not Path(model_path).is_dir():
+            return None
+        try:
+            return load_tokenizer(model_path)
+        except (OSError, ValueError):
+            return None
 
     @router.get("/health", response_class=Response, responses=error_responses(503))
     async def health() -> Response:
@@ -434,10 +473,11 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
     @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
     async def completions(req: CompletionRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
         k = _check_completion(req)
+        names = TokenText(tokenizer(), req.return_tokens_as_token_ids)
         seqs, _ = _lists(req.prompt)
         generate = req.max_tokens == 1
-        items = [ScoreItem(input_ids=[*s, 0] if generate else s, response_start=1, top_k=max(k, 1) if generate else k)
-                 for s in seqs]
+        items = [ScoreItem(input_ids=[*s, 0] if generate else s, response_start=1, top_k=max(k, 1) if generate else k,
+                           ranks=req.prompt_logprobs is not None) for s in seqs]
         spans = await service.score(items, team)
         choices = []
         for i, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
@@ -447,13 +487,13 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
                 span, token, token_lp = _split_generated(span)
             logprobs = None
             if req.echo and req.logprobs is not None:
-                logprobs = _legacy_logprobs(item, span, req.logprobs)
+                logprobs = _legacy_logprobs(item, span, req.logprobs, names)
             if token is not None and req.logprobs is not None:
-                logprobs = _with_generated(logprobs, token, token_lp, spans[i], req.logprobs)
+                logprobs = _with_generated(logprobs, token, token_lp, spans[i], req.logprobs, names)
+            text = (names.text(seq) if req.echo else "") + ("" if token is None else names.text([token]))
             choices.append({
-                "index": i, "text": "" if token is None else _token(token), "finish_reason": "length",
-                "stop_reason": None, "logprobs": logprobs,
-                "prompt_logprobs": _prompt_logprobs(item, span, req.prompt_logprobs or 0)
+                "index": i, "text": text, "finish_reason": "length", "stop_reason": None, "logprobs": logprobs,
+                "prompt_logprobs": _prompt_logprobs(item, span, req.prompt_logprobs or 0, names)
                 if req.prompt_logprobs is not None else None,
             })
         tokens, generated = sum(len(s) for s in seqs), len(seqs) if generate else 0

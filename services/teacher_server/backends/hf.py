@@ -69,6 +69,10 @@ class HFScorer:
                 span.top_k_logprobs = top.cpu().numpy()
             if it.distribution:
                 span.distribution = scored.distribution(row).cpu().numpy()
+            if it.ranks:
+                dist = scored.distribution(row)
+                picked = dist.gather(-1, torch.tensor(it.input_ids[it.response_start:], device=dist.device)[:, None])
+                span.ranks = ((dist > picked).sum(-1) + 1).to(torch.int32).cpu().numpy()
             if it.candidates is not None:
                 dist = scored.distribution(row)
                 cand, tail = candidate_logprobs(dist, torch.tensor(it.candidates, device=dist.device))

@@ -48,6 +48,8 @@ def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) ->
     # counted from the end, whether or not the engine reports image placeholders expanded
     positions = range(len(ids) - (len(item.input_ids) - item.response_start), len(ids))
     span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
+    if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
+        span.ranks = np.array([prompt_logprobs[p][ids[p]].rank for p in positions], dtype=np.int32)
     if item.distribution or item.candidates is not None:
         # every vocabulary entry, as Python objects: affordable for small vocabularies only
         dist = np.full((len(positions), vocab), -np.inf, dtype=np.float32)

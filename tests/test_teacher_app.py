@@ -639,3 +639,41 @@ async def test_openai_completions_refuses_what_it_does_not_score(payload, status
         resp = await client.post("/v1/completions", json=payload)
     assert resp.status_code == status and resp.json()["error"]["field"] == field, resp.text
     assert double.calls == []
+
+
+def npy(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    return np.load(io.BytesIO(base64.b64decode(b64)), allow_pickle=False)
+
+
+async def test_vllm_token_in_token_out_scoring_as_stock_vllm_shapes_it():
+    """vLLM's /inference/v1/generate: prompt_logprob_token_ids from prompt_logprob_start (row i predicts token
+    start + i + 1), -1 pads a row and scores -inf; the matrix comes back as base64 .npy float32."""
+    double = ScorerDouble(seed=12)
+    ids, start = list(range(30, 42)), 3
+    rows = [[5, 9, -1], [7, 8, 2]] * 4  # len(ids) - 1 - start = 8 rows
+    body = {"token_ids": ids, "sampling_params": {"max_tokens": 1, "prompt_logprob_token_ids": rows,
+                                                  "prompt_logprob_start": start, "prompt_logprobs": 1},
+            "return_token_ids": True}
+    async with running(teacher_app(double)) as client:
+        out = (await client.post("/inference/v1/generate", json=body)).json()
+        bad = await client.post("/inference/v1/generate", json={**body, "sampling_params": {
+            **body["sampling_params"], "prompt_logprob_token_ids": rows[:-1]}})
+        generating = await client.post("/inference/v1/generate", json={"token_ids": ids, "sampling_params": {
+            "max_tokens": 16, "prompt_logprobs": 1}})
+    matrix = npy(out["prompt_token_id_logprobs"])
+    assert matrix.dtype == np.float32 and matrix.shape == (8, 3)
+    table = double.table[np.asarray(ids[start:-1])]  # rows predicting tokens start + 1 ..
+    for i, row in enumerate(rows):
+        for j, tok in enumerate(row):
+            assert matrix[i, j] == (-np.inf if tok < 0 else table[i, tok])
+    plp = out["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids) and out["prompt_token_ids"] == ids
+    ranks = double.span(ids, 1, ranks=True).ranks.tolist()
+    assert [plp[p][str(ids[p])]["rank"] for p in range(1, len(ids))] == ranks
+    greedy = int(double.span([*ids, 0], 1, top_k=1).top_k_ids[-1, 0])
+    assert out["choices"][0]["token_ids"] == [greedy] and out["usage"]["completion_tokens"] == 1
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "sampling_params.prompt_logprob_token_ids"
+    assert generating.status_code == 400 and generating.json()["error"]["field"] == "sampling_params.max_tokens"

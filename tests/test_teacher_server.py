@@ -343,3 +343,19 @@ def test_candidates_match_transformers(teacher, reference, binary):
         np.put_along_axis(rest, cand, False, -1)
         want_tail = np.log(np.where(rest, np.exp(full.astype(np.float64)), 0).sum(-1))
         np.testing.assert_allclose(span.tail_logprobs, want_tail, atol=TOL)
+
+
+def test_vllm_token_in_token_out_scoring_matches_transformers(teacher, reference):
+    """Both backends: stock vLLM's prompt_logprob_token_ids request, decoded as its clients decode it."""
+    import base64
+    import io
+
+    ids, start = list(range(40, 60)), 5
+    rows = [[11, 300, 2, -1]] * (len(ids) - 1 - start)
+    out = post(teacher, "/inference/v1/generate", json={"token_ids": ids, "sampling_params": {
+        "max_tokens": 1, "prompt_logprob_token_ids": rows, "prompt_logprob_start": start}}).json()
+    matrix = np.load(io.BytesIO(base64.b64decode(out["prompt_token_id_logprobs"])), allow_pickle=False)
+    full = reference.logprobs(ids)[start: len(ids) - 1]
+    np.testing.assert_allclose(matrix[:, :3], full[:, [11, 300, 2]], atol=TOL)
+    assert np.isneginf(matrix[:, 3]).all()
+    assert out["choices"][0]["token_ids"] == [int(reference.logprobs([*ids, 0])[len(ids) - 1].argmax())]

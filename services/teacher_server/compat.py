@@ -18,6 +18,10 @@
   the request sets `return_tokens_as_token_ids`); legacy `top_logprobs[i]` holds the top k and the token itself
   (k + 1 entries when it is outside them; `{token: logprob}` with `logprobs: 0`); every `prompt_logprobs` entry
   has an integer `rank`, also outside the top k.
+- vLLM's token-in/token-out `POST /inference/v1/generate` with `sampling_params.prompt_logprob_token_ids` (fixed ids
+  to score at every prompt row from `prompt_logprob_start`; -1 pads a row and scores -inf) and/or `prompt_logprobs`:
+  `prompt_token_id_logprobs` is the base64 `.npy` float32 matrix [rows, ids] vLLM returns; `max_tokens` must be 1 (one
+  token is generated greedily, as on /v1/completions). Ids within a row must be distinct here (candidate scoring).
 - The probes and info routes their launch scripts call: SGLang's `GET /health` (200, empty body, once the model is
   loaded) and `/health_generate` (200 once a real one-token scoring pass has gone through the scorer), `/get_model_info`
   and `/get_server_info` (`model_path` is the `--model` the server was started with, as SGLang's is), and OpenAI's
@@ -29,12 +33,14 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import io
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from fastapi import APIRouter, Depends, Response
 from pydantic import (
     BaseModel,
@@ -392,6 +398,57 @@ def _with_generated(echoed: dict | None, token: int, token_lp: float, scored: Sc
     return out
 
 
+# ---- vLLM token-in/token-out /inference/v1/generate -----------------------------------------------------------
+
+class VLLMSamplingParams(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    max_tokens: exact(1) = Field(description="1: one token, greedily (vLLM needs at least one; this teacher scores).")
+    prompt_logprobs: TopK | None = None
+    prompt_logprob_token_ids: list[Annotated[list[Annotated[StrictInt, Field(ge=-1)]], Field(min_length=1)]] | None \
+        = Field(default=None, description="Ids to score at each prompt row from prompt_logprob_start (-1: padding).")
+    prompt_logprob_start: Annotated[StrictInt, Field(ge=0)] = 0
+
+
+class VLLMGenerateRequest(BaseModel):
+    """The scoring subset of vLLM's token-in/token-out generate request; anything outside it is refused with 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    token_ids: Sequence_
+    sampling_params: VLLMSamplingParams
+    request_id: str | None = None
+    model: str | None = None
+    return_token_ids: StrictBool | None = None
+    stream: exact(False) = False
+
+
+def _fixed_id_rows(req: VLLMGenerateRequest, max_candidates: int) -> tuple[list[list[int]], np.ndarray] | None:
+    """prompt_logprob_token_ids as one candidate row per scored position 1..n (the generated token's included), and
+    where padding sat: a -1 takes an id its row does not ask for, and its score is set to -inf afterwards."""
+    rows, p = req.sampling_params.prompt_logprob_token_ids, req.sampling_params
+    if rows is None:
+        return None
+    n, field = len(req.token_ids), "sampling_params.prompt_logprob_token_ids"
+    if p.prompt_logprob_start >= n - 1 or len(rows) != n - 1 - p.prompt_logprob_start:
+        raise ApiError(422, "invalid_field", f"{field} has {len(rows)} rows; the prompt has "
+                       f"{max(n - 1 - p.prompt_logprob_start, 0)} scored rows (prompt_len - 1 - prompt_logprob_start)",
+                       field)
+    if len({len(r) for r in rows}) != 1 or len(rows[0]) > max_candidates:
+        raise ApiError(422, "invalid_field", f"{field}: every row needs the same number of ids, at most "
+                       f"{max_candidates} (this teacher's --max-top-k)", field)
+    pad = np.asarray(rows) < 0
+    filled = []
+    for row in rows:
+        real = [t for t in row if t >= 0]
+        if len(set(real)) != len(real):
+            raise ApiError(422, "invalid_field", f"{field}: ids within a row must be distinct here", field)
+        spare = (t for t in range(len(row) + len(real)) if t not in real)
+        filled.append([t if t >= 0 else next(spare) for t in row])
+    before = [filled[0]] * p.prompt_logprob_start
+    return before + filled + [filled[-1]], pad
+
+
 HEALTH_PROBE = ScoreItem(input_ids=[0, 0], response_start=1)  # one scored position: the smallest real pass
 
 
@@ -500,5 +557,36 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": service.info().model, "choices": choices,
                 "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
+
+    @router.post("/inference/v1/generate", responses=error_responses(*_PROBLEMS))
+    async def vllm_generate(req: VLLMGenerateRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
+        p, ids = req.sampling_params, req.token_ids
+        if p.prompt_logprobs is None and p.prompt_logprob_token_ids is None:
+            raise ApiError(400, "unsupported", "set prompt_logprob_token_ids or prompt_logprobs: this teacher only "
+                           "scores", "sampling_params.prompt_logprob_token_ids")
+        fixed = _fixed_id_rows(req, service.ready().info().max_top_k)
+        k = p.prompt_logprobs or 0
+        item = ScoreItem(input_ids=[*ids, 0], response_start=1, top_k=max(k, 1), ranks=p.prompt_logprobs is not None,
+                         candidates=None if fixed is None else fixed[0])
+        (span,) = await service.score([item], team)
+        prompt, token, _ = _split_generated(span)
+        matrix = None
+        if fixed is not None:
+            start = p.prompt_logprob_start
+            values = span.candidate_logprobs[start: len(ids) - 1].astype(np.float32)
+            values[fixed[1]] = -np.inf
+            buffer = io.BytesIO()
+            np.save(buffer, values, allow_pickle=False)
+            matrix = base64.b64encode(buffer.getvalue()).decode("ascii")
+        scored = ScoreItem(input_ids=ids, response_start=1, top_k=k)
+        plp = _prompt_logprobs(scored, prompt, k, TokenText(None, as_ids=True)) if p.prompt_logprobs is not None \
+            else None
+        return {"request_id": req.request_id or uuid.uuid4().hex, "created": int(time.time()),
+                "model": service.info().model, "output_mode": "tokens",
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1},
+                "prompt_logprobs": plp, "prompt_token_id_logprobs": matrix,
+                "prompt_token_ids": ids if req.return_token_ids else None,
+                "choices": [{"index": 0, "finish_reason": "length", "stop_reason": None, "token_ids": [token],
+                             "logprobs": None}]}
 
     return router

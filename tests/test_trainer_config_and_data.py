@@ -47,11 +47,21 @@ def test_example_config_loads_with_overrides(config_file):
     ("recipe.calibration.delta=oops", "recipe.calibration.delta"),
     ("recipe.online_balance.ratio=-1", "recipe.online_balance.ratio"),
     ("algorithm.updates_per_batch=5", "algorithm"),  # 4 x 4 samples do not split into 5 minibatches
+    ("algorithm.teacher_signal=logits", "algorithm.teacher_signal"),
+    ("algorithm.topk=0", "algorithm.topk"),
 ])
 def test_invalid_configs_name_the_field(config_file, override, field):
     with pytest.raises(ConfigError) as exc:
         load_config(config_file, [override])
     assert str(exc.value).startswith(field), str(exc.value)
+
+
+def test_a_teacher_too_small_for_the_top_k_signal_is_named(config_file):
+    """What the start-up handshake and a teacher swap both refuse: a teacher whose --max-top-k is below topk."""
+    topk = load_config(config_file, ["algorithm.teacher_signal=topk", "algorithm.topk=32"]).algorithm
+    assert topk.teacher_shortfall(32) is None and topk.teacher_shortfall(128) is None
+    assert "algorithm.topk is 32" in topk.teacher_shortfall(20) and "--max-top-k" in topk.teacher_shortfall(20)
+    assert load_config(config_file, ["algorithm.topk=32"]).algorithm.teacher_shortfall(1) is None  # sampled signal
 
 
 def test_every_problem_is_reported_at_once(config_file):

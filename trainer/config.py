@@ -118,6 +118,13 @@ class AlgorithmConfig(Strict):
     updates_per_batch: PosInt = Field(default=1, description="Optimizer steps per rollout batch (minibatches).")
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
 
+    def teacher_shortfall(self, max_top_k: int) -> str | None:
+        """Why a teacher that scores at most `max_top_k` ids a position cannot give this run's signal, or None."""
+        if self.teacher_signal == "topk" and max_top_k < self.topk:
+            return f"algorithm.topk is {self.topk} candidates a position, but it scores at most {max_top_k} (its " \
+                   "--max-top-k)"
+        return None
+
     @model_validator(mode="after")
     def _known_estimator(self) -> AlgorithmConfig:
         if (self.estimator, self.teacher_signal) not in ESTIMATORS:

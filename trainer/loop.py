@@ -116,11 +116,9 @@ class Trainer:
                                     breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s)
         await self.router.handshake(student_fp, c.allow_tokenizer_mismatch,
                                     expected={d: p.fingerprint for d, p in c.teachers.items()})
-        if self.estimator.teacher_signal == "topk":
-            for domain in c.teachers:
-                if (most := self.router.info(domain).max_top_k) < c.algorithm.topk:
-                    raise ConfigError(f"algorithm.topk: {c.algorithm.topk} candidates a position, but the {domain!r} "
-                                      f"teacher scores at most {most} (its --max-top-k)")
+        for domain in c.teachers:
+            if (why := c.algorithm.teacher_shortfall(self.router.info(domain).max_top_k)) is not None:
+                raise ConfigError(f"the {domain!r} teacher: {why}")
         self.teacher_swap.attach(self.router, student_fp, self.step)
         await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
 

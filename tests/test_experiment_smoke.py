@@ -86,7 +86,8 @@ def test_results_and_report_cover_every_run(smoke):
     assert set(results["runs"]) == {f"{s}/{m}" for s, m in SMOKE.runs}
     assert set(results["teachers"]) == {"math-teacher", "code-teacher", "strong-teacher", "visual-teacher"}
     assert set(results["balance"]) == {"math", "code", "code, mm-student", "visual, mm-student"}
-    assert set(results["sharpened"]) == {"math-teacher", "code-teacher"}  # sharpened from the student
+    # sharpened from their students: math and code from the text student, visual from the multimodal one
+    assert set(results["sharpened"]) == {"math-teacher", "code-teacher", "visual-teacher"}
     assert all(len(rounds) == 1 and rounds[0]["samples"] > 0 for rounds in results["sharpened"].values())
     text = doc.read_text()
     assert "## How the domain teachers were made" in text and "| math-teacher | 1 |" in text

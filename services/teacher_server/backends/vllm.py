@@ -22,7 +22,7 @@ class VLLMScorer:
         # -1: vLLM may return the whole vocabulary (a distribution item); our limits bound k and the distribution
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1)
         self.vocab = vocab
-        # prompt_logprob_token_ids (fixed candidates) needs vLLM's V2 model runner, which has no CPU build
+        # prompt_logprob_token_ids (fixed candidates) needs vLLM's V2 model runner, which needs Triton (none here)
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k,
                                 candidate_scoring="full-distribution")
         self.vision = Vision(model_dir) if is_multimodal(model_dir) else None  # vLLM expands images the same way

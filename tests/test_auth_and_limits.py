@@ -13,7 +13,7 @@ import pytest
 
 from proto.codec import encode_score_request
 from proto.schemas import MSGPACK
-from tests.conftest import random_items
+from tests.conftest import BACKENDS, random_items
 from uniopd.launch import start_teacher
 
 pytestmark = pytest.mark.e2e  # a real teacher process per fixture
@@ -143,3 +143,23 @@ def test_full_queue_answers_429_and_recovers(limited):
     assert refused.json()["error"]["code"] == "queue_full"
     assert httpx.post(limited.url + "/v1/score", content=small, headers=headers).status_code == 200
     assert 'uniopd_requests_total{route="/v1/score",status="429"} 1.0' in httpx.get(limited.url + "/metrics").text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keyless_clients_score_as_their_named_team_on_a_real_teacher(tiny_model, reference, tmp_path, backend):
+    """slime's teacher call (no Authorization header) against a teacher whose team file admits keyless callers as
+    `keyless`: scored, counted against that team, values as transformers gives them; a wrong key is still 401."""
+    teams = tmp_path / "teams.yaml"
+    teams.write_text("teams:\n  alpha: {keys: [key-alpha-1]}\n  keyless: {unauthenticated: true, "
+                     "tokens_per_minute: 100000}\n")
+    ids = list(range(10, 40))
+    body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 0, "skip_special_tokens": False}}
+    with start_teacher(tiny_model, backend, ["--api-keys", str(teams)], log_dir=tmp_path) as server:
+        out = httpx.post(server.url + "/generate", json=body, timeout=60)
+        usage = httpx.get(server.url + "/v1/usage").json()
+        wrong = httpx.post(server.url + "/generate", json=body, headers={"Authorization": "Bearer nope"})
+    assert out.status_code == 200 and usage["team"] == "keyless" and usage["requests"] == 1
+    entries = out.json()["meta_info"]["input_token_logprobs"]
+    np.testing.assert_allclose([e[0] for e in entries[1:]], reference.span(ids, 1), atol=1e-4)
+    assert wrong.status_code == 401

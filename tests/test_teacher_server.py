@@ -38,7 +38,7 @@ def test_health_ready_and_info(teacher, tiny_model):
     info = httpx.get(teacher.url + "/v1/info").json()
     assert info["backend"] == teacher.backend
     assert info["vocab_size"] == 512 and info["domains"] == ["math"] and info["api_version"] == "v1"
-    assert info["dtype"] == "float32" and info["max_top_k"] == 20
+    assert info["dtype"] == "float32" and info["max_top_k"] == 128
     from proto.fingerprint import model_revision
 
     assert info["revision"] == model_revision(tiny_model)
@@ -146,7 +146,7 @@ INVALID = [
     ({"items": [_item(input_ids=[1, 2.5, 3])]}, 422, "items[0].input_ids[1]"),
     ({"items": [_item(response_start=0)]}, 422, "items[0].response_start"),
     ({"items": [_item(response_start=4)]}, 422, "items[0].response_start"),
-    ({"items": [_item(top_k=21)]}, 422, "items[0].top_k"),
+    ({"items": [_item(top_k=129)]}, 422, "items[0].top_k"),
     ({"items": [_item(top_k=-1)]}, 422, "items[0].top_k"),
     ({"items": [_item(input_ids=list(range(500)) * 3)]}, 422, "items[0].input_ids"),
     ({"items": [_item(surprise=1)]}, 422, "items[0].surprise"),

@@ -69,12 +69,12 @@ class HFScorer:
                 span.top_k_logprobs = top.cpu().numpy()
             if it.distribution:
                 span.distribution = scored.distribution(row).cpu().numpy()
-            if it.ranks:
+            if it.ranks or it.candidates is not None:
                 dist = scored.distribution(row)
+            if it.ranks:
                 picked = dist.gather(-1, torch.tensor(it.input_ids[it.response_start:], device=dist.device)[:, None])
                 span.ranks = ((dist > picked).sum(-1) + 1).to(torch.int32).cpu().numpy()
             if it.candidates is not None:
-                dist = scored.distribution(row)
                 cand, tail = candidate_logprobs(dist, torch.tensor(it.candidates, device=dist.device))
                 span.candidate_logprobs, span.tail_logprobs = cand.cpu().numpy(), tail.cpu().numpy()
             spans.append(span)

@@ -72,9 +72,11 @@ class SharpenedSpec:
 Spec = ModelSpec | SharpenedSpec
 STUDENT = ModelSpec("student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=3000, seed=4, slip_rate=0.5)
 # cross-modal (docs/method.md §1): a multimodal student made like the text one (fresh data, both styles, slips) on
-# code and image prompts; its image teacher is that checkpoint sharpened on the image domain, and its code teacher is
-# the text-only code teacher (a sibling: same code SFT recipe, sharpened the same way)
-MM_STUDENT = ModelSpec("mm-student", 128, 4, (), code_tasks.STYLES, steps=3000, seed=6,
+# math, code and image prompts (a third each); its image teacher is that checkpoint sharpened on the image domain, and
+# its code teacher is the text-only code teacher (a sibling: same code SFT recipe, sharpened the same way). Math is in
+# its SFT though not in its distillation: without it the student lacked the arithmetic the code tasks need and learned
+# only the training prompts' answers (measured, docs/experiment-cross-modal.md)
+MM_STUDENT = ModelSpec("mm-student", 128, 4, math_tasks.STYLES, code_tasks.STYLES, steps=4500, seed=6,
                        visual_styles=visual_tasks.STYLES, vision=True, slip_rate=0.5)
 SPECS: dict[str, Spec] = {s.name: s for s in (
     STUDENT,

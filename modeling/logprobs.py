@@ -60,6 +60,16 @@ def candidate_logprobs(distribution: torch.Tensor, candidates: torch.Tensor) -> 
     return picked, torch.logsumexp(rest, dim=-1)
 
 
+def right_padded(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, longest) token ids padded with 0 on the right, and the attention mask that marks the real ones."""
+    ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
 def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Sequence[int],
                       pixels: dict | None = None) -> ResponseLogprobs:
     """One forward pass over `seqs`, right-padded, each ending in a response of `response_lengths[i]` tokens.
@@ -69,12 +79,8 @@ def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Se
     the batch's first response position on (`logits_to_keep`), in float32 whatever the model's dtype.
     """
     device = next(model.parameters()).device  # also right for a wrapped (DDP) model, which has no .device
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
+    ids, mask = right_padded(seqs)
+    width = ids.shape[1]
     starts = [len(s) - n for s, n in zip(seqs, response_lengths, strict=True)]
     first = min(starts) - 1  # the position whose logits predict the batch's earliest response token
     keep = torch.arange(first, width - 1, device=device)
@@ -88,3 +94,47 @@ def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Se
     inside = steps < torch.tensor(list(response_lengths), device=device)[:, None]
     logprobs = torch.where(inside, picked.gather(1, index), 0.0)
     return ResponseLogprobs(logprobs, list(response_lengths), logits, lse, offsets)
+
+
+def prefill_shared_prompts(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                           prompt_of: Sequence[int]) -> ResponseLogprobs | None:
+    """`prefill_responses` for rows that share prompts: each prompt is computed once and its keys and values are
+    reused by every response row of it (`prompt_of[row]` indexes `prompts`).
+
+    Two passes: the prompts but their last token (right-padded, caching keys and values), then per row the prompt's
+    last token and the response but its last token, attending to its prompt's cached positions. The second pass's
+    logits are exactly the ones that predict the response tokens, so every row starts at offset 0. Returns None when
+    the model's cache is not plain full attention (sliding windows, recurrent state), where rows cannot simply be
+    copied from a padded prompt's cache; the caller then scores the rows unshared.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    if min(len(p) for p in prompts) < 2:
+        raise ValueError("a shared prompt needs at least 2 tokens (one to cache, one to start the responses)")
+    device = next(model.parameters()).device
+    heads = [p[:-1] for p in prompts]
+    ids, head_mask = right_padded(heads)
+    cache = model(input_ids=ids.to(device), attention_mask=head_mask.to(device), use_cache=True,
+                  logits_to_keep=1).past_key_values
+    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    group = torch.tensor(list(prompt_of), device=device)
+    cache.reorder_cache(group)
+    lengths = [len(r) for r in responses]
+    longest = max(lengths)
+    tail = torch.zeros((len(responses), longest), dtype=torch.long)  # [last prompt token, response[:-1]]
+    targets = torch.zeros_like(tail)
+    tail_mask = torch.zeros_like(tail)
+    for row, (r, g) in enumerate(zip(responses, prompt_of, strict=True)):
+        tail[row, 0] = prompts[g][-1]
+        tail[row, 1: len(r)] = torch.tensor(r[:-1])
+        targets[row, : len(r)] = torch.tensor(r)
+        tail_mask[row, : len(r)] = 1
+    positions = torch.tensor([len(heads[g]) for g in prompt_of])[:, None] + torch.arange(longest)
+    mask = torch.cat([head_mask.to(device)[group], tail_mask.to(device)], dim=1)
+    logits = model(input_ids=tail.to(device), attention_mask=mask, position_ids=positions.to(device),
+                   past_key_values=cache, use_cache=True).logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1) - lse
+    logprobs = torch.where(tail_mask.to(device).bool(), picked, 0.0)
+    return ResponseLogprobs(logprobs, lengths, logits, lse, [0] * len(responses))

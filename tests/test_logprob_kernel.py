@@ -114,3 +114,41 @@ def test_candidates_covering_the_vocabulary_leave_an_empty_tail_and_no_nan():
     torch.testing.assert_close(picked, dist[:, every[0]])
     picked, tail = candidate_logprobs(dist, torch.tensor([[0, 1, 2, 4, 5, 6, 7]]))  # all but the ruled-out one
     assert torch.isneginf(tail).all() and not picked.isnan().any()
+
+
+def grouped_items(rng: np.random.Generator, prompts: int, samples: int, **options) -> list[ScoreItem]:
+    """An OPD batch: `samples` responses of varied lengths to each of `prompts` prompts of varied lengths,
+    interleaved the way a teacher's batcher may merge requests, plus one item whose prompt nobody shares."""
+    heads = [rng.integers(0, 512, size=int(rng.integers(2, 40))).tolist() for _ in range(prompts)]
+    items = [ScoreItem(input_ids=heads[p] + rng.integers(0, 512, size=int(rng.integers(1, 30))).tolist(),
+                       response_start=len(heads[p]), **options) for _ in range(samples) for p in range(prompts)]
+    return [*items, ScoreItem(input_ids=rng.integers(0, 512, size=20).tolist(), response_start=9, **options)]
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 0.6)])
+def test_shared_prompts_score_as_each_sequence_alone(tiny_model, dtype, atol):
+    """One prompt pass per prompt, its keys and values reused by every sample: the same log-probs, top-k, ranks,
+    candidates and distributions as scoring each sequence whole: fp32 to rounding (measured 1.2e-5 at most, on
+    log-probs near -13), bf16 within the bound its fp32 comparison uses (test_dtypes)."""
+    shared, alone = HFScorer(tiny_model, dtype, "cpu"), HFScorer(tiny_model, dtype, "cpu", share_prompts=False)
+    items = grouped_items(np.random.default_rng(3), prompts=3, samples=4, top_k=3, ranks=True, distribution=True)
+    items[0] = items[0].model_copy(update={"candidates": [[1, 2, 3]]})
+    for got, want in zip(shared.score(items), alone.score(items), strict=True):
+        for field in ("logprobs", "top_k_logprobs", "distribution", "candidate_logprobs", "tail_logprobs"):
+            if getattr(want, field) is not None:
+                np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=atol, err_msg=field)
+        if dtype == "float32":
+            np.testing.assert_array_equal(got.top_k_ids, want.top_k_ids)
+            np.testing.assert_array_equal(got.ranks, want.ranks)
+    assert shared.share_prompts  # the tiny model's cache was shareable: the shared path ran
+
+
+def test_shared_prompt_groups_only_pair_identical_prompts_of_two_tokens_or_more():
+    from services.teacher_server.backends.hf import shared_prompt_groups
+
+    def item(prompt, response):
+        return ScoreItem(input_ids=prompt + response, response_start=len(prompt))
+
+    items = [item([1, 2], [3]), item([1, 2, 3], [4]), item([1, 2], [5, 6]), item([7], [8]), item([7], [9]),
+             item([1, 2, 3], [9]), item([4, 5], [6])]
+    assert shared_prompt_groups(items) == [[0, 2], [1, 5]]  # [7] is one token: nothing to cache

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from proto.codec import ScoredSpan, encode_score_response
-from proto.schemas import MSGPACK
+from proto.codec import ScoredSpan, decode_score_request, encode_score_response
+from proto.schemas import MSGPACK, ScoreItem
 from services.teacher_server.app import create_app
 from services.teacher_server.limits import Limits
 from tests.conftest import random_items
@@ -79,6 +79,17 @@ class Network:
     def scored(self, url: str) -> int:
         """/v1/score requests sent to `url` that no script answered."""
         return sum(1 for r in self.log if str(r.url).startswith(url) and r.url.path == "/v1/score")
+
+    def sent_prompts(self, url: str) -> list[list[list[int]]]:
+        """Per /v1/score request sent to `url`, its items' indices grouped by prompt."""
+        out = []
+        for r in self.log:
+            if str(r.url).startswith(url) and r.url.path == "/v1/score":
+                groups: dict[tuple[int, ...], list[int]] = {}
+                for i, it in enumerate(decode_score_request(r.content, r.headers["content-type"]).items):
+                    groups.setdefault(tuple(it.input_ids[:it.response_start]), []).append(i)
+                out.append(list(groups.values()))
+        return out
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         url = f"{request.url.scheme}://{request.url.netloc.decode()}"
@@ -473,4 +484,23 @@ async def test_score_refuses_unknown_domains_top_k_and_an_unhandshaken_router(ne
     with pytest.raises(ValueError, match="top_k"):
         await router.score([("math", item.model_copy(update={"top_k": 2}))])
     assert await router.score([]) == [] and net.scored(MATH) == 0
+    await router.aclose()
+
+
+async def test_a_prompts_samples_go_to_one_request_when_they_fit(net):
+    """Affinity by prompt: the teacher computes a shared prompt once only if its samples arrive together."""
+    math = await net.serve(MATH, ScorerDouble(seed=0))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 512, size=6).tolist() for _ in range(3)]
+
+    def sample(p: int) -> ScoreItem:
+        return ScoreItem(input_ids=prompts[p] + rng.integers(0, 512, size=4).tolist(), response_start=6)
+
+    items = [sample(p) for _ in range(3) for p in range(3)]  # interleaved: p0 p1 p2 p0 p1 p2 ...
+    router = await router_for(net, {"math": [MATH]}, max_items_per_request=4)
+    assert_spans(await router.score([("math", it) for it in items]), math, items)
+    assert [[len(p) for p in sent] for sent in net.sent_prompts(MATH)] == [[3], [3], [3]]  # not 4 + 4 + 1
+    wide = [sample(0) for _ in range(6)]  # more samples than a request holds: split, the first request full
+    await router.score([("math", it) for it in wide])
+    assert [[len(p) for p in sent] for sent in net.sent_prompts(MATH)[3:]] == [[4], [2]]
     await router.aclose()

@@ -395,22 +395,28 @@ class TeacherRouter:
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
         """Misses grouped per domain, cut into requests of at most max_items_per_request items and at most the
-        teacher's max_images distinct images."""
-        by_domain: dict[str, list[int]] = defaultdict(list)
+        teacher's max_images distinct images. A prompt's samples go in one request when they fit in one (affinity:
+        the teacher then computes their shared prompt once)."""
+        by_domain: dict[str, dict[tuple[int, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
         for i in misses:
-            by_domain[requests[i][0]].append(i)
+            domain, item = requests[i]
+            by_domain[domain][tuple(item.input_ids[:item.response_start])].append(i)
         chunks = []
-        for domain, idx in by_domain.items():
+        for domain, groups in by_domain.items():
             max_images = self._pools[domain].info.limits.get("max_images", 0) if self._pools[domain].info else 0
             chunk: list[int] = []
             shown: set[bytes] = set()
-            for i in idx:
-                more = shown | set(images[i])
-                if chunk and (len(chunk) == self.max_items_per_request or (max_images and len(more) > max_images)):
+            for group in groups.values():
+                if chunk and len(chunk) + len(group) > self.max_items_per_request >= len(group):
                     chunks.append((domain, chunk))
-                    chunk, more = [], set(images[i])
-                chunk.append(i)
-                shown = more
+                    chunk, shown = [], set()
+                for i in group:
+                    more = shown | set(images[i])
+                    if chunk and (len(chunk) == self.max_items_per_request or (max_images and len(more) > max_images)):
+                        chunks.append((domain, chunk))
+                        chunk, more = [], set(images[i])
+                    chunk.append(i)
+                    shown = more
             if chunk:
                 chunks.append((domain, chunk))
         return chunks

@@ -1,4 +1,5 @@
-"""transformers backend: length-sorted groups under a padded-token budget, each one prefill (modeling.logprobs)."""
+"""transformers backend: length-sorted groups under a padded-token budget, each one prefill (modeling.logprobs);
+items that share a prompt (an OPD group's samples) compute it once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling.logprobs import candidate_logprobs, prefill_responses
+from modeling.logprobs import ResponseLogprobs, candidate_logprobs, prefill_responses, prefill_shared_prompts
 from proto.codec import ScoredSpan
 from proto.schemas import ScoreItem
 from services.common.models import serve_hf
@@ -27,12 +28,24 @@ def pack_by_padded_tokens(lengths: Sequence[int], budget: int) -> list[list[int]
     return groups
 
 
+def shared_prompt_groups(items: Sequence[ScoreItem]) -> list[list[int]]:
+    """Indices of items whose prompts (the tokens before response_start) are identical, for prompts of 2 tokens or
+    more that at least two items share; every other item is left out."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        if it.response_start >= 2:
+            by_prompt.setdefault(tuple(it.input_ids[:it.response_start]), []).append(i)
+    return [idx for idx in by_prompt.values() if len(idx) > 1]
+
+
 class HFScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
-                 max_length: int | None = None, max_top_k: int = 128, forward_tokens: int = 16384) -> None:
+                 max_length: int | None = None, max_top_k: int = 128, forward_tokens: int = 16384,
+                 share_prompts: bool = True) -> None:
         self.model, self.vision, base = serve_hf(model_dir, dtype, device, max_length)
         self._info = ScorerInfo(**vars(base), max_top_k=max_top_k)
         self.forward_tokens = forward_tokens
+        self.share_prompts = share_prompts
 
     def info(self) -> ScorerInfo:
         return self._info
@@ -42,26 +55,59 @@ class HFScorer:
 
     @torch.inference_mode()
     def score(self, items: Sequence[ScoreItem], images: Sequence[Sequence] | None = None) -> list[ScoredSpan]:
-        seqs, pixels = [it.input_ids for it in items], {}
+        out: list[ScoredSpan | None] = [None] * len(items)
+        rest = range(len(items))
+        if self.share_prompts and images is None:
+            shared = self._score_shared(items, out)
+            rest = [i for i in rest if i not in shared]
+        seqs, pixels = [items[i].input_ids for i in rest], {}
         if images is not None:
             seqs, pixels = self.vision.expand(seqs, images)
         bounds = np.cumsum([0] + [len(x) for x in images]) if images is not None else None
-        out: list[ScoredSpan | None] = [None] * len(items)
         for group in pack_by_padded_tokens([len(s) for s in seqs], self.forward_tokens):
             shown = [j for i in group for j in range(bounds[i], bounds[i + 1])] if pixels else []
             # image tensors hold one row per image, in item order
             group_pixels = {k: v[torch.tensor(shown)] for k, v in pixels.items()} if shown else {}
-            spans = self._score_group([items[i] for i in group], [seqs[i] for i in group], group_pixels)
-            for i, span in zip(group, spans, strict=True):
-                out[i] = span
+            chosen = [items[rest[i]] for i in group]
+            scored = prefill_responses(self.model, [seqs[i] for i in group], _response_lengths(chosen), group_pixels)
+            for i, span in zip(group, self._spans(chosen, scored), strict=True):
+                out[rest[i]] = span
         return out  # type: ignore[return-value]
 
-    def _score_group(self, items: list[ScoreItem], seqs: list[Sequence[int]], pixels: dict) -> list[ScoredSpan]:
-        lengths = [len(it.input_ids) - it.response_start for it in items]
-        scored = prefill_responses(self.model, seqs, lengths, pixels)
+    def _score_shared(self, items: Sequence[ScoreItem], out: list[ScoredSpan | None]) -> set[int]:
+        """Score the items that share a prompt, one prompt pass per prompt, packing prompts (longest prompt and
+        response of a pack, over its prompts and rows) under the token budget; returns the indices it scored."""
+        groups = sorted(shared_prompt_groups(items), key=lambda idx: items[idx[0]].response_start)
+        packs: list[list[list[int]]] = []
+        for idx in groups:
+            trial = [*packs[-1], idx] if packs else [idx]
+            rows = [i for g in trial for i in g]
+            cost = (len(trial) * max(items[g[0]].response_start for g in trial)
+                    + len(rows) * max(_response_lengths([items[i] for i in rows])))
+            if packs and cost <= self.forward_tokens:
+                packs[-1] = trial
+            else:
+                packs.append([idx])
+        done: set[int] = set()
+        for pack in packs:
+            rows = [i for g in pack for i in g]
+            chosen = [items[i] for i in rows]
+            scored = prefill_shared_prompts(
+                self.model, [items[g[0]].input_ids[:items[g[0]].response_start] for g in pack],
+                [it.input_ids[it.response_start:] for it in chosen], [n for n, g in enumerate(pack) for _ in g])
+            if scored is None:  # the model's cache cannot be shared: score everything unshared
+                self.share_prompts = False
+                return done
+            for i, span in zip(rows, self._spans(chosen, scored), strict=True):
+                out[i] = span
+            done.update(rows)
+        return done
+
+    @staticmethod
+    def _spans(items: list[ScoreItem], scored: ResponseLogprobs) -> list[ScoredSpan]:
         logprobs = scored.logprobs.cpu().numpy()
         spans = []
-        for row, (it, n) in enumerate(zip(items, lengths, strict=True)):
+        for row, (it, n) in enumerate(zip(items, scored.lengths, strict=True)):
             span = ScoredSpan(logprobs[row, :n])
             if it.top_k:
                 ids, top = scored.top_k(row, it.top_k)
@@ -79,3 +125,7 @@ class HFScorer:
                 span.candidate_logprobs, span.tail_logprobs = cand.cpu().numpy(), tail.cpu().numpy()
             spans.append(span)
         return spans
+
+
+def _response_lengths(items: Sequence[ScoreItem]) -> list[int]:
+    return [len(it.input_ids) - it.response_start for it in items]

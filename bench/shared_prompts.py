@@ -1,12 +1,13 @@
-"""Scoring a prompt's samples with one prompt pass: the transformers scorer with prompt sharing on vs off.
+"""Scoring a prompt's samples with one prompt pass: each backend's scorer with prompt sharing on vs off.
 
-    python bench/shared_prompts.py [--models tiny wide] [--passes 4] [--repeats 3]
+    python bench/shared_prompts.py [--backends hf vllm] [--models tiny wide] [--passes 4] [--repeats 3]
 
 OPD scores n samples of every prompt, and they share the prompt token for token. Each request holds 64 sequences:
 64 / n prompts x n samples (n = 1: 64 unrelated sequences), with prompt:response lengths 1:1 (64:64) or 4:1
 (256:64). Reported: scored (response) tokens/s in-process, mean ± std over repeats, for the scorer that computes each
-shared prompt once (`share_prompts=True`, the default) and for the same scorer scoring every sequence whole, and the
-ideal ratio if the prompt cost nothing after its first pass: n(P+R) / (P+nR).
+shared prompt once (`share_prompts=True`, the default; transformers: one prompt pass, vLLM: its prefix cache) and for
+the same scorer scoring every sequence whole, and the ideal ratio if the prompt cost nothing after its first pass:
+n(P+R) / (P+nR). Every repeat scores fresh sequences, so no pass finds the previous one's prompts in vLLM's cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from proto.schemas import ScoreItem
 from services.teacher_server.backends.hf import HFScorer
+from services.teacher_server.backends.vllm import VLLMScorer
 from uniopd.tiny_models import build_tiny_model
 
 MODELS = {"tiny": (128, 4), "wide": (512, 8)}  # hidden, layers
@@ -37,15 +39,15 @@ def make_requests(passes: int, samples: int, prompt: int, response: int, seed: i
     return requests
 
 
-def rate(scorer: HFScorer, requests: list[list[ScoreItem]], repeats: int) -> list[float]:
-    scorer.score(requests[0])  # warm-up
-    tokens = sum(len(it.input_ids) - it.response_start for r in requests for it in r)
+def rate(scorer: HFScorer | VLLMScorer, passes: int, samples: int, prompt: int, repeats: int) -> list[float]:
+    scorer.score(make_requests(1, samples, prompt, 64, seed=0)[0])  # warm-up
     rates = []
-    for _ in range(repeats):
+    for seed in range(1, repeats + 1):
+        requests = make_requests(passes, samples, prompt, 64, seed)
         start = time.perf_counter()
         for r in requests:
             scorer.score(r)
-        rates.append(tokens / (time.perf_counter() - start))
+        rates.append(passes * 64 * 64 / (time.perf_counter() - start))
     return rates
 
 
@@ -55,6 +57,7 @@ def fmt(rates: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--passes", type=int, default=4, help="requests of 64 sequences per timed pass")
@@ -64,21 +67,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{args.passes} requests x 64 sequences per pass, response 64 tokens, fp32, {args.threads} threads, "
           f"repeats={args.repeats}\n")
-    print("| model | prompt:response | samples per prompt | shared prompt, tokens/s | whole sequences, tokens/s | "
-          "ratio | ideal |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | model | prompt:response | samples per prompt | shared prompt, tokens/s | "
+          "whole sequences, tokens/s | ratio | ideal |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         hidden, layers = MODELS[name]
         model = build_tiny_model(Path(tempfile.mkdtemp()) / name, "qwen3", seed=0, hidden=hidden, layers=layers)
-        shared, whole = HFScorer(model, "float32", "cpu"), HFScorer(model, "float32", "cpu", share_prompts=False)
-        for prompt in (64, 256):
-            for n in args.samples:
-                requests = make_requests(args.passes, n, prompt, 64)
-                a, b = rate(shared, requests, args.repeats), rate(whole, requests, args.repeats)
-                ideal = n * (prompt + 64) / (prompt + n * 64)
-                print(f"| {name} ({hidden}x{layers}) | {prompt // 64}:1 | {n} | {fmt(a)} | {fmt(b)} | "
-                      f"{statistics.mean(a) / statistics.mean(b):.2f} | {ideal:.2f} |", flush=True)
-
+        for backend in args.backends:
+            scorer = HFScorer(model, "float32", "cpu") if backend == "hf" else VLLMScorer(model, "float32")
+            for prompt in (64, 256):
+                for n in args.samples:
+                    scorer.share_prompts = True
+                    a = rate(scorer, args.passes, n, prompt, args.repeats)
+                    scorer.share_prompts = False
+                    b = rate(scorer, args.passes, n, prompt, args.repeats)
+                    ideal = n * (prompt + 64) / (prompt + n * 64)
+                    print(f"| {backend} | {name} ({hidden}x{layers}) | {prompt // 64}:1 | {n} | {fmt(a)} | {fmt(b)} | "
+                          f"{statistics.mean(a) / statistics.mean(b):.2f} | {ideal:.2f} |", flush=True)
+            del scorer
 
 if __name__ == "__main__":
     main()

@@ -359,3 +359,22 @@ def test_vllm_token_in_token_out_scoring_matches_transformers(teacher, reference
     np.testing.assert_allclose(matrix[:, :3], full[:, [11, 300, 2]], atol=TOL)
     assert np.isneginf(matrix[:, 3]).all()
     assert out["choices"][0]["token_ids"] == [int(reference.logprobs([*ids, 0])[len(ids) - 1].argmax())]
+
+
+def test_samples_of_one_prompt_score_as_each_sequence_alone(teacher, reference):
+    """A prompt that a request's samples share is computed once (transformers: one prompt pass; vLLM: its prefix
+    cache, whose 128-token blocks the 300-token prompt fills twice); the scores are those of each sequence whole.
+    The same sequences scored again find their blocks cached up to inside a response (the 150-token one), which vLLM
+    must then score without the cache."""
+    rng = np.random.default_rng(11)
+    head = rng.integers(0, 512, 300).tolist()
+    items = [ScoreItem(input_ids=head + rng.integers(0, 512, n).tolist(), response_start=300)
+             for n in (20, 1, 35, 150, 20, 7)]
+
+    async def go():
+        async with TeacherClient(teacher.url, binary=True) as client:
+            return [(await client.score(items))[1] for _ in range(2)]
+
+    for spans in asyncio.run(go()):
+        for item, span in zip(items, spans, strict=True):
+            np.testing.assert_allclose(span.logprobs, reference.span(item.input_ids, 300), atol=TOL)

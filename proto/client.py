@@ -48,9 +48,13 @@ class _Client:
 
 
 class TeacherClient(_Client):
+    """`float_dtype`: "float16" asks for half-size float arrays in msgpack responses (ScoreRequest.float_dtype)."""
+
     def __init__(self, base_url: str, api_key: str | None = None, binary: bool = True, timeout: float = 60.0,
-                 client: httpx.AsyncClient | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 float_dtype: str = "float32") -> None:
         super().__init__(base_url, api_key, binary, timeout, client, transport)
+        self.float_dtype = float_dtype
         self.bytes_sent = 0  # scoring bodies, cumulative: what the encoding costs on the wire
         self.bytes_received = 0
 
@@ -68,7 +72,7 @@ class TeacherClient(_Client):
     async def score(self, items: Sequence[ScoreItem],
                     images: Sequence[bytes] = ()) -> tuple[Fingerprint, list[ScoredSpan]]:
         """`images`: the PNG/JPEG bytes that items' `image_indices` point into, each sent once."""
-        body = encode_score_request(items, self.binary, images)
+        body = encode_score_request(items, self.binary, images, self.float_dtype)
         resp = await self._http.post("/v1/score", content=body,
                                      headers={"Content-Type": self._kind, "Accept": self._kind})
         self._raise_for(resp)

@@ -3,7 +3,7 @@
 Binary request:  {"items": [{"input_ids": bin<int32[n]> | [int], "response_start": int, "top_k": int,
                              "image_indices": [int], "distribution": bool,
                              "candidates": bin<int32[rows*k]> | [[int]], "candidates_k": int, "ranks": bool}],
-                  "images": [bin<PNG or JPEG bytes>, ...]}
+                  "images": [bin<PNG or JPEG bytes>, ...], "float_dtype": "float32" | "float16"}
 Binary response: {"api_version", "fingerprint": {...},
                   "lengths": bin<int32[items]>, "logprobs": bin<float32[sum(lengths)]>,
                   "top_k": bin<int32[items]>, "top_k_ids": bin<int32[sum(lengths*top_k)]>,
@@ -15,6 +15,8 @@ Binary response: {"api_version", "fingerprint": {...},
                   "tail_logprobs": bin<float32[sum(lengths) over the items with candidates]>,
                   "rank_items": bin<int32[items]> (1 where asked), "ranks": bin<int32[sum(lengths) over those]>}
 Arrays of all items are concatenated, so a response costs a handful of msgpack objects however many items it holds.
+A request with "float_dtype": "float16" gets every float array above as float16 and "float_dtype": "float16" in the
+response; the decoder returns float32 either way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from proto.schemas import API_VERSION, JSON, MSGPACK, MSGPACK_ALIASES, Fingerpri
 # the binary encodings' element types, little-endian whatever the machine
 INT32 = np.dtype("<i4")
 FLOAT32 = np.dtype("<f4")
+FLOATS = {"float32": FLOAT32, "float16": np.dtype("<f2")}  # a response's float arrays, as the request asks
 
 
 @dataclass
@@ -163,9 +166,10 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Sequence[bytes] = ()) -> bytes:
+def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Sequence[bytes] = (),
+                         float_dtype: str = "float32") -> bytes:
     if not binary:
-        body = ScoreRequest(items=list(items)).model_dump(mode="json", exclude_defaults=True)
+        body = ScoreRequest(items=list(items), float_dtype=float_dtype).model_dump(mode="json", exclude_defaults=True)
         if images:
             body["images"] = [b64(img) for img in images]
         return json.dumps(body, separators=(",", ":")).encode()
@@ -176,7 +180,8 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
          **_packed_candidates(it)}
         for it in items
     ]
-    return msgpack.packb({"items": packed, **({"images": list(images)} if images else {})})
+    return msgpack.packb({"items": packed, **({"images": list(images)} if images else {}),
+                          **({"float_dtype": float_dtype} if float_dtype != "float32" else {})})
 
 
 def _packed_candidates(item: ScoreItem) -> dict:
@@ -192,31 +197,37 @@ def pack_arrays(arrays: list[np.ndarray], dtype: np.dtype) -> bytes:
 
 
 def unpack_arrays(raw: bytes, sizes: np.ndarray, dtype: np.dtype) -> list[np.ndarray]:
-    """pack_arrays undone: read-only views into `raw`, one per element count in `sizes` (no per-value objects)."""
+    """pack_arrays undone: read-only views into `raw`, one per element count in `sizes` (no per-value objects);
+    float16 is widened to float32 in one copy."""
     values = np.frombuffer(raw, dtype=dtype)
+    if values.dtype == FLOATS["float16"]:
+        values = values.astype(FLOAT32)
     return np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
-def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan], binary: bool) -> bytes:
+def encode_score_response(fingerprint: Fingerprint, spans: Sequence[ScoredSpan], binary: bool,
+                          float_dtype: str = "float32") -> bytes:
     if binary:
         topped = [s for s in spans if s.k]
         full = [s.distribution for s in spans if s.distribution is not None]
+        floats = FLOATS[float_dtype]
         return msgpack.packb({
             "api_version": API_VERSION,
             "fingerprint": fingerprint.model_dump(),
             "lengths": np.array([len(s.logprobs) for s in spans], dtype=INT32).tobytes(),
-            "logprobs": pack_arrays([s.logprobs for s in spans], FLOAT32),
+            "logprobs": pack_arrays([s.logprobs for s in spans], floats),
             "top_k": np.array([s.k for s in spans], dtype=INT32).tobytes(),
             "top_k_ids": pack_arrays([s.top_k_ids for s in topped], INT32),
-            "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], FLOAT32),
+            "top_k_logprobs": pack_arrays([s.top_k_logprobs for s in topped], floats),
             "vocab": int(full[0].shape[1]) if full else 0,
             "distribution_items": np.array([s.distribution is not None for s in spans], dtype=INT32).tobytes(),
-            "distribution": pack_arrays(full, FLOAT32),
+            "distribution": pack_arrays(full, floats),
             "candidate_k": np.array([s.candidate_k for s in spans], dtype=INT32).tobytes(),
-            "candidate_logprobs": pack_arrays([s.candidate_logprobs for s in spans if s.candidate_k], FLOAT32),
-            "tail_logprobs": pack_arrays([s.tail_logprobs for s in spans if s.candidate_k], FLOAT32),
+            "candidate_logprobs": pack_arrays([s.candidate_logprobs for s in spans if s.candidate_k], floats),
+            "tail_logprobs": pack_arrays([s.tail_logprobs for s in spans if s.candidate_k], floats),
             "rank_items": np.array([s.ranks is not None for s in spans], dtype=INT32).tobytes(),
             "ranks": pack_arrays([s.ranks for s in spans if s.ranks is not None], INT32),
+            **({"float_dtype": float_dtype} if float_dtype != "float32" else {}),
         })
     results = []
     for s in spans:
@@ -242,11 +253,14 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
     """Client side: spans are read-only views into the response buffer (no per-value Python objects)."""
     if media_type(content_type) in MSGPACK_ALIASES:
         obj = msgpack.unpackb(body, raw=False)
+        floats = FLOATS.get(obj.get("float_dtype", "float32"))
+        if floats is None:
+            raise ValueError(f"unknown float_dtype {obj['float_dtype']!r} in a score response")
         lengths = np.frombuffer(obj["lengths"], dtype=INT32)
         ks = np.frombuffer(obj["top_k"], dtype=INT32)
-        logprobs = unpack_arrays(obj["logprobs"], lengths, FLOAT32)
+        logprobs = unpack_arrays(obj["logprobs"], lengths, floats)
         ids = unpack_arrays(obj["top_k_ids"], lengths * ks, INT32)
-        lps = unpack_arrays(obj["top_k_logprobs"], lengths * ks, FLOAT32)
+        lps = unpack_arrays(obj["top_k_logprobs"], lengths * ks, floats)
         spans = [
             ScoredSpan(lp, i.reshape(n, k), t.reshape(n, k)) if k else ScoredSpan(lp)
             for lp, i, t, n, k in zip(logprobs, ids, lps, lengths.tolist(), ks.tolist(), strict=True)
@@ -256,13 +270,13 @@ def decode_score_response(body: bytes, content_type: str | None) -> tuple[Finger
         if asked.any():
             sizes = lengths[asked] * vocab
             for span, dist in zip([s for s, a in zip(spans, asked, strict=True) if a],
-                                  unpack_arrays(obj["distribution"], sizes, FLOAT32), strict=True):
+                                  unpack_arrays(obj["distribution"], sizes, floats), strict=True):
                 span.distribution = dist.reshape(-1, vocab)
         cks = np.frombuffer(obj.get("candidate_k", b""), dtype=INT32)
         if cks.any():
             asked = cks > 0
-            cands = unpack_arrays(obj["candidate_logprobs"], lengths[asked] * cks[asked], FLOAT32)
-            tails = unpack_arrays(obj["tail_logprobs"], lengths[asked], FLOAT32)
+            cands = unpack_arrays(obj["candidate_logprobs"], lengths[asked] * cks[asked], floats)
+            tails = unpack_arrays(obj["tail_logprobs"], lengths[asked], floats)
             for span, k, cand, tail in zip([s for s, a in zip(spans, asked, strict=True) if a], cks[asked].tolist(),
                                            cands, tails, strict=True):
                 span.candidate_logprobs, span.tail_logprobs = cand.reshape(-1, k), tail

@@ -68,6 +68,35 @@ def test_binary_is_four_bytes_per_value():
     assert 4000 <= len(small) < 4000 + 1000  # the payload plus a fixed header (fingerprint, keys)
 
 
+def test_float16_responses_halve_the_floats_and_decode_to_float32():
+    """Every float array as float16 when asked (within its rounding; -inf kept), int arrays untouched; the request
+    carries the ask in both encodings."""
+    rng = np.random.default_rng(0)
+    lp = np.append(-rng.exponential(5, 999), -np.inf).astype(np.float32)
+    span = ScoredSpan(lp, rng.integers(0, 500, (1000, 2)).astype(np.int32), np.sort(-rng.exponential(size=(1000, 2))
+                      ).astype(np.float32), distribution=-rng.exponential(size=(1000, 3)).astype(np.float32),
+                      candidate_logprobs=-rng.exponential(size=(1000, 2)).astype(np.float32),
+                      tail_logprobs=-rng.exponential(size=1000).astype(np.float32),
+                      ranks=rng.integers(1, 500, 1000).astype(np.int32))
+    full, half = (encode_score_response(FP, [span], True, dtype) for dtype in ("float32", "float16"))
+    saved = 2 * 1000 * (1 + 2 + 3 + 2 + 1)  # two bytes per float value, less the response's "float_dtype" entry
+    assert saved - 32 <= len(full) - len(half) < saved
+    _, (got,) = decode_score_response(half, MSGPACK)
+    for field in ("logprobs", "top_k_logprobs", "distribution", "candidate_logprobs", "tail_logprobs"):
+        want, have = getattr(span, field), getattr(got, field)
+        assert have.dtype == np.float32 and have.shape == want.shape
+        np.testing.assert_allclose(have, want, rtol=2**-11, err_msg=field)
+        assert not np.array_equal(have, want), f"{field}: float16 was not applied"
+    assert got.logprobs[-1] == -np.inf
+    assert np.array_equal(got.top_k_ids, span.top_k_ids) and np.array_equal(got.ranks, span.ranks)
+    for binary in (False, True):
+        body = encode_score_request([ScoreItem(input_ids=[1, 2], response_start=1)], binary, float_dtype="float16")
+        assert decode_score_request(body, MSGPACK if binary else JSON).float_dtype == "float16"
+    with pytest.raises(ApiError) as err:
+        decode_score_request(b'{"items":[{"input_ids":[1,2],"response_start":1}],"float_dtype":"bf16"}', JSON)
+    assert err.value.status == 422 and err.value.field == "float_dtype"
+
+
 @pytest.mark.parametrize(("body", "kind", "status"), [
     (b"\x92\x01\x02", MSGPACK, 422),  # a list, not a map
     (b"\xc1", MSGPACK, 400),  # reserved byte

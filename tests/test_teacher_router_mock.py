@@ -504,3 +504,20 @@ async def test_a_prompts_samples_go_to_one_request_when_they_fit(net):
     await router.score([("math", it) for it in wide])
     assert [[len(p) for p in sent] for sent in net.sent_prompts(MATH)[3:]] == [[4], [2]]
     await router.aclose()
+
+
+async def test_float16_responses_arrive_within_their_rounding_at_half_the_bytes(net):
+    """teacher_client.float_dtype: float16 reaches the teacher app, which answers in float16."""
+    math = await net.serve(MATH, ScorerDouble(seed=0))
+    items = random_items(np.random.default_rng(5), 8)
+    received = {}
+    for dtype in ("float32", "float16"):
+        router = await router_for(net, {"math": [MATH]}, float_dtype=dtype)
+        got = await router.score([("math", it) for it in items])
+        received[dtype] = router.metrics()["teachers/bytes_received"]
+        for g, it in zip(got, items, strict=True):
+            want = math.span(it.input_ids, it.response_start).logprobs
+            np.testing.assert_allclose(g, want, rtol=2**-11 if dtype == "float16" else 0)
+        await router.aclose()
+    floats = span_len(items)
+    assert received["float32"] - received["float16"] >= 2 * floats - 32

@@ -113,7 +113,8 @@ class Trainer:
         self.router = TeacherRouter(pools, ScoreCache(c.cache.url, c.cache.ttl_s), timeout_s=t.timeout_s,
                                     retries=t.retries, backoff_s=t.backoff_s,
                                     max_items_per_request=t.max_items_per_request,
-                                    breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s)
+                                    breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s,
+                                    float_dtype=t.float_dtype)
         await self.router.handshake(student_fp, c.allow_tokenizer_mismatch,
                                     expected={d: p.fingerprint for d, p in c.teachers.items()})
         for domain in c.teachers:

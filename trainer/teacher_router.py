@@ -122,11 +122,11 @@ class EndpointStats:
 
 class _Replica:
     def __init__(self, endpoint: Endpoint, timeout_s: float, breaker: CircuitBreaker,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None, float_dtype: str) -> None:
         self.url = endpoint.url
         self.api_key = endpoint.api_key
         self.client = TeacherClient(endpoint.url, endpoint.api_key, binary=True, timeout=timeout_s,
-                                    transport=transport)
+                                    transport=transport, float_dtype=float_dtype)
         self.breaker = breaker
         self.stats = EndpointStats()
 
@@ -191,11 +191,12 @@ class TeacherRouter:
     def __init__(self, pools: dict[str, list[Endpoint]], cache: ScoreCache | None = None, *, timeout_s: float = 60.0,
                  retries: int = 5, backoff_s: float = 0.5, max_items_per_request: int = 64,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 10.0, backoff_cap_s: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, float_dtype: str = "float32") -> None:
         if not pools or any(not endpoints for endpoints in pools.values()):
             raise ValueError("every domain needs at least one teacher endpoint")
         self._timeout_s = timeout_s
         self._transport = transport
+        self._float_dtype = float_dtype
         self._breaker = (breaker_failures, breaker_cooldown_s)
         # One replica (client, breaker, stats) per URL, shared by the domains a teacher serves.
         self._replicas: dict[str, _Replica] = {}
@@ -217,7 +218,7 @@ class TeacherRouter:
     # --- start-up -------------------------------------------------------------------------------------------------
 
     def _new_replica(self, endpoint: Endpoint) -> _Replica:
-        return _Replica(endpoint, self._timeout_s, CircuitBreaker(*self._breaker), self._transport)
+        return _Replica(endpoint, self._timeout_s, CircuitBreaker(*self._breaker), self._transport, self._float_dtype)
 
     async def handshake(self, student_tokenizer_fingerprint: str, allow_tokenizer_mismatch: bool = False,
                         expected: dict[str, str | None] | None = None) -> dict[str, TeacherInfo]:

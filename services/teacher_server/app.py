@@ -200,7 +200,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
                                    service.limits.max_batch_items)
         spans = await service.score(req.items, team, image_bytes(req.images))
         binary = wants_msgpack(request.headers.get("accept"))
-        body = encode_score_response(service.fingerprint, spans, binary)
+        body = encode_score_response(service.fingerprint, spans, binary, req.float_dtype)
         return Response(body, media_type=MSGPACK if binary else JSON)
 
     app.include_router(compat_router(service, caller, model_path))

@@ -17,7 +17,7 @@ from trainer.data import Example
 from trainer.estimators import ESTIMATORS, GRPO, OPD, FullDistributionOPD, LossRows, LossSpec, TopKOPD
 from trainer.opd import trajectory_returns
 from trainer.recipe import RecipeSpec, uni_opd
-from trainer.timing import timed, timed_await
+from trainer.timing import teacher_wait, timed, timed_await
 
 
 def _rollout(group: int, response: list[int], correct: bool, teacher: list[float] | None,
@@ -157,6 +157,13 @@ async def test_timed_records_each_part_also_when_it_raises():
         raise KeyError
     assert await timed_await("wait", times, asyncio.sleep(0.01, result=7)) == 7
     assert times["sleep"] >= 0.01 and times["wait"] >= 0.01 and math.isfinite(times["fails"])
+
+
+def test_teacher_wait_is_scoring_beyond_what_runs_beside_it():
+    times = {"score": 3.0, "verify": 1.0, "old_logprobs": 2.5}
+    assert teacher_wait(times, old_first=False) == 0.5  # beside verification and π_old
+    assert teacher_wait(times, old_first=True) == 2.0  # π_old came first: beside verification only
+    assert teacher_wait({**times, "score": 0.2}, old_first=False) == 0.0  # hidden entirely
 
 
 def test_topk_loss_is_the_full_loss_at_k_vocab_and_pulls_the_student_below_it():

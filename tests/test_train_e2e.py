@@ -100,9 +100,10 @@ def test_multi_teacher_run_then_a_second_run_hits_the_cache(stack, tmp_path):
     for r in rows:
         assert r["domain/math/scored"] + r["domain/code/scored"] == 8 and r["masked_samples"] == 0
         for key in ("math/accuracy", "code/accuracy", "reverse_kl", "teacher_logprob", "student_logprob",
-                    "train/loss", "tokens_per_s", "time/generate", "time/score", "time/train", "cache/hit_rate",
-                    f"endpoint/{stack['math'].url}/latency_p99_s"):
+                    "train/loss", "tokens_per_s", "time/generate", "time/score", "time/teacher_wait", "time/train",
+                    "cache/hit_rate", f"endpoint/{stack['math'].url}/latency_p99_s"):
             assert r.get(key) is not None, key
+        assert 0 <= r["time/teacher_wait"] <= r["time/score"]
     assert rows[-1]["weight_version"] - rows[0]["weight_version"] == 2  # one push per step
     assert "uniopd_weight_version" in version_before
     evals = read_log(first / "metrics.jsonl", kind="eval")

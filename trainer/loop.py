@@ -44,7 +44,7 @@ from trainer.score_cache import ScoreCache
 from trainer.student import response_prefill
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.teacher_swap import TeacherSwapper
-from trainer.timing import timed, timed_await
+from trainer.timing import teacher_wait, timed, timed_await
 
 log = logging.getLogger("uniopd.train")
 
@@ -250,6 +250,8 @@ class Trainer:
             r.correct, r.teacher, r.teacher_dist, r.teacher_candidates, r.teacher_tail = outcome
         if not k:
             old = self.accelerator.reduce(old.to(self.accelerator.device), "sum").cpu()
+        if "score" in times:
+            times["teacher_wait"] = teacher_wait(times, old_first=bool(k))
         return collate(rollouts, old), verify_errors
 
     def rng(self, purpose: str) -> np.random.Generator:

@@ -20,6 +20,13 @@ def timed(name: str, times: dict[str, float]) -> Iterator[None]:
         times[name] = time.perf_counter() - start
 
 
+def teacher_wait(times: dict[str, float], old_first: bool) -> float:
+    """Seconds a step waited on its teachers alone: scoring runs beside verification, and beside π_old's pass unless
+    π_old had to come first (top-k supervision scores π_old's candidates), so only its excess over them is exposed."""
+    beside = times["verify"] if old_first else max(times["verify"], times["old_logprobs"])
+    return max(0.0, times["score"] - beside)
+
+
 async def timed_await(name: str, times: dict[str, float], work: Awaitable[T]) -> T:
     """`await work`, timed: for parts of a step that overlap under asyncio.gather."""
     with timed(name, times):

@@ -57,12 +57,12 @@ def candidates_problem(rows: Sequence[Sequence[int]], positions: int, teacher: I
     """Candidates are R rows (one per response position) or 1 shared row, of k distinct in-vocabulary ids each,
     1 <= k <= max_top_k: the tail bucket is the mass outside a row, so a repeated id would be counted twice."""
     if len(rows) not in (1, positions):
-        return ApiError(422, "invalid_field", f"{field} has {len(rows)} rows; give one per response position "
+        return ApiError(422, "invalid_field", f"{field} has {len(rows)} rows; give one per scored position "
                         f"({positions}) or one shared row", field)
     k = len(rows[0])
     if not 1 <= k <= teacher.max_top_k:
-        return ApiError(422, "invalid_field", f"{field}: {k} candidates per position; 1 to {teacher.max_top_k}",
-                        field)
+        return ApiError(422, "invalid_field", f"{field}: {k} candidates per position; 1 to {teacher.max_top_k} "
+                        "(this teacher's --max-top-k)", field)
     for j, row in enumerate(rows):
         if len(row) != k:
             return ApiError(422, "invalid_field", f"{field}[{j}] has {len(row)} ids; every row needs {k}",

@@ -515,7 +515,7 @@ async def test_sglang_token_ids_logprob_refusals_name_the_field(candidates, says
     async with running(teacher_app(ScorerDouble())) as client:
         resp = await client.post("/generate", json=payload)
     err = resp.json()["error"]
-    assert resp.status_code == 422 and err["field"] == "token_ids_logprob" and says in err["message"], err
+    assert resp.status_code == 422 and err["field"].startswith("token_ids_logprob") and says in err["message"], err
 
 
 @pytest.mark.parametrize(("payload", "field"), [

@@ -58,9 +58,11 @@ from proto.client import share_images
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import API_VERSION, ScoreItem, TokenId
+from proto.validation import candidates_problem
 from services.common.auth import Team
 from services.common.http import error_responses
 from services.common.models import load_tokenizer
+from services.teacher_server.scorer import ScorerInfo
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
 STARTED = int(time.time())
@@ -200,8 +202,8 @@ def _image_bytes(data: str, field: str) -> bytes:
         raise ApiError(422, "invalid_field", f"{field}: not valid base64", field) from None
 
 
-def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None, max_candidates: int,
-                 image_token_id: int | None) -> tuple[ScoreItem, int]:
+def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None,
+                 info: ScorerInfo) -> tuple[ScoreItem, int]:
     """The ScoreItem for one sequence, and the position its entries begin at. Positions before the item's
     response_start get null logprobs: token 0 (nothing precedes it) and, in a sequence with images, everything up to
     its last image placeholder (an image token has no log-prob to give)."""
@@ -209,6 +211,7 @@ def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None, 
     begin = n - 1 if start == -1 else start
     if begin >= n:
         raise ApiError(422, "invalid_field", f"logprob_start_len must be -1 or in [0, {n})", "logprob_start_len")
+    image_token_id = info.image_token_id
     last_image = max((p for p, t in enumerate(ids) if t == image_token_id), default=-1) if image_token_id else -1
     start_at = max(begin, 1, last_image + 1)
     if start_at >= n:
@@ -218,15 +221,8 @@ def _sglang_item(ids: list[int], start: int, top: int, candidates: list | None, 
         if not candidates:
             raise ApiError(422, "invalid_field", "token_ids_logprob: give at least one id", "token_ids_logprob")
         rows = candidates if isinstance(candidates[0], list) else [candidates]
-        if len(rows) not in (1, n - start_at):
-            raise ApiError(422, "invalid_field", f"token_ids_logprob has {len(rows)} lists; give one for all "
-                           f"positions or one per scored position ({n - start_at})", "token_ids_logprob")
-        if (k := max(map(len, rows))) > max_candidates:
-            raise ApiError(422, "invalid_field", f"token_ids_logprob: {k} ids at a position; this teacher scores at "
-                           f"most {max_candidates} (its --max-top-k)", "token_ids_logprob")
-        if any(len(set(row)) != len(row) or len(row) != len(rows[0]) for row in rows):
-            raise ApiError(422, "invalid_field", "token_ids_logprob: ids must be distinct, and every position's list "
-                           "the same length", "token_ids_logprob")
+        if problem := candidates_problem(rows, n - start_at, info, "token_ids_logprob"):
+            raise problem
     return ScoreItem(input_ids=ids, response_start=start_at, top_k=top, candidates=rows), begin
 
 
@@ -517,7 +513,7 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         _per_sequence(req.sampling_params, n, "sampling_params")
         images, refs = share_images(shown)
         info = service.ready().info()
-        built = [_sglang_item(ids, s, t, c, info.max_top_k, info.image_token_id)
+        built = [_sglang_item(ids, s, t, c, info)
                  for ids, s, t, c in zip(seqs, starts, tops, candidates, strict=True)]
         items = [item.model_copy(update={"image_indices": r}) if r else item for (item, _), r in zip(built, refs,
                                                                                                       strict=True)]

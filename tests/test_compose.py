@@ -3,6 +3,7 @@ line, and the CPU variant's teachers, rollout server and trainer run end to end 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -180,11 +182,12 @@ def test_trainer_config_names_the_compose_services(compose):
         assert any(path.is_relative_to(target) for target in mounts(trainer)), f"{path} is on no volume"
 
 
-@pytest.mark.e2e
-def test_redis_command_starts_with_lru_eviction(compose):
+@contextlib.contextmanager
+def lru_redis(args: list[str]) -> Iterator[str]:
+    """A `redis-server ...` command line (compose's or a manifest's) started on a loopback port; checks that it is
+    the score cache it should be (memory only, LRU eviction under a bound) and yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([*argv(compose["services"]["redis"]), "--port", str(port), "--bind", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*args, "--port", str(port), "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
     try:
         client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
         deadline = time.monotonic() + 10
@@ -198,12 +201,42 @@ def test_redis_command_starts_with_lru_eviction(compose):
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
         assert int(client.config_get("maxmemory")["maxmemory"]) > 0
         assert client.config_get("save") == {"save": ""}
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         proc.wait(10)
 
 
+@pytest.mark.e2e
+def test_redis_command_starts_with_lru_eviction(compose):
+    with lru_redis(argv(compose["services"]["redis"])):
+        pass
+
+
 # ---- the CPU variant end to end ----------------------------------------------------------------------------------
+
+
+def localize(value, host_path: Callable[[str], str], hosts: dict[str, str]):
+    """A run config made local: absolute paths through `host_path`, URLs' HOST:PORT (a service name) through
+    `hosts` (to a loopback port)."""
+    if isinstance(value, dict):
+        return {k: localize(v, host_path, hosts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [localize(v, host_path, hosts) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return host_path(value)
+    if isinstance(value, str) and "://" in value:
+        scheme, _, rest = value.partition("://")
+        host, slash, path = rest.partition("/")
+        return f"{scheme}://{hosts.get(host, host)}{slash}{path}"
+    return value
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, port: int) -> ServerProcess:
+    """A server process on a loopback port, its output in `log`."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
 
 
 class Stack:
@@ -249,21 +282,8 @@ class Stack:
     def mount_local_config(self, name: str) -> None:
         """The trainer's config file, with the compose network's host names and volume paths made local."""
         target = option(argv(self.services[name]), "--config")
-
-        def local(value):
-            if isinstance(value, dict):
-                return {k: local(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [local(v) for v in value]
-            if isinstance(value, str) and value.startswith("/"):
-                return self.host_path(name, value)
-            if isinstance(value, str) and "://" in value:
-                scheme, _, rest = value.partition("://")
-                host, slash, path = rest.partition("/")
-                return f"{scheme}://{self.hosts.get(host, host)}{slash}{path}"
-            return value
-
-        tree = local(yaml.safe_load(Path(self.host_path(name, target)).read_text()))
+        tree = localize(yaml.safe_load(Path(self.host_path(name, target)).read_text()),
+                        lambda path: self.host_path(name, path), self.hosts)
         config = self.root / "run.yaml"
         config.write_text(yaml.safe_dump(tree))
         self.mounts[name][target] = str(config)
@@ -287,10 +307,7 @@ def test_cpu_variant_runs_end_to_end(compose, assets):
     servers: dict[str, ServerProcess] = {}
     try:
         for name in SERVERS:
-            log = assets / f"{name}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(stack.command(name), stdout=out, stderr=subprocess.STDOUT, env=stack.env(name))
-            servers[name] = ServerProcess(proc, f"http://127.0.0.1:{stack.ports[name]}", log)
+            servers[name] = spawn(stack.command(name), stack.env(name), assets / f"{name}.log", stack.ports[name])
         deadline = time.monotonic() + 120
         for name, server in servers.items():
             while not stack.healthy(name):

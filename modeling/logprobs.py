@@ -84,7 +84,9 @@ def prefill_responses(model, seqs: Sequence[Sequence[int]], response_lengths: Se
     starts = [len(s) - n for s, n in zip(seqs, response_lengths, strict=True)]
     first = min(starts) - 1  # the position whose logits predict the batch's earliest response token
     keep = torch.arange(first, width - 1, device=device)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep,
+    # no KV cache: nothing reads it, and under activation checkpointing (FSDP2's) every recomputed layer would append
+    # to it again, doubling the keys its attention mask is sized for
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep, use_cache=False,
                    **on_model(pixels or {}, model)).logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, ids[:, first + 1:].to(device).unsqueeze(-1)).squeeze(-1) - lse

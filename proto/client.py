@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
@@ -99,12 +99,19 @@ class RolloutClient(_Client):
         self._raise_for(resp)
         return decode_generate_response(resp.content, resp.headers.get("content-type"))
 
-    async def push_weights(self, safetensors: bytes) -> WeightsLoaded:
-        """Upload new student weights (safetensors bytes); needs the admin key."""
-        resp = await self._http.post("/v1/weights", content=safetensors,
-                                     headers={"Content-Type": "application/octet-stream", **self._admin})
+    async def push_weights(self, safetensors: bytes | bytearray) -> WeightsLoaded:
+        """Upload new student weights (safetensors bytes); needs the admin key. Sent in pieces of the caller's buffer,
+        which is never copied whole (a multi-GB student on the trainer's main process)."""
+        resp = await self._http.post("/v1/weights", content=_pieces(memoryview(safetensors)),
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Content-Length": str(len(safetensors)), **self._admin})
         self._raise_for(resp)
         return WeightsLoaded.model_validate_json(resp.content)
+
+
+async def _pieces(buffer: memoryview, size: int = 1 << 24) -> AsyncIterator[memoryview]:
+    for start in range(0, len(buffer), size):
+        yield buffer[start:start + size]
 
 
 def share_images(per_row: Sequence[Sequence[bytes]]) -> tuple[list[bytes], list[list[int]]]:

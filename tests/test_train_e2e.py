@@ -23,12 +23,13 @@ from tests.conftest import RedisServer
 from trainer.config import load_config
 from trainer.loop import Trainer
 from trainer.run_log import read_log
-from uniopd.launch import start_rollout, start_teacher
+from uniopd.launch import free_port, start_rollout, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.e2e  # real servers, redis-server and training runs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "opd-tiny"
+FSDP2_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2-cpu.yaml"
 ADMIN = "e2e-admin-key"
 ENV = {"UNIOPD_ROLLOUT_ADMIN_KEY": ADMIN}
 
@@ -238,6 +239,49 @@ def test_two_processes_train_like_one(stack, tmp_path, signal):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |w_1proc - w_2proc| = {diff:.3g}")
     assert diff < 1e-4
+
+
+def fsdp2_train(config: Path, *extra: str, launch: tuple[str, ...] = ()) -> None:
+    """`uniopd train` unchanged, in 2 CPU processes under `accelerate launch` with the FSDP2 CPU config."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CPU), *launch,
+           "--main_process_port", str(free_port()), "-m", "uniopd", "train", "--config", str(config), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_fsdp2_processes_train_like_one_and_resume_from_their_shards(stack, tmp_path):
+    """FSDP2 over gloo makes the same updates as one process; its checkpoints are sharded beside a full HF export,
+    and a run resumed from its sharded step-2 checkpoint (with activation checkpointing on, which changes no number)
+    ends where the uninterrupted one did. Every push was full tensors: the rollout server checks each one's shape."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(write_config(stack, single, schedule__steps=4, schedule__checkpoint_every=2))
+    config = write_config(stack, double, schedule__steps=4, schedule__checkpoint_every=2)
+    fsdp2_train(config)
+    one, two = read_log(single / "metrics.jsonl"), read_log(double / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # only the main process logs
+    assert [r["weight_version"] - two[0]["weight_version"] for r in two] == [0, 1, 2, 3]  # one push a step
+    for key in ("train/loss", "train/grad_norm", "reverse_kl", "math/accuracy", "teacher_logprob"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-5), key
+    a, b = final_weights(single), final_weights(double)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # the export is the full model
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |w_1proc - w_fsdp2| = {diff:.3g}")
+    assert diff < 1e-4
+    state = double / "checkpoints" / "step-000004" / "state"
+    shards = sorted(p.name for p in (state / "pytorch_model_fsdp_0").iterdir() if p.suffix == ".distcp")
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and (state / "optimizer_0").is_dir()  # one shard per process
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(state.parent / "model")
+
+    shutil.rmtree(double / "checkpoints" / "step-000004")  # as if killed after the step-2 checkpoint
+    fsdp2_train(config, "--resume", launch=("--fsdp_activation_checkpointing", "true"))
+    again = read_log(double / "metrics.jsonl")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for key in ("train/loss", "reverse_kl", "math/accuracy", "code/accuracy"):
+        assert [r[key] for r in again] == pytest.approx([r[key] for r in two], rel=1e-5, abs=1e-6), key
+    c = final_weights(double)
+    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
 
 
 def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):

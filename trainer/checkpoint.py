@@ -1,6 +1,6 @@
-"""Checkpoints: an HF-format student (loadable by vLLM and transformers), accelerate's optimizer/scheduler/RNG state,
-and progress.json (step, data position). Written to a temporary directory and renamed, so a crash mid-write never
-leaves a checkpoint that looks complete."""
+"""Checkpoints: an HF-format student (loadable by vLLM and transformers), accelerate's optimizer/scheduler/RNG state
+(with FSDP2 also the model and optimizer, as each process's shards), and progress.json (step, data position). Written
+to a temporary directory and renamed, so a crash mid-write never leaves a checkpoint that looks complete."""
 
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ def save_checkpoint(out: Path, progress: Progress, accelerator, model, tokenizer
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))  # every process writes its own RNG state here
+    accelerator.save_state(str(tmp / "state"))  # every process writes its own RNG state (and FSDP2 shards) here
+    state = accelerator.get_state_dict(model)  # full tensors on the main process; with FSDP2 every process gathers
     accelerator.wait_for_everyone()  # ...before the main process renames the directory
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp / "model", state_dict=state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")

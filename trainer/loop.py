@@ -5,10 +5,11 @@ Batch → the estimator's advantages → the Uni-OPD recipe → clipped PG updat
 scoring and the π_old forward pass overlap. The math lives in pure modules; the Trainer keeps I/O, the distributed
 work and the optimizer.
 
-Several processes (`accelerate launch`, DDP): the main process does all network work (sampling, verification,
-teacher scoring, weight pushes, logging) and broadcasts the rollouts and their scores; every process recomputes π_old
-for and trains on its own share of each minibatch, and DDP averages the gradients, so the update equals the
-single-process one.
+Several processes (`accelerate launch`, DDP or FSDP2): the main process does all network work (sampling,
+verification, teacher scoring, weight pushes, logging) and broadcasts the rollouts and their scores; every process
+recomputes π_old for and trains on its own share of each minibatch, and DDP (or FSDP2's reduce-scatter) averages the
+gradients, so the update equals the single-process one. Every process runs the same number of forward passes, which
+FSDP2's all-gathers need.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from trainer.recipe import RecipeOutput, uni_opd
 from trainer.rollout_session import RolloutSession
 from trainer.run_log import RunLog
 from trainer.score_cache import ScoreCache
+from trainer.sharding import accelerator, gathered_safetensors
 from trainer.student import response_prefill
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.teacher_swap import TeacherSwapper
@@ -51,11 +53,10 @@ log = logging.getLogger("uniopd.train")
 
 class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False) -> None:
-        from accelerate import Accelerator
         from transformers import AutoTokenizer
 
         self.config = c = config
-        self.accelerator = Accelerator()
+        self.accelerator = accelerator()
         torch.manual_seed(c.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(c.student.model)
         model = from_pretrained(c.student.model, c.student.dtype)
@@ -301,12 +302,12 @@ class Trainer:
 
     async def push_weights(self) -> int:
         """All processes gather the weights (needed with sharded models); the main process uploads them."""
-        from safetensors.torch import save
-
-        state = self.accelerator.get_state_dict(self.model)
+        if self.main:
+            self.rollout.payload = None  # the last push's copy goes before the next one is built
+        model = self.accelerator.unwrap_model(self.model)
+        payload = await asyncio.to_thread(gathered_safetensors, model, self.main)
         if not self.main:
             return -1
-        payload = await asyncio.to_thread(lambda: save({k: v.detach().cpu().clone() for k, v in state.items()}))
         return (await self.rollout.push_weights(payload)).weight_version
 
     def step_metrics(self, batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, train_stats: dict,

@@ -39,7 +39,7 @@ class RolloutSession:
                  backoff_cap_s: float = 30.0) -> None:
         self.client, self.url = client, url
         self.retries, self.backoff_s, self.backoff_cap_s = retries, backoff_s, backoff_cap_s
-        self.payload: bytes | None = None
+        self.payload: bytes | bytearray | None = None
         self.version: int | None = None  # what the last push returned
         self.call_retries = 0
         self.repushes = 0
@@ -47,7 +47,7 @@ class RolloutSession:
     async def info(self) -> RolloutInfo:
         return await self._retrying("info", self.client.info)
 
-    async def push_weights(self, payload: bytes) -> WeightsLoaded:
+    async def push_weights(self, payload: bytes | bytearray) -> WeightsLoaded:
         loaded = await self._retrying("weight push", lambda: self.client.push_weights(payload))
         self.payload, self.version = payload, loaded.weight_version
         return loaded

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import psutil
 from proto.client import TeacherClient
 from proto.schemas import ScoreItem
 from services.common.models import CPU_TOKEN_BUDGET
-from uniopd.launch import ServerProcess, free_port, start_teacher
+from uniopd.launch import ServerProcess, free_port, spawn_server, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
 MODELS = {"tiny": (128, 4), "wide": (512, 8)}  # hidden, layers
@@ -47,23 +45,8 @@ def start_peer(model: Path, log_dir: Path, timeout: float = 300.0) -> ServerProc
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_LENGTH + 1), "--enforce-eager",
            "--max-logprobs", "-1", "--max-num-seqs", str(seqs), "--max-num-batched-tokens",
            str(seqs * (MAX_LENGTH + 1)), "--seed", "0"]
-    log_path = log_dir / f"vllm-serve-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.log()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{server.log()[-3000:]}")
+    return spawn_server(cmd, port, log_dir / f"vllm-serve-{port}.log", "vllm serve", ready_path="/health",
+                        timeout=timeout, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def cpu_seconds(pid: int) -> float:

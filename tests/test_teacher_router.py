@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from trainer.teacher_router import (
     TokenizerMismatch,
     backoff_delay,
 )
-from uniopd.launch import ServerProcess, free_port, start_teacher
+from uniopd.launch import ServerProcess, free_port, spawn_server, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
 from .conftest import random_items
@@ -85,19 +83,7 @@ def serve_on_port(model_dir: Path, port: int, log_dir: Path) -> ServerProcess:
     log_path = log_dir / f"redeploy-{port}.log"
     cmd = [sys.executable, "-m", "uniopd", "teacher", "serve", "--model", str(model_dir), "--backend", "hf",
            "--host", "127.0.0.1", "--port", str(port), "--domain", "math"]
-    with log_path.open("wb") as log:
-        server = ServerProcess(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                               f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.proc.poll() is None:
-        try:
-            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"redeployed teacher did not start:\n{server.log()[-2000:]}")
+    return spawn_server(cmd, port, log_path, "redeployed teacher", timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,13 @@ def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str]
     log_path = Path(log_dir or "/tmp") / f"uniopd-{kind}-{backend}-{port}.log"
     cmd = [sys.executable, "-m", "uniopd", kind, "serve", "--model", str(model_dir), "--backend", backend,
            "--host", "127.0.0.1", "--port", str(port), *(args or [])]
+    return spawn_server(cmd, port, log_path, f"{kind} server", timeout=timeout, env=env)
+
+
+def spawn_server(cmd: list[str], port: int, log_path: Path, what: str, ready_path: str = "/readyz",
+                 timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
+    """`cmd`, a server that listens on loopback `port`, its output in `log_path`; returns once `ready_path` answers
+    200, and fails fast when the process exits or says its model failed to load."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 preexec_fn=die_with_parent())
@@ -94,19 +101,28 @@ def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{server.log()[-4000:]}")
         try:
-            resp = httpx.get(f"{server.url}/readyz", timeout=2)
+            resp = httpx.get(f"{server.url}{ready_path}", timeout=2)
         except httpx.HTTPError:
             resp = None
         if resp is not None and resp.status_code == 200:
             return server
-        if resp is not None and resp.json().get("error", {}).get("code") == "load_failed":
+        if resp is not None and (failure := _load_failure(resp)) is not None:
             server.stop()
-            raise RuntimeError(f"{kind} server failed to load its model: {resp.json()['error']['message']}")
+            raise RuntimeError(f"{what} failed to load its model: {failure}")
         time.sleep(0.2)
     server.stop()
-    raise TimeoutError(f"{kind} server not ready after {timeout}s:\n{server.log()[-4000:]}")
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{server.log()[-4000:]}")
+
+
+def _load_failure(resp: httpx.Response) -> str | None:
+    """The message of a uniopd server's load_failed error (other servers' bodies need not be JSON)."""
+    try:
+        error = resp.json().get("error", {})
+    except (ValueError, AttributeError):
+        return None
+    return error.get("message") if error.get("code") == "load_failed" else None
 
 
 class RedisServer:

@@ -49,6 +49,11 @@ class ScoreItem(BaseModel):
                                           "its prompt, in order. The teacher expands each placeholder into its image "
                                           "tokens and counts the response span from the end of the sequence.")
 
+    @property
+    def response_length(self) -> int:
+        """R: the scored positions, one per response token."""
+        return len(self.input_ids) - self.response_start
+
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -376,7 +376,7 @@ class TeacherRouter:
         more for a candidate item (the candidates' log-probs and the tail)."""
         sizes = []
         for domain, item in requests:
-            n = len(item.input_ids) - item.response_start
+            n = item.response_length
             vocab = self._pools[domain].info.vocab_size if item.distribution else 0
             k = _candidate_k(item)
             sizes.append(n * (1 + vocab + (k + 1 if k else 0)))
@@ -453,7 +453,7 @@ class TeacherRouter:
             fingerprint, spans = await replica.client.score(items, images)
             if fingerprint.digest != pool.digest:
                 raise _Retryable(f"fingerprint changed since handshake: {pool.digest} -> {fingerprint.digest}")
-            expected = [len(it.input_ids) - it.response_start for it in items]
+            expected = [it.response_length for it in items]
             if [len(s.logprobs) for s in spans] != expected:
                 raise _Retryable("response span lengths do not match the request")
             if any(it.distribution and (s.distribution is None or s.distribution.shape != (n, pool.info.vocab_size))
@@ -555,7 +555,7 @@ def _to_cache(span: ScoredSpan) -> np.ndarray:
 
 
 def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
-    n = len(item.input_ids) - item.response_start
+    n = item.response_length
     span, rest = ScoredSpan(value[:n]), value[n:]
     if k := _candidate_k(item):
         span.candidate_logprobs, span.tail_logprobs = rest[-n * (k + 1):-n].reshape(n, k), rest[-n:]

@@ -90,7 +90,7 @@ class TeacherService:
         per_item = [tuple(decoded[j] for j in it.image_indices) for it in items] if decoded else None
         if per_item:
             check_expanded(items, per_item, self.scorer.image_positions, info, self.limits)
-        ticket = self._admit(team, sum(len(it.input_ids) - it.response_start for it in items))
+        ticket = self._admit(team, sum(it.response_length for it in items))
         spans = None
         try:
             spans = await self.batcher.submit(items, team.name, team.weight, per_item)

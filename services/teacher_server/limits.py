@@ -37,7 +37,7 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
     total = values = 0
     for i, it in enumerate(items):
         total += len(it.input_ids)
-        values += (len(it.input_ids) - it.response_start) * _values_per_position(it, info)
+        values += it.response_length * _values_per_position(it, info)
         where = f"items[{i}]"
         if (problem := score_item_problem(it, info, where)) is not None:
             raise problem

@@ -69,7 +69,8 @@ class HFScorer:
             # image tensors hold one row per image, in item order
             group_pixels = {k: v[torch.tensor(shown)] for k, v in pixels.items()} if shown else {}
             chosen = [items[rest[i]] for i in group]
-            scored = prefill_responses(self.model, [seqs[i] for i in group], _response_lengths(chosen), group_pixels)
+            scored = prefill_responses(self.model, [seqs[i] for i in group], [it.response_length for it in chosen],
+                                       group_pixels)
             for i, span in zip(group, self._spans(chosen, scored), strict=True):
                 out[rest[i]] = span
         return out  # type: ignore[return-value]
@@ -83,7 +84,7 @@ class HFScorer:
             trial = [*packs[-1], idx] if packs else [idx]
             rows = [i for g in trial for i in g]
             cost = (len(trial) * max(items[g[0]].response_start for g in trial)
-                    + len(rows) * max(_response_lengths([items[i] for i in rows])))
+                    + len(rows) * max(items[i].response_length for i in rows))
             if packs and cost <= self.forward_tokens:
                 packs[-1] = trial
             else:
@@ -125,7 +126,3 @@ class HFScorer:
                 span.candidate_logprobs, span.tail_logprobs = cand.cpu().numpy(), tail.cpu().numpy()
             spans.append(span)
         return spans
-
-
-def _response_lengths(items: Sequence[ScoreItem]) -> list[int]:
-    return [len(it.input_ids) - it.response_start for it in items]

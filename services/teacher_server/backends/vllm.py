@@ -50,7 +50,7 @@ class VLLMScorer:
         reuse = self.share_prompts and not images
         outputs = self.llm.generate(prompts, [params(it, reuse) for it in items], use_tqdm=False)
         redo = [i for i, (it, out) in enumerate(zip(items, outputs, strict=True))
-                if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - _length(it)]
+                if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - it.response_length]
         if redo:
             again = self.llm.generate([prompts[i] for i in redo], [params(items[i], False) for i in redo],
                                       use_tqdm=False)
@@ -60,13 +60,9 @@ class VLLMScorer:
                 for it, out in zip(items, outputs, strict=True)]
 
 
-def _length(item: ScoreItem) -> int:
-    return len(item.input_ids) - item.response_start
-
-
 def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:
     # counted from the end, whether or not the engine reports image placeholders expanded
-    positions = range(len(ids) - _length(item), len(ids))
+    positions = range(len(ids) - item.response_length, len(ids))
     span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
     if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
         span.ranks = np.array([prompt_logprobs[p][ids[p]].rank for p in positions], dtype=np.int32)

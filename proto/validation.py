@@ -87,3 +87,12 @@ def vocab_problem(ids: Sequence[int], vocab_size: int, field: str) -> ApiError |
         return None
     j = int(bad[0])
     return ApiError(422, "invalid_token", f"{field}[{j}] = {ids[j]} is outside [0, {vocab_size})", f"{field}[{j}]")
+
+
+def distribution_values(item: ScoreItem, vocab_size: int, candidate_scoring: str) -> int:
+    """Values an item costs beyond one per position, as a teacher's max_distribution_values counts them: R x vocab
+    for a distribution, R x k for candidates (R x vocab where the backend picks them from a full distribution)."""
+    per_position = vocab_size if item.distribution else 0
+    if item.candidates:
+        per_position += vocab_size if candidate_scoring == "full-distribution" else len(item.candidates[0])
+    return item.response_length * per_position

@@ -121,6 +121,41 @@ def test_full_distribution_loss_pulls_the_student_to_the_teacher_and_carries_cal
 
 
 
+@pytest.mark.parametrize("estimator", [FullDistributionOPD(), TopKOPD()])
+def test_rows_of_a_sampled_token_pool_keep_opd_inside_a_richer_run(estimator):
+    """teachers.<domain>.teacher_signal: sampled — a row without a distribution or candidates is trained as OPD is,
+    teacher–student clip included, and the other rows as the rich estimator trains them alone."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4, 6, requires_grad=True)
+    tokens = torch.randint(0, 6, (3, 4))
+    teacher = torch.randn(3, 4, 6).log_softmax(-1)
+    teacher[1, 0] = -30.0  # the sampled row has a token beyond the clip c = 10
+    teacher[1, 0, tokens[1, 0]] = -25.0
+    old = _student(logits, tokens).logprobs.detach()
+    sampled = teacher.gather(-1, tokens[..., None])[..., 0]
+    advantages = sampled - old
+    offsets = torch.zeros(3, 4)
+    offsets[2] = 0.5
+    mask = torch.ones(3, 4)
+    every = logits.detach().argsort(-1, descending=True)[..., :3]
+    cand, tail = candidate_logprobs(teacher, every)
+
+    def loss_of(rows: torch.Tensor, rich: torch.Tensor | None, est=estimator) -> torch.Tensor:
+        row_mask = mask * rows[:, None]
+        return est.loss(_student(logits, tokens), LossRows(old, sampled, teacher, advantages, offsets, row_mask,
+                                                           every, cand, tail, rich, num_samples=3), LossSpec())
+
+    rich = torch.tensor([1.0, 0.0, 1.0])
+    mixed, stats = loss_of(torch.ones(3), rich)
+    alone, _ = loss_of(rich, None)  # rows 0 and 2 under the rich estimator
+    opd, opd_stats = loss_of(1 - rich, None, OPD())  # row 1 under sampled-token OPD
+    assert float(mixed.detach()) == pytest.approx(float((alone + opd).detach()), rel=1e-5)
+    assert opd_stats.teacher_clip_fraction == 0.25 and stats.teacher_clip_fraction == pytest.approx(1 / 12)
+    (g_mixed,) = torch.autograd.grad(mixed, logits)
+    (g_parts,) = torch.autograd.grad(loss_of(rich, None)[0] + loss_of(1 - rich, None, OPD())[0], logits)
+    assert torch.allclose(g_mixed, g_parts, atol=1e-6)
+
+
 def test_recipe_shift_reaches_delta_and_balancing_only_touches_the_loss_mask():
     adv = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [2.0, 2.0]])  # group 0: correct s0, s3; incorrect s1, s2
     mask = torch.ones_like(adv)

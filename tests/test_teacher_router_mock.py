@@ -63,8 +63,10 @@ class Network:
         self.scripts: dict[str, list[Handler]] = {}
         self.log: list[httpx.Request] = []
 
-    async def serve(self, url: str, scorer: ScorerDouble, api_keys: tuple[str, ...] = ()) -> ScorerDouble:
-        app = create_app(lambda: scorer, domains=["math"], limits=Limits(batch_wait_ms=1), api_keys=api_keys)
+    async def serve(self, url: str, scorer: ScorerDouble, api_keys: tuple[str, ...] = (),
+                    limits: Limits | None = None) -> ScorerDouble:
+        app = create_app(lambda: scorer, domains=["math"], limits=limits or Limits(batch_wait_ms=1),
+                         api_keys=api_keys)
         await self._stack.enter_async_context(app.router.lifespan_context(app))
         await wait_loaded(app)
         self.hosts[url] = transport(app).handle_async_request
@@ -505,6 +507,23 @@ async def test_a_prompts_samples_go_to_one_request_when_they_fit(net):
     assert [[len(p) for p in sent] for sent in net.sent_prompts(MATH)[3:]] == [[4], [2]]
     await router.aclose()
 
+
+async def test_requests_stay_within_the_teachers_distribution_values(net):
+    """A teacher publishes max_distribution_values; the router cuts distribution requests to it (a request over it
+    would be refused whole with a 413 and its samples masked), keeping a prompt's samples together where they fit."""
+    limit = 3 * 10 * 512  # three distribution items of 10 response positions
+    math = await net.serve(MATH, ScorerDouble(seed=0), limits=Limits(batch_wait_ms=1, max_distribution_values=limit))
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 512, size=6).tolist() for _ in range(2)]
+    items = [ScoreItem(input_ids=prompts[p] + rng.integers(0, 512, size=10).tolist(), response_start=6,
+                       distribution=True) for p in (0, 0, 1, 1, 0, 1)]
+    router = await router_for(net, {"math": [MATH]})
+    spans = await router.score_spans([("math", it) for it in items])
+    assert all(s is not None and s.distribution.shape == (10, 512) for s in spans)
+    assert_spans([s.logprobs for s in spans], math, items)
+    assert router.metrics()["domain/math/masked"] == 0
+    assert [[len(p) for p in sent] for sent in net.sent_prompts(MATH)] == [[3], [3]]  # not 3 + 3 cut at 3 items
+    await router.aclose()
 
 async def test_float16_responses_arrive_within_their_rounding_at_half_the_bytes(net):
     """teacher_client.float_dtype: float16 reaches the teacher app, which answers in float16."""

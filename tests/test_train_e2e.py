@@ -327,10 +327,22 @@ def test_distribution_losses_move_the_student_to_its_teachers(stack, tmp_path, s
     assert len(kl) == 6 and all(math.isfinite(x) and x > 0 for x in kl)
     assert np.mean(kl[-2:]) < 0.8 * np.mean(kl[:2]), kl
     assert all(r["masked_samples"] == 0 and "calib/margin_before" in r for r in rows)
+    assert all(r[f"{d}/rich_samples"] == r[f"{d}/samples"] for r in rows for d in ("math", "code")
+               if f"{d}/samples" in r)
     again = write_config(stack, tmp_path / f"{signal}-again", schedule__steps=1, schedule__checkpoint_every=0,
                          algorithm=algorithm)
     train(again)
     assert read_log(tmp_path / f"{signal}-again" / "metrics.jsonl")[0]["cache/hit_rate"] == 1.0
+    # a pool set to the sampled token keeps OPD's signal: its samples carry no distribution or candidates
+    fallback = write_config(stack, tmp_path / f"{signal}-sampled-code", schedule__steps=2,
+                            schedule__checkpoint_every=0, algorithm=algorithm,
+                            teachers={"math": {"urls": [stack["math"].url]},
+                                      "code": {"urls": [stack["code"].url], "teacher_signal": "sampled"}})
+    train(fallback)
+    rows = read_log(tmp_path / f"{signal}-sampled-code" / "metrics.jsonl")
+    assert sum(r.get("code/samples", 0) for r in rows) > 0 and all(r.get("code/rich_samples", 0) == 0 for r in rows)
+    assert all(r.get("math/rich_samples", 0) == r.get("math/samples", 0) and r["masked_samples"] == 0
+               and math.isfinite(r["train/loss"]) for r in rows)
 
 
 def generated_tokens(server) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proto.schemas import Fingerprint, TeacherInfo
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError, DataStream, load_records
 from uniopd.experiment_plan import METHODS
@@ -49,6 +50,7 @@ def test_example_config_loads_with_overrides(config_file):
     ("algorithm.updates_per_batch=5", "algorithm"),  # 4 x 4 samples do not split into 5 minibatches
     ("algorithm.teacher_signal=logits", "algorithm.teacher_signal"),
     ("algorithm.topk=0", "algorithm.topk"),
+    ("teachers.math.teacher_signal=topk", "teachers.math.teacher_signal"),  # a pool may only fall back
 ])
 def test_invalid_configs_name_the_field(config_file, override, field):
     with pytest.raises(ConfigError) as exc:
@@ -56,12 +58,37 @@ def test_invalid_configs_name_the_field(config_file, override, field):
     assert str(exc.value).startswith(field), str(exc.value)
 
 
-def test_a_teacher_too_small_for_the_top_k_signal_is_named(config_file):
-    """What the start-up handshake and a teacher swap both refuse: a teacher whose --max-top-k is below topk."""
-    topk = load_config(config_file, ["algorithm.teacher_signal=topk", "algorithm.topk=32"]).algorithm
-    assert topk.teacher_shortfall(32) is None and topk.teacher_shortfall(128) is None
-    assert "algorithm.topk is 32" in topk.teacher_shortfall(20) and "--max-top-k" in topk.teacher_shortfall(20)
-    assert load_config(config_file, ["algorithm.topk=32"]).algorithm.teacher_shortfall(1) is None  # sampled signal
+def _info(max_top_k: int = 128, vocab: int = 512, max_values: int = 1 << 22,
+          scoring: str = "gather") -> TeacherInfo:
+    fp = Fingerprint(model="t", revision="r", tokenizer="tok", dtype="float32", backend="hf", digest="d" * 64)
+    return TeacherInfo(model="t", revision="r", tokenizer_fingerprint="tok", vocab_size=vocab, max_length=4096,
+                       max_top_k=max_top_k, dtype="float32", backend="hf", domains=["math"], fingerprint=fp,
+                       candidate_scoring=scoring, limits={"max_distribution_values": max_values})
+
+
+def test_a_teacher_that_cannot_give_the_signal_is_named_with_the_per_domain_fix(config_file):
+    """What the start-up handshake and a teacher swap both refuse: a teacher whose --max-top-k is below topk, or
+    whose max_distribution_values cannot take one response's values; the message names the per-domain way out."""
+    c = load_config(config_file, ["algorithm.teacher_signal=topk", "algorithm.topk=32", "rollout.max_tokens=64"])
+    math = c.teachers["math"]
+    assert c.signal_of(math) == "topk" and c.signal_shortfall("math", math, _info(32)) is None
+    short = c.signal_shortfall("math", math, _info(20))
+    assert "algorithm.topk is 32" in short and "--max-top-k" in short
+    assert "teachers.math.teacher_signal: sampled" in short
+    # candidates picked from the engine's whole distribution count vocab values a position: 64 x 512 > 30000
+    assert c.signal_shortfall("math", math, _info(max_values=30000)) is None  # gathered: 64 x 32 values
+    assert "max_distribution_values" in c.signal_shortfall("math", math, _info(max_values=30000,
+                                                                               scoring="full-distribution"))
+    full = load_config(config_file, ["algorithm.teacher_signal=full", "rollout.max_tokens=64"])
+    assert "32768 values (512 a position for full)" in full.signal_shortfall("math", full.teachers["math"],
+                                                                             _info(max_values=30000))
+    sampled = load_config(config_file, ["algorithm.teacher_signal=full", "teachers.math.teacher_signal=sampled"])
+    assert sampled.signal_of(sampled.teachers["math"]) == "sampled"
+    assert sampled.signal_of(sampled.teachers["code"]) == "full"
+    assert sampled.signal_shortfall("math", sampled.teachers["math"], _info(1, max_values=1)) is None
+    grpo = load_config(config_file, ["algorithm.estimator=grpo"])
+    assert grpo.signal_of(grpo.teachers["math"]) is None and grpo.signal_shortfall("math", grpo.teachers["math"],
+                                                                                   _info(1, max_values=1)) is None
 
 
 def test_every_problem_is_reported_at_once(config_file):

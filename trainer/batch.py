@@ -43,6 +43,7 @@ class Batch:
     teacher_tail: torch.Tensor | None  # (B, T) teacher log-prob of the rest, 0 where unscored
     valid: torch.Tensor  # (B, T) 1 on real response tokens
     scored: torch.Tensor  # (B,) 1 where the teacher scored the sample
+    rich: torch.Tensor  # (B,) 1 where it gave a distribution or candidates, not only the sampled token's log-prob
     group: np.ndarray  # (B,) int: the prompt each sample answers
     correct: np.ndarray  # (B,) float: 1.0 correct, 0.0 incorrect (a failed verifier reads as incorrect)
     domains: list[str]
@@ -65,6 +66,8 @@ def collate(rollouts: Sequence[Rollout], old: torch.Tensor) -> Batch:
         teacher_tail=None if k is None else _rows([r.teacher_tail for r in rollouts], width, ()),
         valid=(torch.arange(width)[None, :] < lengths[:, None]).float(),
         scored=torch.tensor([r.teacher is not None for r in rollouts], dtype=torch.float32),
+        rich=torch.tensor([r.teacher_dist is not None or r.teacher_candidates is not None for r in rollouts],
+                          dtype=torch.float32),
         group=np.array([r.prompt_index for r in rollouts]),
         correct=np.array([1.0 if r.correct else 0.0 for r in rollouts]),
         domains=[r.example.domain for r in rollouts],
@@ -84,7 +87,8 @@ def _rows(values: Sequence[np.ndarray | None], width: int, trailing: tuple[int, 
 
 def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, uses_teacher: bool) -> dict[str, float]:
     """What a step logs about its rollouts: tokens, masked samples, mean student/teacher log-probs, the sampled
-    reverse-KL estimate, and per domain accuracy, sample count and mean return G (of `advantages` under `mask`, over
+    reverse-KL estimate, and per domain accuracy, sample count (with the topk/full signal, where a run asks for it)
+    and mean return G (of `advantages` under `mask`, over
     the samples with a token under it: a masked sample has no return, and counting it as G = 0 would flatter it)."""
     scored = float(mask.sum())
     m: dict[str, float] = {"tokens": float(batch.valid.sum()),
@@ -101,6 +105,8 @@ def batch_metrics(batch: Batch, advantages: torch.Tensor, mask: torch.Tensor, us
         ids = np.flatnonzero(domains == domain)
         m[f"{domain}/accuracy"] = float(np.mean(batch.correct[ids] == 1))
         m[f"{domain}/samples"] = len(ids)
+        if batch.rich.any():  # a topk/full run: how many of the domain's samples its teacher gave that signal for
+            m[f"{domain}/rich_samples"] = float(batch.rich[ids].sum())
         real = ids[has_return[ids]]
         m[f"{domain}/mean_return"] = float(returns[real].mean()) if len(real) else math.nan
     return m

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from proto.schemas import TeacherInfo
 from trainer.calibration import CalibrationSpec
 from trainer.config_fields import ConfigError, Digest, Strict, check_urls, validation_message
 from trainer.estimators import ESTIMATORS
@@ -39,6 +40,11 @@ class TeacherPoolConfig(Strict):
     teacher: str | None = Field(default=None, description="Name of a teacher in the registry file.")
     api_key_env: str | None = Field(default=None, description="Env var holding the bearer key for these URLs.")
     fingerprint: Digest | None = Field(default=None, description="Expected teacher fingerprint digest (or prefix).")
+    teacher_signal: Literal["sampled"] | None = Field(
+        default=None, description="sampled: this domain's samples are supervised by the sampled token's log-prob "
+                                  "whatever algorithm.teacher_signal asks, for a teacher that cannot give the "
+                                  "topk or full signal (its --max-top-k is below algorithm.topk, or one response "
+                                  "needs more values than its max_distribution_values); the other domains keep it")
 
     @field_validator("urls")
     @classmethod
@@ -121,13 +127,6 @@ class AlgorithmConfig(Strict):
     micro_batch_size: PosInt = 8
     updates_per_batch: PosInt = Field(default=1, description="Optimizer steps per rollout batch (minibatches).")
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
-
-    def teacher_shortfall(self, max_top_k: int) -> str | None:
-        """Why a teacher that scores at most `max_top_k` ids a position cannot give this run's signal, or None."""
-        if self.teacher_signal == "topk" and max_top_k < self.topk:
-            return f"algorithm.topk is {self.topk} candidates a position, but it scores at most {max_top_k} (its " \
-                   "--max-top-k)"
-        return None
 
     @model_validator(mode="after")
     def _known_estimator(self) -> AlgorithmConfig:
@@ -255,6 +254,30 @@ class RunConfig(Strict):
             if kind not in kinds:
                 raise ValueError(f"verifiers.{domain}: {kind!r} is not a verifier kind ({', '.join(kinds)})")
         return self
+
+    def signal_of(self, pool: TeacherPoolConfig) -> str | None:
+        """What a step asks `pool`'s teacher for: None (no teacher), "sampled", "topk" or "full"."""
+        signal = ESTIMATORS[self.algorithm.estimator, self.algorithm.teacher_signal].teacher_signal
+        return "sampled" if signal and pool.teacher_signal == "sampled" else signal
+
+    def signal_shortfall(self, domain: str, pool: TeacherPoolConfig, info: TeacherInfo) -> str | None:
+        """Why `pool`'s teacher (its /v1/info) cannot give `domain`'s signal, with the fix; None when it can."""
+        signal, a = self.signal_of(pool), self.algorithm
+        if signal not in ("topk", "full"):
+            return None
+        whole = signal == "full" or info.candidate_scoring == "full-distribution"
+        per_position = info.vocab_size if whole else a.topk
+        limit = info.limits.get("max_distribution_values")
+        if signal == "topk" and info.max_top_k < a.topk:
+            why = f"algorithm.topk is {a.topk} candidates a position, but it scores at most {info.max_top_k} (its " \
+                  "--max-top-k)"
+        elif limit is not None and self.rollout.max_tokens * per_position > limit:
+            why = f"a response of rollout.max_tokens {self.rollout.max_tokens} positions needs " \
+                  f"{self.rollout.max_tokens * per_position} values ({per_position} a position for {signal}), but " \
+                  f"it takes at most {limit} a request (its max_distribution_values)"
+        else:
+            return None
+        return f"{why}; give teachers.{domain}.teacher_signal: sampled to supervise {domain!r} with the sampled token"
 
     @model_validator(mode="after")
     def _registry_given(self) -> RunConfig:

@@ -46,6 +46,7 @@ class LossRows:
     candidates: torch.Tensor | None = None  # (B, T, k) the student's top-k ids under π_old (topk signal)
     teacher_candidates: torch.Tensor | None = None  # (B, T, k) the teacher's log-probs of them
     teacher_tail: torch.Tensor | None = None  # (B, T) the teacher's log-prob of every other token
+    rich: torch.Tensor | None = None  # (B,) 1 where the teacher gave the topk/full signal; None: every row
     num_samples: int = 0  # B of the whole minibatch, so that micro-batch losses add up to its loss
 
     def take(self, idx: np.ndarray, like: torch.Tensor, num_samples: int) -> LossRows:
@@ -55,7 +56,8 @@ class LossRows:
 
         return LossRows(cut(self.old), cut(self.teacher), cut(self.teacher_dist), cut(self.advantages),
                         cut(self.offsets), cut(self.mask), cut(self.candidates), cut(self.teacher_candidates),
-                        cut(self.teacher_tail), num_samples)
+                        cut(self.teacher_tail), None if self.rich is None else self.rich[idx].to(like.device),
+                        num_samples)
 
 
 class AdvantageEstimator(Protocol):
@@ -88,13 +90,15 @@ class OPD:
 class FullDistributionOPD(OPD):
     """OPD with the exact reverse KL over the vocabulary at every position (docs/method.md §9) in place of the
     sampled-token estimate. The sampled-token A_t still defines the returns G that balancing and calibration read;
-    what calibration adds to A rides on a PG term, so Uni-OPD works unchanged on top."""
+    what calibration adds to A rides on a PG term, so Uni-OPD works unchanged on top. Rows whose teacher pool answers
+    with the sampled token only (`teachers.<domain>.teacher_signal: sampled`) keep sampled-token OPD."""
 
     teacher_signal = "full"
 
     def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
-        return _kl_and_calibration(*full_reverse_kl(student.distributions(), rows.teacher_dist, rows.mask,
-                                                    rows.num_samples), student, rows, spec)
+        rich = _rich_mask(rows)
+        return _kl_and_pg(*full_reverse_kl(student.distributions(), rows.teacher_dist, rich, rows.num_samples),
+                          student, rows, spec)
 
 
 class TopKOPD(OPD):
@@ -106,15 +110,29 @@ class TopKOPD(OPD):
 
     def loss(self, student: ResponseLogprobs, rows: LossRows, spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
         own, own_tail = candidate_logprobs(student.distributions(), rows.candidates)
-        return _kl_and_calibration(*topk_reverse_kl(own, own_tail, rows.teacher_candidates, rows.teacher_tail,
-                                                    rows.mask, rows.num_samples), student, rows, spec)
+        return _kl_and_pg(*topk_reverse_kl(own, own_tail, rows.teacher_candidates, rows.teacher_tail,
+                                           _rich_mask(rows), rows.num_samples), student, rows, spec)
 
 
-def _kl_and_calibration(kl: torch.Tensor, mean_kl: float, student: ResponseLogprobs, rows: LossRows,
-                        spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
-    """A KL loss plus what calibration added to the advantages, on a PG term (zero when calibration is off)."""
-    pg, stats = clipped_pg_loss(student.logprobs, rows.old, rows.offsets, None, rows.mask, spec.clip_low,
-                                spec.clip_high, spec.logprob_clip, rows.num_samples)
+def _rich_mask(rows: LossRows) -> torch.Tensor:
+    """(B, T): the loss tokens of the rows that carry the topk/full signal."""
+    return rows.mask if rows.rich is None else rows.mask * rows.rich[:, None]
+
+
+def _kl_and_pg(kl: torch.Tensor, mean_kl: float, student: ResponseLogprobs, rows: LossRows,
+               spec: LossSpec) -> tuple[torch.Tensor, LossStats]:
+    """A KL loss (on the rich rows) plus one PG term: on the rich rows what calibration added to the advantages
+    (zero when calibration is off), on the rest the whole sampled-token A_t. The teacher–student clip applies where
+    the sampled token is the signal: on the rich rows the student stands in for the teacher, so it never clips."""
+    logprobs = student.logprobs
+    if rows.rich is None:
+        advantages, teacher = rows.offsets, None
+    else:
+        rich = rows.rich[:, None].bool()
+        advantages = torch.where(rich, rows.offsets, rows.advantages)
+        teacher = torch.where(rich, logprobs.detach(), rows.teacher)
+    pg, stats = clipped_pg_loss(logprobs, rows.old, advantages, teacher, rows.mask, spec.clip_low, spec.clip_high,
+                                spec.logprob_clip, rows.num_samples)
     stats.full_kl = mean_kl
     return kl + pg, stats
 

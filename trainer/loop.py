@@ -118,8 +118,8 @@ class Trainer:
                                     float_dtype=t.float_dtype)
         await self.router.handshake(student_fp, c.allow_tokenizer_mismatch,
                                     expected={d: p.fingerprint for d, p in c.teachers.items()})
-        for domain in c.teachers:
-            if (why := c.algorithm.teacher_shortfall(self.router.info(domain).max_top_k)) is not None:
+        for domain, pool in c.teachers.items():
+            if (why := c.signal_shortfall(domain, pool, self.router.info(domain))) is not None:
                 raise ConfigError(f"the {domain!r} teacher: {why}")
         self.teacher_swap.attach(self.router, student_fp, self.step)
         await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
@@ -151,10 +151,12 @@ class Trainer:
     async def score(self, rollouts: list[Rollout]) -> None:
         """Teacher log-probs of each response. A sequence its teacher would refuse (too long, a token it does not
         have) stays unscored, so it is masked alone instead of failing its whole request."""
-        full = self.estimator.teacher_signal == "full"
+        signals = {d: self.config.signal_of(pool) for d, pool in self.config.teachers.items()}
         items = [ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                           response_start=len(r.example.prompt_ids), distribution=full,
-                           candidates=None if r.candidates is None else r.candidates.tolist()) for r in rollouts]
+                           response_start=len(r.example.prompt_ids),
+                           distribution=signals[r.example.domain] == "full",
+                           candidates=r.candidates.tolist() if signals[r.example.domain] == "topk" else None)
+                 for r in rollouts]
         fits = [(r, item) for r, item in zip(rollouts, items, strict=True)
                 if score_item_problem(item, self.router.info(r.example.domain)) is None]
         requests = [(r.example.domain, item) for r, item in fits]
@@ -272,7 +274,7 @@ class Trainer:
         a = self.config.algorithm
         inputs = LossRows(batch.old, batch.teacher, batch.teacher_dist, recipe.advantages,
                           recipe.advantages - advantages, recipe.loss_mask, batch.candidates,
-                          batch.teacher_candidates, batch.teacher_tail)
+                          batch.teacher_candidates, batch.teacher_tail, batch.rich)
         self.model.train()
         stats: dict[str, list[float]] = defaultdict(list)
         for minibatch in self.minibatches(len(rollouts)):

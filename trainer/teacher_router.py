@@ -22,6 +22,7 @@ from proto.client import TeacherClient, share_images
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
 from proto.schemas import ScoreItem, TeacherInfo
+from proto.validation import distribution_values
 from trainer.score_cache import ScoreCache
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,33 @@ def _retry_after(exc: ApiError) -> float:
         return float(exc.headers.get("retry-after", 0))
     except ValueError:
         return 0.0
+
+
+@dataclass(frozen=True)
+class _Caps:
+    """What one request may hold: items, distinct images and distribution values (0: no cap)."""
+
+    items: int
+    images: int
+    values: int
+
+
+@dataclass
+class _Chunk:
+    """One request being filled: its items, their distinct images, their distribution values."""
+
+    items: list[int] = field(default_factory=list)
+    images: set[bytes] = field(default_factory=set)
+    values: int = 0
+
+    def fits(self, n: int, images: set[bytes], values: int, caps: _Caps) -> bool:
+        return (len(self.items) + n <= caps.items and (not caps.images or len(self.images | images) <= caps.images)
+                and (not caps.values or self.values + values <= caps.values))
+
+    def add(self, i: int, images: set[bytes], values: int) -> None:
+        self.items.append(i)
+        self.images |= images
+        self.values += values
 
 
 @dataclass
@@ -395,31 +423,35 @@ class TeacherRouter:
 
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
-        """Misses grouped per domain, cut into requests of at most max_items_per_request items and at most the
-        teacher's max_images distinct images. A prompt's samples go in one request when they fit in one (affinity:
-        the teacher then computes their shared prompt once)."""
+        """Misses grouped per domain, cut into requests within max_items_per_request and the teacher's published
+        max_images and max_distribution_values. A prompt's samples go in one request when they fit in one
+        (affinity: the teacher then computes their shared prompt once)."""
         by_domain: dict[str, dict[tuple[int, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
         for i in misses:
             domain, item = requests[i]
             by_domain[domain][tuple(item.input_ids[:item.response_start])].append(i)
         chunks = []
         for domain, groups in by_domain.items():
-            max_images = self._pools[domain].info.limits.get("max_images", 0) if self._pools[domain].info else 0
-            chunk: list[int] = []
-            shown: set[bytes] = set()
+            info = self._pools[domain].info
+            limits = info.limits if info else {}
+            caps = _Caps(self.max_items_per_request, limits.get("max_images", 0),
+                         limits.get("max_distribution_values", 0))
+            chunk = _Chunk()
             for group in groups.values():
-                if chunk and len(chunk) + len(group) > self.max_items_per_request >= len(group):
-                    chunks.append((domain, chunk))
-                    chunk, shown = [], set()
-                for i in group:
-                    more = shown | set(images[i])
-                    if chunk and (len(chunk) == self.max_items_per_request or (max_images and len(more) > max_images)):
-                        chunks.append((domain, chunk))
-                        chunk, more = [], set(images[i])
-                    chunk.append(i)
-                    shown = more
-            if chunk:
-                chunks.append((domain, chunk))
+                need = [(i, set(images[i]), distribution_values(requests[i][1], info.vocab_size,
+                                                                info.candidate_scoring) if info else 0)
+                        for i in group]
+                together = (len(group), set().union(*(shown for _, shown, _ in need)), sum(v for *_, v in need))
+                if chunk.items and not chunk.fits(*together, caps) and _Chunk().fits(*together, caps):
+                    chunks.append((domain, chunk.items))
+                    chunk = _Chunk()
+                for i, shown, values in need:
+                    if chunk.items and not chunk.fits(1, shown, values, caps):
+                        chunks.append((domain, chunk.items))
+                        chunk = _Chunk()
+                    chunk.add(i, shown, values)
+            if chunk.items:
+                chunks.append((domain, chunk.items))
         return chunks
 
     async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[ScoredSpan] | None:

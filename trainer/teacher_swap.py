@@ -179,7 +179,7 @@ class TeacherSwapper:
                                             self.config.allow_tokenizer_mismatch, pool.fingerprint)
         except (RouterError, ApiError, httpx.HTTPError, ValueError) as exc:
             return self._refuse(domain, pool, step, f"the new endpoints failed the handshake: {exc}")
-        if (why := self.config.algorithm.teacher_shortfall(info.max_top_k)) is not None:
+        if (why := self.config.signal_shortfall(domain, pool, info)) is not None:
             return self._refuse(domain, pool, step, why)
         before, after = old.fingerprint.digest, info.fingerprint.digest
         if after != before and not self.config.allow_teacher_change:

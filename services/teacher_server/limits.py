@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from proto.errors import ApiError
 from proto.schemas import ScoreItem
-from proto.validation import score_item_problem
+from proto.validation import distribution_values, score_item_problem
 from services.common.image_refs import ImagePositions, check_image_refs, check_takes_images, expanded_lengths
 from services.common.images import ImageLimits
 from services.common.limits import HeaderLimits, PublishedLimits
@@ -37,7 +37,7 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
     total = values = 0
     for i, it in enumerate(items):
         total += len(it.input_ids)
-        values += it.response_length * _values_per_position(it, info)
+        values += distribution_values(it, info.vocab_size, info.candidate_scoring)
         where = f"items[{i}]"
         if (problem := score_item_problem(it, info, where)) is not None:
             raise problem
@@ -51,12 +51,6 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
                        f"candidate scoring {info.candidate_scoring!r}); limit is {limits.max_distribution_values}",
                        "items")
 
-
-def _values_per_position(item: ScoreItem, info: ScorerInfo) -> int:
-    full = info.vocab_size if item.distribution else 0
-    if item.candidates is not None and item.candidates:
-        full += info.vocab_size if info.candidate_scoring == "full-distribution" else len(item.candidates[0])
-    return full
 
 
 def check_expanded(items: Sequence[ScoreItem], images: Sequence[Sequence], positions: ImagePositions,

@@ -1,15 +1,18 @@
 """uniopd teachers against stock `vllm serve` scoring the same sequences, in one run.
 
     python bench/peer_scoring.py [--models tiny wide] [--requests 64] [--concurrency 1 8 32] [--repeats 3]
+                                 [--samples 1] [--shape 128:128] [--servers peer vllm vllm-fp16 hf]
 
-Workload: `--requests` requests of 8 sequences x 256 tokens, the last half the scored response (a trainer scoring a
-group of rollouts). uniopd: `POST /v1/score`, msgpack (float32 and float16 responses), on its vLLM and transformers
-backends. The peer: stock `vllm serve` on the same model with the same engine settings (dtype, max model length,
-eager mode, batch budget), `POST /v1/completions` with the 8 sequences as token-id prompts, `max_tokens: 1` and
-`prompt_logprobs: 0` (vLLM's way to get each prompt token's log-prob). The two are checked to return the same
-log-probs before anything is timed. Reported per configuration: scored tokens/s (mean ± std over repeats), scored
-tokens per server CPU-second (the server's process tree), p50/p99 request latency, response bytes per scored token,
-and the ratio of tokens/s to the peer at the same concurrency.
+Workload: `--requests` requests of 8 sequences (or `--samples`, if more) of P prompt + R response tokens
+(`--shape P:R`, default 128:128), the response scored (a trainer scoring a group of rollouts). With `--samples n`
+every n sequences share their prompt token for token, as a prompt's OPD samples do (n = 1: unrelated sequences).
+uniopd: `POST /v1/score`, msgpack (float32 and float16 responses), on its vLLM and transformers backends. The peer:
+stock `vllm serve` on the same model with the same engine settings (dtype, max model length, eager mode, batch
+budget; prefix caching at vLLM's default), `POST /v1/completions` with the sequences as token-id prompts,
+`max_tokens: 1` and `prompt_logprobs: 0` (vLLM's way to get each prompt token's log-prob). The two are checked to
+return the same log-probs before anything is timed. Reported per configuration: scored tokens/s (mean ± std over
+repeats), scored tokens per server CPU-second (the server's process tree), p50/p99 request latency, response bytes
+per scored token, and the ratio of tokens/s to the peer at the same concurrency.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from uniopd.launch import ServerProcess, free_port, spawn_server, start_teacher
 from uniopd.tiny_models import build_tiny_model
 
 MODELS = {"tiny": (128, 4), "wide": (512, 8)}  # hidden, layers
-ITEMS, LENGTH, MAX_LENGTH = 8, 256, 512
+ITEMS, MAX_LENGTH = 8, 512
+SERVERS = {"peer": ("vllm serve (peer)", None, None), "vllm": ("uniopd vllm", "vllm", "float32"),
+           "vllm-fp16": ("uniopd vllm, float16", "vllm", "float16"), "hf": ("uniopd hf", "hf", "float32")}
 
 
 def start_peer(model: Path, log_dir: Path, timeout: float = 300.0) -> ServerProcess:
@@ -151,14 +156,27 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=1, help="sequences sharing each prompt (1: unrelated)")
+    ap.add_argument("--shape", default="128:128", help="prompt:response tokens of every sequence")
+    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS),
+                    help="the peer first: the ratios need it")
+    ap.add_argument("--max-batch-tokens", type=int, help="uniopd teachers' micro-batch budget (default: theirs)")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
     args = ap.parse_args()
+    budget = ["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else []
+    prompt, response = (int(x) for x in args.shape.split(":"))
+    per_request = max(ITEMS, args.samples)
+    if per_request % args.samples or prompt + response > MAX_LENGTH or args.servers[0] != "peer":
+        ap.error(f"--samples must divide {per_request}, --shape fit in {MAX_LENGTH} tokens, --servers start with peer")
     rng = np.random.default_rng(0)
-    batches = [[ScoreItem(input_ids=rng.integers(0, 512, LENGTH).tolist(), response_start=LENGTH // 2)
-                for _ in range(ITEMS)] for _ in range(args.requests)]
+    batches = []
+    for _ in range(args.requests):
+        heads = [rng.integers(0, 512, prompt).tolist() for _ in range(per_request // args.samples)]
+        batches.append([ScoreItem(input_ids=h + rng.integers(0, 512, response).tolist(), response_start=prompt)
+                        for h in heads for _ in range(args.samples)])
     logs = Path(tempfile.mkdtemp())
-    print(f"{args.requests} requests x {ITEMS} sequences x {LENGTH} tokens (half scored), fp32, "
-          f"repeats={args.repeats}\n")
+    print(f"{args.requests} requests x {per_request} sequences of {prompt}:{response} prompt:response tokens "
+          f"(the response scored; {args.samples} samples a prompt), fp32, repeats={args.repeats}\n")
     print("| model | server | concurrency | scored tokens/s | vs peer | tokens per server CPU-s | p50 / p99 ms | "
           "response bytes/token |")
     print("|---|---|---|---|---|---|---|---|")
@@ -167,11 +185,9 @@ def main() -> None:
         hidden, layers = MODELS[name]
         model = build_tiny_model(logs / name, "qwen3", seed=0, hidden=hidden, layers=layers)
         peer_rates: dict[int, float] = {}
-        configs = [("vllm serve (peer)", None, None), ("uniopd vllm", "vllm", "float32"),
-                   ("uniopd vllm, float16", "vllm", "float16"), ("uniopd hf", "hf", "float32")]
-        for label, backend, floats in configs:
+        for label, backend, floats in (SERVERS[s] for s in args.servers):
             server = (start_peer(model, logs) if backend is None else
-                      start_teacher(model, backend, ["--max-length", str(MAX_LENGTH), "--batch-wait-ms", "2"],
+                      start_teacher(model, backend, ["--max-length", str(MAX_LENGTH), "--batch-wait-ms", "2", *budget],
                                     log_dir=logs))
             with server:
                 if backend is None:

@@ -80,6 +80,20 @@ def test_uniopd_trains_on_the_balanced_set_and_opd_on_the_original(smoke):
 
 
 @pytest.mark.e2e
+def test_teacher_accuracy_and_pass_counts_are_kept_beside_the_models(smoke, cache_env):
+    """A demo or experiment on the same cached models and data reuses them (uniopd.experiment.Experiment.derived)."""
+    out, _ = smoke
+    derived = Path(cache_env["UNIOPD_CACHE"]) / "experts-quick" / "derived"
+    kept = [json.loads(p.read_text()) for p in derived.glob("teacher-accuracy-*.jsonl")]
+    teachers = json.loads((out / "teachers.json").read_text())
+    assert sorted(map(json.dumps, kept)) == sorted(json.dumps(v) for v in teachers.values())
+    counts = sorted(derived.glob("pass-counts-*.jsonl"))
+    assert len(counts) == 4  # math, code; code and visual of the multimodal student
+    rows = {p: p.read_text().splitlines() for p in counts}
+    assert all(len(lines) == SMOKE.n_train for lines in rows.values())
+
+
+@pytest.mark.e2e
 def test_results_and_report_cover_every_run(smoke):
     out, doc = smoke
     results = json.loads((out / "results.json").read_text())

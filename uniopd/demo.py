@@ -1,5 +1,6 @@
-"""The embedded demo (the README's first command): the "demo" plan of the experiment — vanilla OPD and Uni-OPD
-distilling the math and code teachers into the weak student, a before/after table per domain, and plots."""
+"""The embedded demo (the README's first command): the "demo" plan of the experiment — vanilla OPD and Uni-OPD, both
+with top-8 teacher supervision, distilling the math and code teachers into the weak student, a before/after table
+per domain, and plots."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ Layout of an experiment directory:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from proto.fingerprint import model_revision
 from trainer.config import set_dotted
 from uniopd import expert_models
 from uniopd.experiment_plan import METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir, student_of
@@ -33,6 +35,7 @@ from uniopd.synthetic.datasets import VERIFIER_OF, write_datasets
 
 log = logging.getLogger("uniopd.experiment")
 ADMIN_ENV = "UNIOPD_ROLLOUT_ADMIN_KEY"
+VERIFIERS = Path(__file__).resolve().parents[1] / "trainer" / "verifiers"  # what decides a verdict
 # Teachers score at the same moment (a step's rollouts go to every domain's teacher at once) while the trainer computes
 # π_old: with torch's default of a thread per core each, they oversubscribe a small machine (issue 18 measured a
 # teacher call ~30x slower than on an idle server); one thread each splits the cores between them.
@@ -168,6 +171,21 @@ class Experiment:
             raise RuntimeError(f"{setting}/{method}/seed{seed} failed ({proc.returncode}):\n{tail}")
         (run / "done.json").write_text(json.dumps({"wall_s": time.perf_counter() - start}))
 
+    def derived(self, kind: str, *inputs: object) -> Path:
+        """Where a result computed only from cached models and data is kept beside the models, named by everything
+        it was computed from (model weights, data files, sampling settings, the verifiers' code), so a demo or
+        experiment on a cached model reuses it and any change recomputes it."""
+        h = hashlib.sha256(kind.encode())
+        for source in sorted(VERIFIERS.glob("*.py")):
+            h.update(source.read_bytes())
+        for x in inputs:
+            if isinstance(x, Path):
+                x = model_revision(x) if x.is_dir() else hashlib.sha256(x.read_bytes()).hexdigest()
+            h.update(b"\0" + str(x).encode())
+        path = models_root(self.cache, self.plan.quick_models) / "derived" / f"{kind}-{h.hexdigest()[:24]}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def record_sharpening(self) -> None:
         """How each sharpened teacher was made (uniopd.sharpen's per-round log): the RL-side baseline of the report's
         steps-to-teacher-level comparison."""
@@ -195,22 +213,38 @@ class Experiment:
             for domain in SETTINGS[widest]:
                 target = out_dir / f"{domain}_train.jsonl"
                 if not target.exists():
+                    # the pass counts are the student's, on this data: resumed from (and kept in) the model cache
+                    known = self.derived("pass-counts", self.models[student], self.data[f"{domain}_train"],
+                                         p.balance_samples, config.seed, p.max_tokens, self.rollout_backend)
+                    progress = target.with_suffix(".progress.jsonl")
+                    if known.exists():
+                        shutil.copyfile(known, progress)
                     print(f"offline balancing: {domain} pass counts from {p.balance_samples} {student} samples",
                           flush=True)
                     asyncio.run(run_offline_balance(config, self.data[f"{domain}_train"], target,
                                                     p.balance_samples, cap=8))
+                    shutil.copyfile(progress, known)
 
     def teacher_accuracy(self) -> None:
         """Each teacher model served as a sampler, held-out accuracy over the plan's seeds (same k, T=1, top-p 1)."""
         path = self.out / "teachers.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        for name in self.plan.teachers:
+        p = self.plan
+        for name in p.teachers:
             if name in result:
                 continue
-            domains = self.plan.domains_of(name)
-            print(f"held-out accuracy of {name} ({', '.join(domains)})", flush=True)
-            with start_rollout(self.models[name], self.rollout_backend, [], self.logs) as server:
-                result[name] = asyncio.run(self._accuracy(server, name, domains))
+            domains = p.domains_of(name)
+            known = self.derived("teacher-accuracy", self.models[name], *(self.data[f"{d}_eval"] for d in domains),
+                                 p.seeds, p.eval_samples, p.max_tokens, self.rollout_backend)
+            if known.exists():
+                result[name] = json.loads(known.read_text())
+                print(f"held-out accuracy of {name}: measured before on these weights and data ({known})",
+                      flush=True)
+            else:
+                print(f"held-out accuracy of {name} ({', '.join(domains)})", flush=True)
+                with start_rollout(self.models[name], self.rollout_backend, [], self.logs) as server:
+                    result[name] = asyncio.run(self._accuracy(server, name, domains))
+                known.write_text(json.dumps(result[name]))
             path.write_text(json.dumps(result, indent=1))
 
     async def _accuracy(self, server: ServerProcess, name: str, domains: list[str]) -> dict[str, list[float]]:

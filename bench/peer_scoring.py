@@ -72,10 +72,13 @@ class Uniopd:
     def __init__(self, url: str, float_dtype: str) -> None:
         self.client = TeacherClient(url, binary=True, float_dtype=float_dtype)
 
-    async def score(self, batch: list[ScoreItem]) -> tuple[list[np.ndarray], int]:
-        before = self.client.bytes_received
+    @property
+    def received(self) -> int:
+        return self.client.bytes_received
+
+    async def score(self, batch: list[ScoreItem]) -> list[np.ndarray]:
         _, spans = await self.client.score(batch)
-        return [s.logprobs for s in spans], self.client.bytes_received - before
+        return [s.logprobs for s in spans]
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -85,8 +88,9 @@ class Peer:
     def __init__(self, url: str, model: Path) -> None:
         self.http = httpx.AsyncClient(base_url=url, timeout=600)
         self.model = str(model)
+        self.received = 0
 
-    async def score(self, batch: list[ScoreItem]) -> tuple[list[np.ndarray], int]:
+    async def score(self, batch: list[ScoreItem]) -> list[np.ndarray]:
         resp = await self.http.post("/v1/completions", json={
             "model": self.model, "prompt": [it.input_ids for it in batch], "max_tokens": 1, "prompt_logprobs": 0})
         resp.raise_for_status()
@@ -96,7 +100,8 @@ class Peer:
             rows = choice["prompt_logprobs"][it.response_start:]
             spans.append(np.array([row[str(t)]["logprob"] for row, t in
                                    zip(rows, it.input_ids[it.response_start:], strict=True)], dtype=np.float32))
-        return spans, len(resp.content)
+        self.received += len(resp.content)
+        return spans
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -105,19 +110,18 @@ class Peer:
 async def measure(scorer, batches: list[list[ScoreItem]], concurrency: int, pid: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
-    received = 0
 
     async def one(batch):
-        nonlocal received
         async with sem:
             start = time.perf_counter()
-            _, size = await scorer.score(batch)
+            await scorer.score(batch)
             latencies.append(time.perf_counter() - start)
-            received += size
 
+    received = scorer.received  # over the whole run: with requests in flight together, per-call deltas overlap
     cpu, start = cpu_seconds(pid), time.perf_counter()
     await asyncio.gather(*(one(b) for b in batches))
     wall, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+    received = scorer.received - received
     tokens = sum(len(it.input_ids) - it.response_start for b in batches for it in b)
     return {"rate": tokens / wall, "per_cpu_s": tokens / cpu, "p50": float(np.percentile(latencies, 50)),
             "p99": float(np.percentile(latencies, 99)), "bytes": received / tokens}
@@ -125,13 +129,13 @@ async def measure(scorer, batches: list[list[ScoreItem]], concurrency: int, pid:
 
 async def reference(peer: Peer, batch: list[ScoreItem]) -> list[np.ndarray]:
     """The peer's scores of one batch, which every uniopd server must reproduce before it is timed."""
-    spans, _ = await peer.score(batch)
+    spans = await peer.score(batch)
     await peer.aclose()
     return spans
 
 
 async def agree(scorer: Uniopd, batch: list[ScoreItem], want: list[np.ndarray], atol: float) -> None:
-    got, _ = await scorer.score(batch)
+    got = await scorer.score(batch)
     await scorer.aclose()
     worst = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
     if worst > atol:

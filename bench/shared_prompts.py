@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=4, help="requests of 64 sequences per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prompts", type=int, nargs="+", default=[64, 256], help="prompt tokens (responses are 64)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.passes} requests x 64 sequences per pass, response 64 tokens, fp32, {args.threads} threads, "
@@ -75,14 +76,14 @@ def main() -> None:
         model = build_tiny_model(Path(tempfile.mkdtemp()) / name, "qwen3", seed=0, hidden=hidden, layers=layers)
         for backend in args.backends:
             scorer = HFScorer(model, "float32", "cpu") if backend == "hf" else VLLMScorer(model, "float32")
-            for prompt in (64, 256):
+            for prompt in args.prompts:
                 for n in args.samples:
                     scorer.share_prompts = True
                     a = rate(scorer, args.passes, n, prompt, args.repeats)
                     scorer.share_prompts = False
                     b = rate(scorer, args.passes, n, prompt, args.repeats)
                     ideal = n * (prompt + 64) / (prompt + n * 64)
-                    print(f"| {backend} | {name} ({hidden}x{layers}) | {prompt // 64}:1 | {n} | {fmt(a)} | {fmt(b)} | "
+                    print(f"| {backend} | {name} ({hidden}x{layers}) | {prompt}:64 | {n} | {fmt(a)} | {fmt(b)} | "
                           f"{statistics.mean(a) / statistics.mean(b):.2f} | {ideal:.2f} |", flush=True)
             del scorer
 

@@ -152,3 +152,15 @@ def test_shared_prompt_groups_only_pair_identical_prompts_of_two_tokens_or_more(
     items = [item([1, 2], [3]), item([1, 2, 3], [4]), item([1, 2], [5, 6]), item([7], [8]), item([7], [9]),
              item([1, 2, 3], [9]), item([4, 5], [6])]
     assert shared_prompt_groups(items) == [[0, 2], [1, 5]]  # [7] is one token: nothing to cache
+
+
+def test_vllm_waves_put_one_sample_of_each_prompt_first_and_whole_block_prompts_in_the_first_wave():
+    from services.teacher_server.backends.vllm import _waves
+
+    def item(prompt_len, token):
+        return ScoreItem(input_ids=[*range(prompt_len), token], response_start=prompt_len)
+
+    items = [item(5, 1), item(5, 2), item(4, 3), item(4, 4), item(6, 5), item(5, 6)]
+    # block 4: the 4-token prompt fills a whole block, so its samples cannot start from the cache
+    assert _waves(items, 4) == [[0, 2, 3, 4], [1, 5]]
+    assert _waves([items[0], items[4]], 4) == [[0, 1]]  # nothing shared: one wave

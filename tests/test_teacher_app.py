@@ -677,3 +677,9 @@ async def test_vllm_token_in_token_out_scoring_as_stock_vllm_shapes_it():
     assert out["choices"][0]["token_ids"] == [greedy] and out["usage"]["completion_tokens"] == 1
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "sampling_params.prompt_logprob_token_ids"
     assert generating.status_code == 400 and generating.json()["error"]["field"] == "sampling_params.max_tokens"
+
+
+def test_the_default_batch_budget_follows_the_device():
+    from services.teacher_server.limits import CPU_BATCH_TOKENS, batch_tokens_for
+
+    assert batch_tokens_for("cpu") == CPU_BATCH_TOKENS < Limits.max_batch_tokens == batch_tokens_for("cuda:0")

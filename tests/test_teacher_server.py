@@ -39,6 +39,7 @@ def test_health_ready_and_info(teacher, tiny_model):
     assert info["backend"] == teacher.backend
     assert info["vocab_size"] == 512 and info["domains"] == ["math"] and info["api_version"] == "v1"
     assert info["dtype"] == "float32" and info["max_top_k"] == 128
+    assert info["limits"]["max_batch_tokens"] == 2048  # no --max-batch-tokens, no GPU: the CPU budget
     from proto.fingerprint import model_revision
 
     assert info["revision"] == model_revision(tiny_model)
@@ -363,13 +364,14 @@ def test_vllm_token_in_token_out_scoring_matches_transformers(teacher, reference
 
 def test_samples_of_one_prompt_score_as_each_sequence_alone(teacher, reference):
     """A prompt that a request's samples share is computed once (transformers: one prompt pass; vLLM: its prefix
-    cache, whose 128-token blocks the 300-token prompt fills twice); the scores are those of each sequence whole.
-    The same sequences scored again find their blocks cached up to inside a response (the 150-token one), which vLLM
-    must then score without the cache."""
+    cache, whose 32-token blocks the 300-token prompt fills 9 times, the first sample going first); the scores are
+    those of each sequence whole. The same sequences scored again find their blocks cached up to inside a response
+    (the 150-token one), which vLLM must then score without the cache; and a prompt of whole blocks (288 tokens),
+    whose cached blocks would reach its response, is scored without reading the cache."""
     rng = np.random.default_rng(11)
     head = rng.integers(0, 512, 300).tolist()
-    items = [ScoreItem(input_ids=head + rng.integers(0, 512, n).tolist(), response_start=300)
-             for n in (20, 1, 35, 150, 20, 7)]
+    items = [ScoreItem(input_ids=head[:p] + rng.integers(0, 512, n).tolist(), response_start=p)
+             for p, n in ((300, 20), (300, 1), (288, 9), (300, 35), (300, 150), (288, 30), (300, 20), (300, 7))]
 
     async def go():
         async with TeacherClient(teacher.url, binary=True) as client:
@@ -377,4 +379,4 @@ def test_samples_of_one_prompt_score_as_each_sequence_alone(teacher, reference):
 
     for spans in asyncio.run(go()):
         for item, span in zip(items, spans, strict=True):
-            np.testing.assert_allclose(span.logprobs, reference.span(item.input_ids, 300), atol=TOL)
+            np.testing.assert_allclose(span.logprobs, reference.span(item.input_ids, item.response_start), atol=TOL)

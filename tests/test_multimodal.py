@@ -136,6 +136,27 @@ def test_image_scoring_matches_transformers_with_several_images(vlm_teacher, vre
     assert np.abs(other[0].logprobs - spans[0].logprobs).max() > 1e-3
 
 
+@pytest.mark.e2e
+def test_image_items_return_their_distribution_and_candidates_with_the_tail(vlm_teacher, vreference, tok):
+    """The top-k and full signals on multimodal items: the distribution at each response position is the
+    image-conditioned one (its entry at the response token is the sampled-token score), and candidates with their
+    tail are picked from it, both backends."""
+    images = [png(1), png(2)]
+    ids, start = chat_ids(tok, f"{IMAGE}{IMAGE}\nWhich has more?", "The first one.")
+    n = len(ids) - start
+    candidates = [[t, 7 if t != 7 else 8, 300 if t != 300 else 301] for t in ids[start:]]
+    items = [ScoreItem(input_ids=ids, response_start=start, image_indices=[0, 1], distribution=True),
+             ScoreItem(input_ids=ids, response_start=start, image_indices=[1, 0], candidates=candidates)]
+    _, (full, picked) = score(vlm_teacher.url, items, images)
+    tol = 1e-4 if vlm_teacher.backend == "hf" else 2e-3
+    np.testing.assert_allclose(full.logprobs, vreference.span(ids, start, images), atol=tol)
+    np.testing.assert_allclose(np.exp(full.distribution).sum(-1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(full.distribution[np.arange(n), ids[start:]], full.logprobs, atol=tol)
+    swapped = vreference.span(ids, start, images[::-1])  # the second item sees the images the other way round
+    np.testing.assert_allclose(picked.candidate_logprobs[:, 0], swapped, atol=tol)
+    mass = np.exp(picked.candidate_logprobs).sum(-1)
+    np.testing.assert_allclose(np.exp(picked.tail_logprobs), 1 - mass, atol=1e-3)
+
 def post_score(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/score", json=body, timeout=30)
 

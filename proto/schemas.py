@@ -54,6 +54,11 @@ class ScoreItem(BaseModel):
         """R: the scored positions, one per response token."""
         return len(self.input_ids) - self.response_start
 
+    @property
+    def prompt_key(self) -> tuple[int, ...]:
+        """The prompt's tokens, hashable: items with equal keys are samples of one prompt."""
+        return tuple(self.input_ids[:self.response_start])
+
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -429,7 +429,7 @@ class TeacherRouter:
         by_domain: dict[str, dict[tuple[int, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
         for i in misses:
             domain, item = requests[i]
-            by_domain[domain][tuple(item.input_ids[:item.response_start])].append(i)
+            by_domain[domain][item.prompt_key].append(i)
         chunks = []
         for domain, groups in by_domain.items():
             info = self._pools[domain].info

@@ -64,7 +64,6 @@ def validate_items(items: Sequence[ScoreItem], info: ScorerInfo, limits: Limits,
                        "items")
 
 
-
 def check_expanded(items: Sequence[ScoreItem], images: Sequence[Sequence], positions: ImagePositions,
                    info: ScorerInfo, limits: Limits) -> None:
     """The length checks again with images expanded, once the images are decoded and their sizes known."""

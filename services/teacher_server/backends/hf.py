@@ -34,7 +34,7 @@ def shared_prompt_groups(items: Sequence[ScoreItem]) -> list[list[int]]:
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, it in enumerate(items):
         if it.response_start >= 2:
-            by_prompt.setdefault(tuple(it.input_ids[:it.response_start]), []).append(i)
+            by_prompt.setdefault(it.prompt_key, []).append(i)
     return [idx for idx in by_prompt.values() if len(idx) > 1]
 
 

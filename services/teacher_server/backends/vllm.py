@@ -47,7 +47,7 @@ class VLLMScorer:
         prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
 
         def params(it: ScoreItem, reuse: bool) -> SamplingParams:
-            reuse = reuse and it.response_start % self.block != 0
+            reuse = reuse and _can_read_cache(it, self.block)
             return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
                                   else it.top_k, detokenize=False, skip_reading_prefix_cache=not reuse)
 
@@ -74,14 +74,20 @@ class VLLMScorer:
                 for it, out in zip(items, outputs, strict=True)]
 
 
+def _can_read_cache(item: ScoreItem, block: int) -> bool:
+    """A prompt of whole `block`-token blocks would find them cached exactly up to its response, whose first log-prob
+    vLLM then cannot give: such an item never reads the prefix cache."""
+    return item.response_start % block != 0
+
+
 def _waves(items: Sequence[ScoreItem], block: int) -> list[list[int]]:
     """The first item of each prompt (and every item whose prompt fills whole `block`-token blocks, which cannot use
     the cache), then the rest: the second wave finds the first one's prompt blocks in the prefix cache."""
     first: dict[tuple[int, ...], int] = {}
     now, later = [], []
     for i, it in enumerate(items):
-        key = tuple(it.input_ids[:it.response_start])
-        if it.response_start % block and key in first:
+        key = it.prompt_key
+        if _can_read_cache(it, block) and key in first:
             later.append(i)
         else:
             first.setdefault(key, i)

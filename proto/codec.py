@@ -32,10 +32,9 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from proto.errors import ApiError, field_path
-from proto.schemas import API_VERSION, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
+from proto.schemas import API_VERSION, INT32, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
 
 # the binary encodings' element types, little-endian whatever the machine
-INT32 = np.dtype("<i4")
 FLOAT32 = np.dtype("<f4")
 FLOATS = {"float32": FLOAT32, "float16": np.dtype("<f2")}  # a response's float arrays, as the request asks
 
@@ -174,7 +173,7 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
             body["images"] = [b64(img) for img in images]
         return json.dumps(body, separators=(",", ":")).encode()
     packed = [
-        {"input_ids": np.asarray(it.input_ids, dtype=INT32).tobytes(), "response_start": it.response_start,
+        {"input_ids": it.ids_array.tobytes(), "response_start": it.response_start,
          "top_k": it.top_k, **({"image_indices": it.image_indices} if it.image_indices else {}),
          **({"distribution": True} if it.distribution else {}), **({"ranks": True} if it.ranks else {}),
          **_packed_candidates(it)}
@@ -187,7 +186,7 @@ def encode_score_request(items: Sequence[ScoreItem], binary: bool, images: Seque
 def _packed_candidates(item: ScoreItem) -> dict:
     if item.candidates is None:
         return {}
-    rows = np.asarray(item.candidates, dtype=INT32)
+    rows = item.candidates_array
     return {"candidates": rows.tobytes(), "candidates_k": int(rows.shape[1])}
 
 

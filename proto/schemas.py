@@ -6,8 +6,10 @@ These pydantic models are the JSON form of the contract and the source of the Op
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 API_VERSION = "v1"
@@ -17,6 +19,8 @@ MSGPACK_ALIASES = frozenset({MSGPACK, "application/msgpack", "application/vnd.ms
 SCORING_MODE = "prefill-raw-logprobs"
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+INT32 = np.dtype("<i4")
+_PACKED = ("ids_array", "candidates_array")
 
 
 class ScoreItem(BaseModel):
@@ -55,9 +59,39 @@ class ScoreItem(BaseModel):
         return len(self.input_ids) - self.response_start
 
     @property
-    def prompt_key(self) -> tuple[int, ...]:
+    def prompt_key(self) -> bytes:
         """The prompt's tokens, hashable: items with equal keys are samples of one prompt."""
-        return tuple(self.input_ids[:self.response_start])
+        return self.ids_array[:self.response_start].tobytes()
+
+    @cached_property
+    def ids_array(self) -> np.ndarray:
+        """`input_ids` as little-endian int32, built once: the cache key, the wire and the checks all read it."""
+        return np.asarray(self.input_ids, dtype=INT32)
+
+    @cached_property
+    def candidates_array(self) -> np.ndarray | None:
+        """`candidates` as an int32 [rows, k] array, built once (None without candidates)."""
+        return None if self.candidates is None else np.asarray(self.candidates, dtype=INT32)
+
+    @classmethod
+    def of_arrays(cls, ids: np.ndarray, response_start: int, *, distribution: bool = False,
+                  candidates: np.ndarray | None = None) -> ScoreItem:
+        """An item from int32 token arrays its maker produced itself (the trainer's rollouts), without pydantic's
+        per-token validation (scorability is still `proto.validation.score_item_problem`'s to say), keeping the
+        arrays: 1000 top-8 items build in a tenth of the time and never go list -> array again."""
+        item = cls.model_construct(input_ids=ids.tolist(), response_start=response_start, distribution=distribution,
+                                   candidates=None if candidates is None else candidates.tolist())
+        item.__dict__["ids_array"] = np.ascontiguousarray(ids, dtype=INT32)
+        if candidates is not None:
+            item.__dict__["candidates_array"] = np.ascontiguousarray(candidates, dtype=INT32)
+        return item
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ScoreItem:
+        """A copy whose arrays are rebuilt from its fields when `update` changes them."""
+        copy = super().model_copy(update=update, deep=deep)
+        for name in _PACKED:
+            copy.__dict__.pop(name, None)
+        return copy
 
 
 class ScoreRequest(BaseModel):

@@ -121,3 +121,25 @@ async def test_in_process_cache_round_trips_and_evicts_least_recently_used():
     got = await cache.get_many(["a", "b", "c"], lengths=[2, 2, 2])
     assert got[1] is None and np.array_equal(got[0], a) and np.array_equal(got[2], c)
     assert cache.stats() == {"hits": 3, "misses": 1, "errors": 0}
+
+
+
+def test_items_built_from_arrays_key_encode_and_check_as_validated_ones():
+    """The trainer's items (ScoreItem.of_arrays: no per-token validation, arrays kept) are the same items: equal, the
+    same cache key, the same bytes on the wire, the same refusal; a copy that changes the ids re-reads them."""
+    from types import SimpleNamespace
+
+    from proto.codec import encode_score_request
+    from proto.validation import score_item_problem
+
+    rng = np.random.default_rng(0)
+    ids, cands = rng.integers(0, 500, 12).astype(np.int32), rng.integers(0, 500, (8, 3)).astype(np.int64)
+    fast = ScoreItem.of_arrays(ids, 4, candidates=cands)
+    slow = ScoreItem(input_ids=ids.tolist(), response_start=4, candidates=cands.tolist())
+    assert fast == slow and fast.prompt_key == slow.prompt_key == ids[:4].astype("<i4").tobytes()
+    assert ScoreCache.key("a" * 64, fast) == ScoreCache.key("a" * 64, slow)
+    assert encode_score_request([fast], True) == encode_score_request([slow], True)
+    small = SimpleNamespace(max_length=64, vocab_size=400, max_top_k=8, image_token_id=None)
+    assert str(score_item_problem(fast, small)) == str(score_item_problem(slow, small)) != "None"
+    moved = fast.model_copy(update={"input_ids": [1, *ids[1:].tolist()]})
+    assert moved.ids_array[0] == 1 and ScoreCache.key("a" * 64, moved) != ScoreCache.key("a" * 64, fast)

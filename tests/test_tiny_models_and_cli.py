@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from proto.fingerprint import model_revision, tokenizer_fingerprint
+from tests.conftest import BACKENDS, start_teacher
 from uniopd.cli import main
 
 
@@ -81,19 +85,42 @@ def test_serve_refuses_a_bad_metrics_key_file_naming_it(cli_error_in_process, ti
                                                      str(keys)])
 
 
-def test_threads_are_an_hf_option_set_before_the_model_loads(cli_error_in_process, tiny_model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_are_set_before_the_model_loads(cli_error_in_process, tiny_model, backend):
+    """Both backends: vLLM's in-process CPU engine computes on torch's threads too."""
     import torch
 
-    if importlib.util.find_spec("vllm") is not None:
-        assert "--threads" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--backend",
-                                                    "vllm", "--threads", "1"])
     before = torch.get_num_threads()
     try:
-        assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--threads", "1",
-                                                     "--api-keys", "/no/such"])
+        torch.set_num_threads(2)
+        assert "--api-keys" in cli_error_in_process(["teacher", "serve", "--model", str(tiny_model), "--backend",
+                                                     backend, "--threads", "1", "--api-keys", "/no/such"])
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (fields 14 and 15, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core cannot tell one thread from two")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_server_started_with_one_thread_computes_on_one_core(tiny_model, backend, tmp_path):
+    """Under a steady scoring load the server process uses at most about one core: the engine kept the thread
+    count it was given (two threads here use ~1.9 cores while scoring)."""
+    body = {"items": [{"input_ids": [(7 * i + j) % 500 for j in range(192)], "response_start": 128}
+                      for i in range(64)]}
+    with start_teacher(tiny_model, backend, ["--threads", "1", "--max-length", "256"], tmp_path) as server:
+        httpx.post(server.url + "/v1/score", json=body, timeout=60).raise_for_status()  # warm-up
+        cpu, wall = _cpu_seconds(server.proc.pid), time.monotonic()
+        while time.monotonic() - wall < 3:
+            httpx.post(server.url + "/v1/score", json=body, timeout=60).raise_for_status()
+        busy = (_cpu_seconds(server.proc.pid) - cpu) / (time.monotonic() - wall)
+    assert busy < 1.3, f"the server used {busy:.2f} cores with --threads 1"
 
 
 @pytest.mark.e2e

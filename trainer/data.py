@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ class Example:
     domain: str
     prompt_ids: list[int]
     images: tuple[bytes, ...] = ()  # PNG/JPEG bytes, one per image placeholder in the prompt, in order
+
+    @cached_property
+    def prompt_array(self) -> np.ndarray:
+        """`prompt_ids` as int32, built once for all the prompt's samples of every step."""
+        return np.asarray(self.prompt_ids, dtype=np.int32)
 
 
 def load_records(paths: list[Path], domains: set[str] | None = None) -> list[dict]:

@@ -152,10 +152,9 @@ class Trainer:
         """Teacher log-probs of each response. A sequence its teacher would refuse (too long, a token it does not
         have) stays unscored, so it is masked alone instead of failing its whole request."""
         signals = {d: self.config.signal_of(pool) for d, pool in self.config.teachers.items()}
-        items = [ScoreItem(input_ids=r.example.prompt_ids + r.response.tolist(),
-                           response_start=len(r.example.prompt_ids),
-                           distribution=signals[r.example.domain] == "full",
-                           candidates=r.candidates.tolist() if signals[r.example.domain] == "topk" else None)
+        items = [ScoreItem.of_arrays(np.concatenate((r.example.prompt_array, r.response)), len(r.example.prompt_ids),
+                                     distribution=signals[r.example.domain] == "full",
+                                     candidates=r.candidates if signals[r.example.domain] == "topk" else None)
                  for r in rollouts]
         fits = [(r, item) for r, item in zip(rollouts, items, strict=True)
                 if score_item_problem(item, self.router.info(r.example.domain)) is None]

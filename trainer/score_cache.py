@@ -8,6 +8,7 @@ training step never fails or stalls on it; redis-py reconnects on the next comma
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import struct
@@ -21,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proto.codec import FLOAT32, INT32
+from proto.codec import FLOAT32
 from proto.schemas import ScoreItem
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,12 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 MEMORY_URL = "memory://"
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_hash(fingerprint_digest: str) -> hashlib._Hash:
+    """The key hash's state after its teacher part, shared by every key of that teacher (copied, never updated)."""
+    return hashlib.sha256(KEY_SCHEMA + fingerprint_digest.encode() + b"\0")
 
 
 class InProcessStore:
@@ -98,18 +105,17 @@ class ScoreCache:
         """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE), for items with images
         the images' content hashes in placeholder order, whether the item asks for its distribution, and its
         candidates (shape and ids), as hex."""
-        h = hashlib.sha256(KEY_SCHEMA)
-        h.update(fingerprint_digest.encode() + b"\0")
+        h = _teacher_hash(fingerprint_digest).copy()
         h.update(struct.pack("<ii", item.top_k, item.response_start))
-        # int32 little-endian, the bytes np.asarray(ids, "<i4").tobytes() gives, at a third of its cost
-        h.update(struct.pack(f"<{len(item.input_ids)}i", *item.input_ids))
+        h.update(item.ids_array)  # int32 little-endian
         for image in images:  # text items hash exactly as before images existed
             h.update(b"\0image:" + hashlib.sha256(image).digest())
         if item.distribution:  # and items without a distribution as before distributions existed
             h.update(b"\0distribution")
         if item.candidates is not None:
-            rows = np.asarray(item.candidates, dtype=INT32)
-            h.update(b"\0candidates" + struct.pack("<ii", *rows.shape) + rows.tobytes())
+            rows = item.candidates_array
+            h.update(b"\0candidates" + struct.pack("<ii", *rows.shape))
+            h.update(rows)
         return h.hexdigest()
 
     def _redis_key(self, key: str) -> str:

@@ -404,10 +404,9 @@ class TeacherRouter:
         more for a candidate item (the candidates' log-probs and the tail)."""
         sizes = []
         for domain, item in requests:
-            n = item.response_length
             vocab = self._pools[domain].info.vocab_size if item.distribution else 0
             k = _candidate_k(item)
-            sizes.append(n * (1 + vocab + (k + 1 if k else 0)))
+            sizes.append(item.response_length * (1 + vocab + (k + 1 if k else 0)))
         return sizes
 
     def _validate(self, requests: list[tuple[str, ScoreItem]]) -> None:
@@ -588,6 +587,8 @@ def _to_cache(span: ScoredSpan) -> np.ndarray:
 
 def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
     n = item.response_length
+    if len(value) == n:  # log-probs alone: the common case, kept cheap
+        return ScoredSpan(value)
     span, rest = ScoredSpan(value[:n]), value[n:]
     if k := _candidate_k(item):
         span.candidate_logprobs, span.tail_logprobs = rest[-n * (k + 1):-n].reshape(n, k), rest[-n:]

@@ -46,8 +46,9 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="auto", help="hf backend: cpu, cuda, cuda:N or auto")
     p.add_argument("--max-length", type=_positive, help="longest sequence accepted (default: the model's)")
-    p.add_argument("--threads", type=_positive, help="hf backend: torch threads for the model (default: one per "
-                   "core); servers sharing a small CPU machine should split its cores rather than each take all")
+    p.add_argument("--threads", type=_positive, help="torch threads for the model, both backends (vLLM's in-process "
+                   "CPU engine computes on torch's threads; default: one per core); servers sharing a small CPU "
+                   "machine should split its cores rather than each take all")
     p.add_argument("--metrics-keys", type=Path, help="bearer keys, one per line, that GET /metrics asks for (also: "
                    "$UNIOPD_METRICS_KEYS); without them /metrics is open, and it names every team and its usage")
     p.add_argument("--max-header-bytes", type=_positive, default=HeaderLimits.max_header_bytes,
@@ -135,8 +136,6 @@ def _check_server_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                      "'uniopd[vllm]')")
     if args.backend == "vllm" and (why := vllm_architecture_error(args.model)):
         parser.error(f"--backend vllm: {why}")
-    if args.threads and args.backend != "hf":
-        parser.error("--threads: an hf backend option (vLLM on CPU takes VLLM_CPU_OMP_THREADS_BIND)")
     if args.threads:
         import torch
 

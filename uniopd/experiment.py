@@ -107,8 +107,7 @@ class Experiment:
                 domains = p.domains_of(name)
                 server = stack.enter_context(start_teacher(
                     self.models[name], self.teacher_backend,
-                    [*(a for d in domains for a in ("--domain", d)),
-                     *(["--threads", str(TEACHER_THREADS)] if self.teacher_backend == "hf" else [])], self.logs))
+                    [*(a for d in domains for a in ("--domain", d)), "--threads", str(TEACHER_THREADS)], self.logs))
                 self.teacher_urls[name] = server.url
             self.teacher_accuracy()
             self.rollout_urls = {}

@@ -15,10 +15,12 @@ import argparse
 import asyncio
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
 from proto.schemas import ScoreItem
+from proto.validation import score_item_problem
 from trainer.score_cache import MEMORY_URL, ScoreCache
 from trainer.teacher_router import Endpoint, TeacherRouter
 from uniopd.launch import RedisServer
@@ -26,13 +28,19 @@ from uniopd.launch import RedisServer
 DIGEST = "0" * 64
 
 
-def make_items(items: int, samples: int, prompt: int, response: int, topk: int) -> list[ScoreItem]:
-    """As the trainer builds them: from its int32 arrays, with top-k candidates under the topk signal."""
+def make_arrays(items: int, samples: int, prompt: int, response: int,
+                topk: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Rollouts as the trainer holds them: int32 prompt + response ids, and top-k candidates under the topk signal."""
     rng = np.random.default_rng(0)
     heads = [rng.integers(0, 512, prompt, dtype=np.int32) for _ in range(items // samples)]
-    return [ScoreItem.of_arrays(np.concatenate((h, rng.integers(0, 512, response, dtype=np.int32))), prompt,
-                                candidates=rng.integers(0, 512, (response, topk), dtype=np.int32) if topk else None)
+    return [(np.concatenate((h, rng.integers(0, 512, response, dtype=np.int32))),
+             rng.integers(0, 512, (response, topk), dtype=np.int32) if topk else None)
             for h in heads for _ in range(samples)]
+
+
+def make_items(arrays: list[tuple[np.ndarray, np.ndarray | None]], prompt: int) -> list[ScoreItem]:
+    """As the trainer builds them (trainer/loop.py score)."""
+    return [ScoreItem.of_arrays(ids, prompt, candidates=candidates) for ids, candidates in arrays]
 
 
 def timed_ms(fn, repeats: int) -> tuple[float, float]:
@@ -52,7 +60,7 @@ def router_for(cache: ScoreCache) -> TeacherRouter:
     return router
 
 
-def bench(url: str, items: list[ScoreItem], repeats: int) -> dict[str, tuple[float, float]]:
+def bench(url: str, items: list[ScoreItem], repeats: int, build) -> dict[str, tuple[float, float]]:
     loop = asyncio.new_event_loop()
     cache = ScoreCache(url)
     router = router_for(cache)
@@ -62,7 +70,9 @@ def bench(url: str, items: list[ScoreItem], repeats: int) -> dict[str, tuple[flo
     rng = np.random.default_rng(1)
     loop.run_until_complete(cache.set_many({k: rng.standard_normal(n).astype(np.float32)
                                             for k, n in zip(keys, lengths, strict=True)}))
+    bounds = SimpleNamespace(max_length=4096, vocab_size=512, max_top_k=20, image_token_id=None)
     out = {
+        "items": timed_ms(lambda: [score_item_problem(item, bounds) for item in build()], repeats),
         "keys": timed_ms(lambda: [ScoreCache.key(DIGEST, item) for item in items], repeats),
         "get_many": timed_ms(lambda: loop.run_until_complete(cache.get_many(keys, lengths)), repeats),
         "score_spans": timed_ms(lambda: loop.run_until_complete(router.score_spans(requests)), repeats),
@@ -82,17 +92,23 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=0, help="candidates per position (the topk signal); 0: none")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    items = make_items(args.items, args.samples, args.prompt, args.response, args.topk)
+    arrays = make_arrays(args.items, args.samples, args.prompt, args.response, args.topk)
+
+    def build() -> list[ScoreItem]:
+        return make_items(arrays, args.prompt)
+
+    items = build()
     redis = RedisServer().start()
     try:
-        results = {"memory": bench(MEMORY_URL, items, args.repeats), "redis": bench(redis.url, items, args.repeats)}
+        results = {"memory": bench(MEMORY_URL, items, args.repeats, build),
+                   "redis": bench(redis.url, items, args.repeats, build)}
     finally:
         redis.stop()
     print(f"{len(items)} cached items, {args.samples} per prompt, {args.prompt}:{args.response} tokens, "
           f"top-{args.topk} candidates; "
           f"ms per call, median / p90 over {args.repeats} repeats")
-    print("| store | keys | get_many | score_spans |")
-    print("|---|---|---|---|")
+    print("| store | items | keys | get_many | score_spans |")
+    print("|---|---|---|---|---|")
     for store, row in results.items():
         print(f"| {store} | " + " | ".join(f"{m:.2f} / {p:.2f}" for m, p in row.values()) + " |")
 

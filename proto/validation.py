@@ -64,7 +64,7 @@ def candidates_problem(rows: Sequence[Sequence[int]], positions: int, teacher: I
     if not 1 <= k <= teacher.max_top_k:
         return ApiError(422, "invalid_field", f"{field}: {k} candidates per position; 1 to {teacher.max_top_k} "
                         "(this teacher's --max-top-k)", field)
-    if len(set(map(len, rows))) > 1:
+    if not isinstance(rows, np.ndarray) and len(set(map(len, rows))) > 1:
         j, row = next((j, row) for j, row in enumerate(rows) if len(row) != k)
         return ApiError(422, "invalid_field", f"{field}[{j}] has {len(row)} ids; every row needs {k}",
                         f"{field}[{j}]")
@@ -94,6 +94,6 @@ def distribution_values(item: ScoreItem, vocab_size: int, candidate_scoring: str
     """Values an item costs beyond one per position, as a teacher's max_distribution_values counts them: R x vocab
     for a distribution, R x k for candidates (R x vocab where the backend picks them from a full distribution)."""
     per_position = vocab_size if item.distribution else 0
-    if item.candidates:
+    if item.candidates is not None:
         per_position += vocab_size if candidate_scoring == "full-distribution" else len(item.candidates[0])
     return item.response_length * per_position

@@ -133,12 +133,13 @@ def test_items_built_from_arrays_key_encode_and_check_as_validated_ones():
     from proto.validation import score_item_problem
 
     rng = np.random.default_rng(0)
-    ids, cands = rng.integers(0, 500, 12).astype(np.int32), rng.integers(0, 500, (8, 3)).astype(np.int64)
+    ids, cands = rng.integers(0, 500, 12).astype("<i4"), rng.integers(0, 500, (8, 3)).astype(np.int64)
     fast = ScoreItem.of_arrays(ids, 4, candidates=cands)
     slow = ScoreItem(input_ids=ids.tolist(), response_start=4, candidates=cands.tolist())
-    assert fast == slow and fast.prompt_key == slow.prompt_key == ids[:4].astype("<i4").tobytes()
+    assert fast.model_dump() == slow.model_dump() and fast.prompt_key == slow.prompt_key == ids[:4].tobytes()
     assert ScoreCache.key("a" * 64, fast) == ScoreCache.key("a" * 64, slow)
-    assert encode_score_request([fast], True) == encode_score_request([slow], True)
+    for binary in (True, False):
+        assert encode_score_request([fast], binary) == encode_score_request([slow], binary)
     small = SimpleNamespace(max_length=64, vocab_size=400, max_top_k=8, image_token_id=None)
     assert str(score_item_problem(fast, small)) == str(score_item_problem(slow, small)) != "None"
     moved = fast.model_copy(update={"input_ids": [1, *ids[1:].tolist()]})

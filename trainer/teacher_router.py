@@ -571,7 +571,7 @@ class TeacherRouter:
 
 
 def _candidate_k(item: ScoreItem) -> int:
-    return len(item.candidates[0]) if item.candidates else 0
+    return 0 if item.candidates is None else item.candidates_array.shape[1]
 
 
 def _to_cache(span: ScoredSpan) -> np.ndarray:

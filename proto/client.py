@@ -109,6 +109,39 @@ class RolloutClient(_Client):
         return WeightsLoaded.model_validate_json(resp.content)
 
 
+class WeightSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over a rollout server's /v1/weights/transfer routes, for a trainer-side
+    weight-transfer engine. Synchronous, as vLLM's engines call it (the update from a thread beside their broadcast).
+    `loaded`: what the last finish made (vLLM's protocol returns nothing)."""
+
+    def __init__(self, base_url: str, admin_key: str | None = None, timeout: float = 600.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self.loaded: WeightsLoaded | None = None
+
+    def _post(self, step: str, body: dict | None = None) -> httpx.Response:
+        resp = self._http.post(f"/v1/weights/transfer/{step}", json=body)
+        _Client._raise_for(resp)
+        return resp
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("init", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("start")
+
+    def update_weights(self, update_info: dict) -> None:
+        self._post("update", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        """`weight_version`: vLLM's label for the new weights; the server numbers its versions itself."""
+        self.loaded = WeightsLoaded.model_validate_json(self._post("finish").content)
+
+    def close(self) -> None:
+        self._http.close()
+
+
 async def _pieces(buffer: memoryview, size: int = 1 << 24) -> AsyncIterator[memoryview]:
     for start in range(0, len(buffer), size):
         yield buffer[start:start + size]

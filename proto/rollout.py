@@ -113,6 +113,58 @@ class WeightsLoaded(BaseModel):
     bytes: int
 
 
+class TransferInitInfo(BaseModel):
+    """Where the server's workers join the trainer's weight-transfer group (vLLM's init_weight_transfer_engine)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    master_address: str = Field(min_length=1, max_length=253, description="Host of the trainer's rendezvous store.")
+    master_port: StrictInt = Field(ge=1, le=65535)
+    rank_offset: StrictInt = Field(ge=1, le=2**31 - 1, description="The first worker's rank (1: the trainer is 0).")
+    world_size: StrictInt = Field(ge=2, le=2**31 - 1, description="The trainer's sender and every worker.")
+    timeout_s: Number | None = Field(default=None, gt=0, le=86400, description="gloo: how long a rendezvous or a "
+                                                                               "broadcast may wait.")
+    packed: bool | None = Field(default=None, description="nccl: broadcast in packed buffers.")
+    packed_buffer_size_bytes: StrictInt | None = Field(default=None, ge=1, le=2**40, description="nccl")
+    packed_num_buffers: StrictInt | None = Field(default=None, ge=1, le=64, description="nccl")
+
+
+class TransferInit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    init_info: TransferInitInfo
+
+
+class TransferUpdateInfo(BaseModel):
+    """The tensors of one broadcast, in order, in HF checkpoint names (vLLM's dense update info)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(min_length=1)
+    dtype_names: list[str] = Field(description="torch dtype names: float32, bfloat16, ...")
+    shapes: list[list[Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]]]
+
+    @model_validator(mode="after")
+    def _one_entry_per_tensor(self) -> TransferUpdateInfo:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes must be as long as each other, got {len(self.names)}, "
+                             f"{len(self.dtype_names)} and {len(self.shapes)}")
+        return self
+
+
+class TransferUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    update_info: TransferUpdateInfo
+
+
+class TransferState(BaseModel):
+    backend: str = Field(description="The server's weight-transfer backend (gloo, nccl).")
+    updating: bool = Field(description="A round is open: between start and finish; generation waits for its end.")
+    tensors: int = Field(description="Tensors received in the open round.")
+    weight_version: int
+
+
 @dataclass
 class Sample:
     """One generated completion, as backends produce it and clients receive it."""

@@ -21,7 +21,7 @@ from modeling.logprobs import candidate_logprobs
 from proto.codec import ScoredSpan
 from proto.rollout import Sample
 from proto.schemas import ScoreItem
-from services.rollout_server.generator import GeneratorInfo, SamplingOptions
+from services.rollout_server.generator import GeneratorInfo, SamplingOptions, TransferUnavailable
 from services.teacher_server.scorer import ScorerInfo
 
 GATE_TIMEOUT_S = 30.0  # a test that forgets to open a gate fails instead of hanging
@@ -101,8 +101,9 @@ class GeneratorDouble:
     re-seeds the table from the tensors' bytes, so the same weights always give the same outputs."""
 
     def __init__(self, *, vocab_size: int = 512, max_length: int = 1024, eos_token_ids: tuple[int, ...] = (0, 2),
-                 held: bool = False) -> None:
+                 held: bool = False, transfer: TransferDouble | None = None) -> None:
         self.vocab_size = vocab_size
+        self.transfer = transfer
         self.table = bigram_table(0, vocab_size)
         self._info = GeneratorInfo(model="generator-double", revision="rev-0", tokenizer_fingerprint="tok-double",
                                    vocab_size=vocab_size, max_length=max_length, dtype="float32", backend="double",
@@ -146,3 +147,43 @@ class GeneratorDouble:
             digest.update(tensors[name].float().numpy().tobytes())
         self.table = bigram_table(int(digest.hexdigest()[:8], 16), self.vocab_size)
         self.loaded.append({name: tuple(t.shape) for name, t in tensors.items()})
+
+    def weight_transfer(self) -> TransferDouble:
+        if self.transfer is None:
+            raise TransferUnavailable("the double was made without a transfer engine")
+        return self.transfer
+
+
+class TransferDouble:
+    """WeightTransfer protocol double: records each call in `calls`; a receive fails with `fail_receive`, and is held
+    by a closed `gate` (a round in progress). No data moves: the gloo engines are tested on their own."""
+
+    backend = "double"
+    workers = 1
+
+    def __init__(self, *, fail_receive: bool = False, held: bool = False) -> None:
+        self.joined = False
+        self.fail_receive = fail_receive
+        self.gate = _Gate(closed=held)
+        self.calls: list[tuple[str, object]] = []
+
+    def init(self, init_info: dict) -> None:
+        if "packed" in init_info:  # as vLLM's engines check their own init info
+            raise ValueError("unexpected keyword argument 'packed'")
+        self.calls.append(("init", init_info))
+        self.joined = True
+
+    def start(self) -> None:
+        self.calls.append(("start", None))
+
+    def receive(self, update_info: dict) -> None:
+        self.calls.append(("receive", update_info))
+        self.gate.pass_through()
+        if self.fail_receive:
+            raise RuntimeError("the trainer's broadcast broke off")
+
+    def finish(self) -> None:
+        self.calls.append(("finish", None))
+
+    def abort(self) -> None:
+        self.calls.append(("abort", None))

@@ -11,7 +11,7 @@ import pytest
 
 from proto.client import RolloutClient
 from proto.errors import ApiError
-from proto.rollout import GenerateRequest
+from proto.rollout import GenerateRequest, WeightsLoaded
 from services.rollout_server.app import create_app
 from tests.doubles import GeneratorDouble
 from tests.inprocess import BASE_URL, transport, wait_loaded
@@ -85,3 +85,29 @@ async def test_a_rejected_request_is_not_retried(tiny_model):
             await session.generate(GenerateRequest(prompts=[[5, 600]], max_tokens=4))  # a token outside the vocab
         await session.aclose()
     assert err.value.status == 422 and session.call_retries == 0
+
+
+async def test_weights_sent_through_the_transfer_engine_are_sent_again_to_a_restarted_server(tiny_model):
+    """rollout.weight_sync gloo/nccl keeps no payload: a restarted server gets the weights through `resend` (one
+    trainer process re-forms the group and sends them), and with several processes the run stops saying why."""
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    async with rollout_apps(tiny_model, 3) as (first, restarted, again):
+        route = KillableTransport(first)
+        session = session_over(route)
+        sent = []
+
+        async def resend() -> WeightsLoaded:
+            sent.append(route.app)
+            return await session.client.push_weights(weights)  # stands in for the engine's round
+
+        session.transferred(await session.client.push_weights(weights), resend)
+        before = await session.generate(REQUEST)
+        route.app = restarted
+        after = await session.generate(REQUEST)
+        session.transferred(WeightsLoaded(weight_version=after.weight_version, tensors=1, bytes=1), None)
+        route.app = again
+        with pytest.raises(RolloutUnavailable, match=r"several trainer processes .*--resume"):
+            await session.generate(REQUEST)
+        await session.aclose()
+    assert sent == [restarted] and session.repushes == 2 and session.payload is None
+    assert after.weight_version == before.weight_version == 1

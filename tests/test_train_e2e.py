@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import RedisServer
+from tests.conftest import HAS_VLLM, RedisServer
 from trainer.config import load_config
 from trainer.loop import Trainer
 from trainer.run_log import read_log
@@ -282,6 +282,38 @@ def test_fsdp2_processes_train_like_one_and_resume_from_their_shards(stack, tmp_
         assert [r[key] for r in again] == pytest.approx([r[key] for r in two], rel=1e-5, abs=1e-6), key
     c = final_weights(double)
     assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+def test_weights_through_the_gloo_transfer_train_like_the_push(stack, tmp_path):
+    """rollout.weight_sync gloo against a vLLM sampler started with --weight-transfer gloo: the run is the run that
+    safetensors pushes to the same sampler make (seeded samples of the same weights are the same samples), also in
+    two FSDP2 processes (the second joins the sender's gathers), and the sampler ends on the final weights."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    with start_rollout(stack["student"], "vllm", ["--weight-transfer", "gloo"], log_dir=tmp_path,
+                       env={"UNIOPD_ADMIN_KEYS": ADMIN}) as rollout:
+        for run, sync, launch in (("http", "http", train), ("gloo", "gloo", train), ("fsdp2", "gloo", fsdp2_train)):
+            launch(write_config(stack, tmp_path / run, rollout__url=rollout.url, rollout__weight_sync=sync,
+                                schedule__steps=2, schedule__checkpoint_every=2))
+            runs[run] = read_log(tmp_path / run / "metrics.jsonl")
+        greedy = httpx.post(rollout.url + "/v1/generate", json={"prompts": [[5, 6, 7, 8]], "max_tokens": 8,
+                                                                 "temperature": 0}).json()
+    for run, tolerance in (("gloo", 1e-6), ("fsdp2", 1e-4)):  # FSDP2's reduce-scatter sums in another order
+        rows = runs[run]
+        assert [r["weight_version"] - rows[0]["weight_version"] for r in rows] == [0, 1]  # one transfer a step
+        for key in ("train/loss", "reverse_kl", "teacher_logprob", "student_logprob", "math/accuracy"):
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in runs["http"]], rel=tolerance,
+                                                           abs=tolerance / 10), (run, key)
+    a, b = final_weights(tmp_path / "http"), final_weights(tmp_path / "gloo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = final_weights(tmp_path / "fsdp2")
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-4
+    final = AutoModelForCausalLM.from_pretrained(sorted((tmp_path / "fsdp2" / "checkpoints").iterdir())[-1] / "model")
+    expected = final.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, 4:].tolist()
+    assert greedy["completions"][0][0]["token_ids"] == expected
 
 
 def test_uniopd_recipe_runs_and_logs_balancing_and_calibration(stack, tmp_path):

@@ -73,6 +73,16 @@ class RolloutConfig(Strict):
         default=6, description="Retries of a call that failed in transport or with a 5xx (backoff doubles from "
                                "backoff_s, capped at 30 s): enough for a restarted server to load a small model.")
     backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    weight_sync: Literal["http", "gloo", "nccl"] = Field(
+        default="http", description="How weights reach the sampler after each step. http: a safetensors push (POST "
+                                    "/v1/weights; any backend). gloo (CPU) / nccl (GPU): vLLM's weight-transfer "
+                                    "engine, the trainer's main process broadcasting to a rollout server started "
+                                    "with --backend vllm --weight-transfer of the same name")
+    weight_sync_host: str = Field(default="127.0.0.1", min_length=1,
+                                  description="gloo/nccl: this trainer's address as the rollout server reaches it "
+                                              "(its main process hosts the group's rendezvous store)")
+    weight_sync_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, description="gloo/nccl: the rendezvous store's port; 0 picks a free one")
 
 
 class CacheConfig(Strict):

@@ -47,6 +47,7 @@ from trainer.student import response_prefill
 from trainer.teacher_router import Endpoint, TeacherRouter, TokenizerMismatch
 from trainer.teacher_swap import TeacherSwapper
 from trainer.timing import teacher_wait, timed, timed_await
+from trainer.weight_sync import EngineSync
 
 log = logging.getLogger("uniopd.train")
 
@@ -87,6 +88,9 @@ class Trainer:
             raise ConfigError(f"algorithm.prompts_per_step: {a.prompts_per_step} x samples_per_prompt "
                               f"{a.samples_per_prompt} = {batch} samples must split evenly into updates_per_batch "
                               f"{a.updates_per_batch} x {self.world} processes")
+        r = c.rollout
+        self.sync = EngineSync(r, self.accelerator.unwrap_model(self.model), self.rank,
+                               c.env_secret(r.admin_key_env)) if r.weight_sync != "http" else None
         self.runlog = RunLog(c.output_dir, enabled=self.main)
         self.teacher_swap = TeacherSwapper(c, enabled=self.main)  # config edits / SIGHUP swap teachers between steps
         if resume:
@@ -97,6 +101,8 @@ class Trainer:
     async def connect(self) -> None:
         """Handshake with the rollout server and every teacher; refuse a tokenizer that differs from the student's."""
         if not self.main:
+            if self.sync is not None:
+                self.sync.connect()  # only the main process forms the group; this one builds its engine
             await self.push_weights()  # every process takes part in gathering the weights
             return
         c = self.config
@@ -122,10 +128,14 @@ class Trainer:
             if (why := c.signal_shortfall(domain, pool, self.router.info(domain))) is not None:
                 raise ConfigError(f"the {domain!r} teacher: {why}")
         self.teacher_swap.attach(self.router, student_fp, self.step)
+        if self.sync is not None:
+            await asyncio.to_thread(self.sync.connect)
         await self.push_weights()  # the sampler serves exactly the trainer's weights, also after a resume
 
     async def close(self) -> None:
         self.teacher_swap.close()
+        if self.sync is not None:
+            self.sync.close()
         for name in ("router", "rollout"):
             if hasattr(self, name):
                 await getattr(self, name).aclose()
@@ -302,7 +312,15 @@ class Trainer:
         return out
 
     async def push_weights(self) -> int:
-        """All processes gather the weights (needed with sharded models); the main process uploads them."""
+        """All processes gather the weights (needed with sharded models); the main process uploads them, or sends
+        them through vLLM's weight-transfer engine (rollout.weight_sync)."""
+        if self.sync is not None:
+            loaded = await asyncio.to_thread(self.sync.push)
+            if not self.main:
+                return -1
+            resend = (lambda: asyncio.to_thread(self.sync.reconnect_and_push)) if self.world == 1 else None
+            self.rollout.transferred(loaded, resend)
+            return loaded.weight_version
         if self.main:
             self.rollout.payload = None  # the last push's copy goes before the next one is built
         model = self.accelerator.unwrap_model(self.model)

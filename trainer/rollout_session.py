@@ -8,7 +8,9 @@ our fault and raises at once), and every generation's `weight_version` is checke
 mismatch the last weights are pushed again and the request is sampled again, and `repushes` counts it.
 
 The last pushed payload stays in memory (one serialized copy of the student on the main process) so that a restarted
-server can be given it without gathering the weights again.
+server can be given it without gathering the weights again. Weights sent through vLLM's weight-transfer engine
+(trainer.weight_sync) leave no payload: the push is recorded with a way to send it again, which exists for one
+trainer process only (with several, the others would have to gather with it).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class RolloutSession:
         self.client, self.url = client, url
         self.retries, self.backoff_s, self.backoff_cap_s = retries, backoff_s, backoff_cap_s
         self.payload: bytes | bytearray | None = None
+        self.resend: Callable[[], Awaitable[WeightsLoaded]] | None = None  # the last transfer again; see the docstring
         self.version: int | None = None  # what the last push returned
         self.call_retries = 0
         self.repushes = 0
@@ -52,6 +55,10 @@ class RolloutSession:
         self.payload, self.version = payload, loaded.weight_version
         return loaded
 
+    def transferred(self, loaded: WeightsLoaded, resend: Callable[[], Awaitable[WeightsLoaded]] | None) -> None:
+        """A push through vLLM's weight-transfer engine: its version, and how to send the same weights again."""
+        self.payload, self.version, self.resend = None, loaded.weight_version, resend
+
     async def generate(self, request: GenerateRequest) -> Rollouts:
         out = await self._retrying("generate", lambda: self.client.generate(request))
         if self.version is None or out.weight_version == self.version:
@@ -59,12 +66,22 @@ class RolloutSession:
         log.warning("rollout server %s sampled with weight version %d, the last push made %d (restarted?): pushing "
                     "the weights again and sampling again", self.url, out.weight_version, self.version)
         self.repushes += 1
-        await self.push_weights(self.payload)
+        await self._push_again()
         out = await self._retrying("generate", lambda: self.client.generate(request))
         if out.weight_version != self.version:
             raise RolloutUnavailable(f"rollout server {self.url} sampled with weight version {out.weight_version} "
                                      f"right after a push that made {self.version}: does another trainer push to it?")
         return out
+
+    async def _push_again(self) -> None:
+        if self.payload is not None:
+            await self.push_weights(self.payload)
+        elif self.resend is not None:
+            self.version = (await self.resend()).weight_version
+        else:
+            raise RolloutUnavailable(f"rollout server {self.url} restarted: weights sent through the weight-transfer "
+                                     "engine by several trainer processes cannot be sent again by the main process "
+                                     "alone; continue from the last checkpoint with --resume")
 
     def metrics(self) -> dict[str, float]:
         return {"rollout/retries": self.call_retries, "rollout/repushes": self.repushes}

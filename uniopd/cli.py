@@ -103,7 +103,7 @@ def _add_teacher_serve(sub) -> None:
 
 
 def _add_rollout_serve(sub) -> None:
-    from services.rollout_server.backends import BACKENDS
+    from services.rollout_server.backends import BACKENDS, WEIGHT_TRANSFER_BACKENDS
     from services.rollout_server.limits import RolloutLimits
 
     d = RolloutLimits()
@@ -112,6 +112,10 @@ def _add_rollout_serve(sub) -> None:
     p.add_argument("--admin-keys", type=Path,
                    help="file of keys allowed to POST /v1/weights (also: $UNIOPD_ADMIN_KEYS); none = updates disabled")
     p.add_argument("--weights-root", type=Path, help="directory under which POST /v1/weights may load a path")
+    p.add_argument("--weight-transfer", choices=WEIGHT_TRANSFER_BACKENDS,
+                   help="vllm backend: also take weights through vLLM's weight-transfer engine (POST "
+                        "/v1/weights/transfer/*, admin key): gloo on CPU, nccl on GPU; the trainer's "
+                        "rollout.weight_sync names the same backend")
     p.add_argument("--max-n", type=_positive, default=d.max_n, help="samples per prompt")
     p.add_argument("--max-prompts", type=_positive, default=d.max_prompts, help="prompts per request")
     p.add_argument("--max-pending-requests", type=_positive, default=d.max_pending_requests)
@@ -206,6 +210,14 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     keys, metrics_keys = _check_server_args(args, parser)
     if args.weights_root and not args.weights_root.is_dir():
         parser.error(f"--weights-root {args.weights_root}: not a directory")
+    if args.weight_transfer and args.backend != "vllm":
+        parser.error(f"--weight-transfer: the weight-transfer engines are vLLM's; --backend {args.backend} takes "
+                     "weights over POST /v1/weights only (use --backend vllm)")
+    if args.weight_transfer == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--weight-transfer nccl: needs a CUDA GPU; on CPU use gloo")
     admin = _keys(args, parser, "admin_keys", ADMIN_KEYS_ENV)
     limits = RolloutLimits(max_body_bytes=args.max_body_bytes, max_weights_bytes=args.max_weights_bytes,
                            max_prompts=args.max_prompts, max_n=args.max_n,
@@ -214,11 +226,13 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                            images=_image_limits(args), headers=_header_limits(args))
 
     def load():
-        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device)
+        return load_generator(args.backend, args.model, args.dtype, args.max_length, args.device,
+                              args.weight_transfer)
 
-    logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s",
+    logging.getLogger("uniopd.rollout").info("auth: %s; weight updates: %s; weight transfer: %s",
                                              f"{len(keys)} API key(s)" if keys else "disabled",
-                                             f"{len(admin)} admin key(s)" if admin else "disabled")
+                                             f"{len(admin)} admin key(s)" if admin else "disabled",
+                                             args.weight_transfer or "off")
     _run(create_app(load, args.model, limits, api_keys=keys, admin_keys=admin, weights_root=args.weights_root,
                     metrics_keys=metrics_keys), args)
 

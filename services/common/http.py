@@ -30,7 +30,8 @@ ERRORS = {
     415: "Unsupported Content-Type",
     422: "A field is invalid (the error names it)",
     429: "Queue full or a team quota reached; retry after the Retry-After seconds",
-    503: "Model not loaded yet",
+    502: "A weight transfer with the trainer broke off (the message says where)",
+    503: "Model not loaded yet, or (rollout) its weights are a partial update",
 }
 _UNSUPPORTED = {"literal_error", "extra_forbidden"}
 

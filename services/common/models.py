@@ -66,9 +66,10 @@ CPU_TOKEN_BUDGET = 65536
 
 
 def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, max_logprobs: int,
-                     block_size: int | None = None):
+                     block_size: int | None = None, weight_transfer: str | None = None):
     """An in-process vLLM engine and the longest prompt it accepts (one position is kept for a generated token);
-    `block_size`: tokens per KV-cache block, the unit its prefix cache shares (None: vLLM's default)."""
+    `block_size`: tokens per KV-cache block, the unit its prefix cache shares (None: vLLM's default);
+    `weight_transfer`: the backend of the worker-side weight-transfer engine its workers create (gloo, nccl)."""
     # In-process: the services drive the engine from one worker thread, and start-up halves.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -89,8 +90,16 @@ def make_vllm_engine(model_dir: str | Path, dtype: str, max_length: int | None, 
     budget = {"max_num_seqs": seqs, "max_num_batched_tokens": seqs * (length + 1)} if cpu else {}
     images = {"limit_mm_per_prompt": {"image": MAX_IMAGES_PER_SEQUENCE}} if is_multimodal(model_dir) else {}
     blocks = {"block_size": block_size} if block_size else {}
+    transfer = {}
+    if weight_transfer:
+        from vllm.config import WeightTransferConfig
+
+        from modeling.weight_transfer import register
+
+        register()  # before the workers are created: they look the backend up in load_model
+        transfer = {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer)}
     llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=length + 1, max_logprobs=max_logprobs,
-              enforce_eager=cpu, seed=0, **budget, **images, **blocks)
+              enforce_eager=cpu, seed=0, **budget, **images, **blocks, **transfer)
     return llm, length, config.vocab_size
 
 

@@ -2,6 +2,12 @@
 
 Generation and weight loads run on one worker thread, in arrival order: a generation that started before a weight
 update finishes on the old weights, one that arrives during it waits, and every response names its weight version.
+
+Weights arrive as a safetensors push (POST /v1/weights) or, with --weight-transfer, through vLLM's weight-transfer
+engine: the trainer's engine drives vLLM's four calls over POST /v1/weights/transfer/{init,start,update,finish}
+and sends the tensors over its own data plane (gloo, NCCL). Between start and finish the model is half loaded, so
+generation waits for the round to end; a round that breaks off after data moved leaves a partial model, and
+generation answers 503 until the next complete weight update.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +32,11 @@ from proto.rollout import (
     GenerateResponse,
     RolloutInfo,
     Rollouts,
+    TransferInit,
+    TransferInitInfo,
+    TransferState,
+    TransferUpdate,
+    TransferUpdateInfo,
     WeightsFromPath,
     WeightsLoaded,
     encode_generate_response,
@@ -44,9 +56,15 @@ from services.common.http import (
 )
 from services.common.images import decode_images
 from services.common.models import load_tokenizer
-from services.rollout_server.generator import Generator, SamplingOptions
+from services.rollout_server.generator import Generator, SamplingOptions, TransferUnavailable, WeightTransfer
 from services.rollout_server.limits import RolloutLimits, check_expanded, validate_prompts
-from services.rollout_server.weights import check_tensors, expected_shapes, read_safetensors_file, tensors_from_path
+from services.rollout_server.weights import (
+    check_declared,
+    check_tensors,
+    expected_shapes,
+    read_safetensors_file,
+    tensors_from_path,
+)
 
 log = logging.getLogger("uniopd.rollout")
 SAFETENSORS = "application/octet-stream"
@@ -63,6 +81,15 @@ class RolloutMetrics(HttpMetrics):
         self.pending = Gauge("uniopd_pending_requests", "Generate requests queued or running", registry=r)
 
 
+@dataclass
+class _Round:
+    """An open weight-transfer round (between start and finish)."""
+
+    tensors: int = 0
+    bytes: int = 0
+    touched: bool = False  # a receive began: ending the round early leaves a partial model
+
+
 class RolloutService:
     def __init__(self, load: Callable[[], Generator], model_dir: Path, limits: RolloutLimits,
                  weights_root: Path | None) -> None:
@@ -71,6 +98,10 @@ class RolloutService:
         self.generator: Generator | None = None
         self.load_error: str | None = None
         self.weight_version = 0
+        self.incomplete: str | None = None  # why the model holds a partial update; generation refuses until fixed
+        self._round: _Round | None = None
+        self._no_round = asyncio.Event()
+        self._no_round.set()
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
         # chat prompts are templated and tokenized off the event loop, one at a time (one tokenizer object)
@@ -147,6 +178,8 @@ class RolloutService:
         self._pending += 1
         self.metrics.pending.set(self._pending)
         try:
+            await self._no_round.wait()
+            self._check_complete()
             rollouts = await self._run(work)
         finally:
             self._pending -= 1
@@ -154,20 +187,125 @@ class RolloutService:
         self.metrics.generated_tokens.inc(response_tokens(rollouts.samples))
         return rollouts
 
+    def _check_complete(self) -> None:
+        if self.incomplete is not None:
+            raise ApiError(503, "weights_incomplete", self.incomplete, headers={"Retry-After": "5"})
+
     async def load_weights(self, tensors: dict, size: int) -> WeightsLoaded:
         generator = self.ready()
         check_tensors(tensors, self.shapes)
+        await self._no_round.wait()
+        return await self._loaded(lambda: generator.load_weights(tensors), len(tensors), size)
 
+    async def _loaded(self, load: Callable[[], None], tensors: int, size: int) -> WeightsLoaded:
+        """Run `load` on the worker thread and make its weights the next version."""
         def work() -> int:
-            generator.load_weights(tensors)
+            load()
             self.weight_version += 1
             return self.weight_version
 
         version = await self._run(work)
+        self.incomplete = None
         self.metrics.weight_loads.inc()
         self.metrics.weight_version.set(version)
-        log.info("weights updated: version %d (%d tensors, %d bytes)", version, len(tensors), size)
-        return WeightsLoaded(weight_version=version, tensors=len(tensors), bytes=size)
+        log.info("weights updated: version %d (%d tensors, %d bytes)", version, tensors, size)
+        return WeightsLoaded(weight_version=version, tensors=tensors, bytes=size)
+
+    # ---- weights through vLLM's weight-transfer engine -----------------------------------------------------------
+
+    def _transfer(self) -> WeightTransfer:
+        try:
+            return self.ready().weight_transfer()
+        except TransferUnavailable as exc:
+            raise ApiError(400, "unsupported", str(exc)) from None
+
+    def _state(self, transfer: WeightTransfer) -> TransferState:
+        return TransferState(backend=transfer.backend, updating=self._round is not None,
+                             tensors=self._round.tensors if self._round else 0, weight_version=self.weight_version)
+
+    def _open_round(self) -> _Round:
+        if self._round is None:
+            raise ApiError(409, "conflict", "no weight update is open: POST /v1/weights/transfer/start first")
+        return self._round
+
+    async def transfer_init(self, info: TransferInitInfo) -> TransferState:
+        transfer = self._transfer()
+        if info.world_size != info.rank_offset + transfer.workers:
+            raise ApiError(422, "invalid_field", f"world_size {info.world_size}: the group is rank_offset "
+                           f"{info.rank_offset} ranks and this server's {transfer.workers} worker(s)",
+                           "init_info.world_size")
+        if self._round is not None:  # its trainer is gone: a restarted one begins with init
+            await self._end_round(transfer, self._round, "a new init ended the open round")
+        try:
+            await self._run(transfer.init, info.model_dump(exclude_none=True))
+        except ValueError as exc:  # the engine's own check: a field its backend does not take
+            raise ApiError(422, "invalid_field", str(exc), "init_info") from None
+        except Exception as exc:
+            raise ApiError(502, "transfer_failed", f"joining the trainer's group failed: {type(exc).__name__}: "
+                           f"{exc}") from None
+        return self._state(transfer)
+
+    async def transfer_start(self) -> TransferState:
+        transfer = self._transfer()
+        if not transfer.joined:
+            raise ApiError(409, "conflict", "no trainer has joined: POST /v1/weights/transfer/init first")
+        if self._round is not None:
+            raise ApiError(409, "conflict", "a weight update is already open: finish it first")
+        self._round = round_ = _Round()
+        self._no_round.clear()
+        try:
+            await self._run(transfer.start)
+        except Exception as exc:
+            await self._end_round(transfer, round_, f"start failed ({type(exc).__name__}: {exc})")
+            raise
+        return self._state(transfer)
+
+    async def transfer_update(self, info: TransferUpdateInfo) -> TransferState:
+        transfer = self._transfer()
+        round_ = self._open_round()
+        try:
+            size = check_declared(info.names, info.dtype_names, info.shapes, self.shapes, "update_info")
+        except ApiError as exc:  # the trainer gives up on the round: it must not keep generation waiting
+            await self._end_round(transfer, round_, f"an update was refused ({exc.message})")
+            raise
+        round_.touched = True
+        try:
+            await self._run(transfer.receive, info.model_dump())
+        except Exception as exc:
+            why = f"receiving failed ({type(exc).__name__}: {exc})"
+            await self._end_round(transfer, round_, why)
+            raise ApiError(502, "transfer_failed", f"{why}; the round is over") from None
+        round_.tensors += len(info.names)
+        round_.bytes += size
+        return self._state(transfer)
+
+    async def transfer_finish(self) -> WeightsLoaded:
+        transfer = self._transfer()
+        round_ = self._open_round()
+        try:
+            loaded = await self._loaded(transfer.finish, round_.tensors, round_.bytes)
+        except Exception as exc:
+            await self._end_round(transfer, round_, f"finish failed ({type(exc).__name__}: {exc})")
+            raise
+        self._round = None
+        self._no_round.set()
+        return loaded
+
+    async def _end_round(self, transfer: WeightTransfer, round_: _Round, why: str) -> None:
+        """Close a round that will not finish; if data had moved, the model is partial until the next update."""
+        if self._round is not round_:  # already ended (a new init and a failing receive can both end it)
+            return
+        ended = False
+        try:
+            await self._run(transfer.abort)
+            ended = True
+        finally:
+            if round_.touched or not ended:
+                self.incomplete = f"the served weights are a partial update: {why}; generation resumes after the " \
+                                  "next complete weight update"
+            log.warning("weight transfer round ended early: %s", why)
+            self._round = None
+            self._no_round.set()
 
 
 async def _spool(request: Request) -> tuple[Path, int]:
@@ -223,13 +361,16 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
         binary = wants_msgpack(request.headers.get("accept"))
         return Response(encode_generate_response(rollouts, binary), media_type=MSGPACK if binary else JSON)
 
+    def updates_enabled() -> None:
+        if not admin_keys:
+            raise ApiError(403, "forbidden", "weight updates are disabled: start the server with --admin-keys")
+
     @app.post("/v1/weights", dependencies=admin,
               responses={200: {"model": WeightsLoaded}, **error_responses(400, 401, 403, 413, 415, 422, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
                   SAFETENSORS: BINARY_BODY, JSON: {"schema": {"$ref": "#/components/schemas/WeightsFromPath"}}}}})
     async def weights(request: Request) -> WeightsLoaded:
-        if not admin_keys:
-            raise ApiError(403, "forbidden", "weight updates are disabled: start the server with --admin-keys")
+        updates_enabled()
         service.ready()
         kind = media_type(request.headers.get("content-type"))
         if kind == JSON:
@@ -245,7 +386,41 @@ def create_app(load: Callable[[], Generator], model_dir: Path, limits: RolloutLi
         finally:
             path.unlink(missing_ok=True)
 
-    publish_schemas(app, GenerateRequest, WeightsFromPath)
+    def json_body(model: type) -> dict:
+        return {"requestBody": {"required": True, "content": {
+            JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    # vLLM's weight-transfer control plane (its api_router's init_weight_transfer_engine, start_weight_update,
+    # update_weights, finish_weight_update), behind the admin key like POST /v1/weights
+    @app.post("/v1/weights/transfer/init", dependencies=admin, openapi_extra=json_body(TransferInit),
+              responses={200: {"model": TransferState}, **error_responses(400, 401, 403, 422, 502, 503)})
+    async def transfer_init(request: Request) -> TransferState:
+        """Join the trainer's group; returns once it has formed (the trainer joins at the same time)."""
+        updates_enabled()
+        return await service.transfer_init(parse_json(TransferInit, await request.body()).init_info)
+
+    @app.post("/v1/weights/transfer/start", dependencies=admin,
+              responses={200: {"model": TransferState}, **error_responses(400, 401, 403, 409, 503)})
+    async def transfer_start() -> TransferState:
+        """Open a round; generation waits until it finishes."""
+        updates_enabled()
+        return await service.transfer_start()
+
+    @app.post("/v1/weights/transfer/update", dependencies=admin, openapi_extra=json_body(TransferUpdate),
+              responses={200: {"model": TransferState}, **error_responses(400, 401, 403, 409, 422, 502, 503)})
+    async def transfer_update(request: Request) -> TransferState:
+        """Receive the declared tensors, checked against the served model first; returns once they are loaded."""
+        updates_enabled()
+        return await service.transfer_update(parse_json(TransferUpdate, await request.body()).update_info)
+
+    @app.post("/v1/weights/transfer/finish", dependencies=admin,
+              responses={200: {"model": WeightsLoaded}, **error_responses(400, 401, 403, 409, 503)})
+    async def transfer_finish() -> WeightsLoaded:
+        """Close the round: its weights sample from now on, as the next weight version."""
+        updates_enabled()
+        return await service.transfer_finish()
+
+    publish_schemas(app, GenerateRequest, WeightsFromPath, TransferInit, TransferUpdate)
     finish_app(app, service.metrics, service.limits.max_body_bytes, service.limits.headers,
                {"/v1/weights": service.limits.max_weights_bytes})
     return app

@@ -25,6 +25,37 @@ class GeneratorInfo(ModelInfo):
     eos_token_ids: tuple[int, ...] = ()
 
 
+class TransferUnavailable(Exception):
+    """This generator takes no weights through a weight-transfer engine; the message says why and what to use."""
+
+
+class WeightTransfer(Protocol):
+    """vLLM's weight-update calls on the served engine: a trainer-side transfer engine drives them through the
+    server's /v1/weights/transfer routes and sends the tensors over its own data plane (gloo, NCCL)."""
+
+    backend: str
+    workers: int  # the group's receiving ranks
+    joined: bool  # a trainer's group is formed (init succeeded)
+
+    def init(self, init_info: dict) -> None:
+        """Join the trainer's group; blocks until it forms. A second init replaces the first group."""
+        ...
+
+    def start(self) -> None: ...
+
+    def receive(self, update_info: dict) -> None:
+        """Receive the declared tensors (names and shapes are already validated) into the model."""
+        ...
+
+    def finish(self) -> None:
+        """Make the received weights the ones that sample."""
+        ...
+
+    def abort(self) -> None:
+        """End a round that will not finish, leaving a model that can sample."""
+        ...
+
+
 class Generator(Protocol):
     def info(self) -> GeneratorInfo: ...
 
@@ -42,6 +73,10 @@ class Generator(Protocol):
 
     def load_weights(self, tensors: dict) -> None:
         """Replace (some of) the weights in place; names and shapes are already validated."""
+        ...
+
+    def weight_transfer(self) -> WeightTransfer:
+        """The engine that takes weights from a trainer's transfer engine; raises TransferUnavailable without one."""
         ...
 
 

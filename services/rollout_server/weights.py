@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from proto.errors import ApiError
@@ -32,6 +33,34 @@ def check_tensors(tensors: dict, expected: dict[str, tuple[int, ...]]) -> None:
             raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {value.dtype}, expected a float", name)
         if not bool(value.isfinite().all()):  # a diverged trainer must not take sampling down with it
             raise ApiError(422, "invalid_weights", f"tensor {name!r} holds NaN or inf", name)
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_declared(names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                   expected: dict[str, tuple[int, ...]], field: str) -> int:
+    """check_tensors for a weight-transfer round, from what the trainer declares before any data moves; returns the
+    round's bytes. `field`: where the lists are in the request."""
+    import torch
+
+    seen: set[str] = set()
+    size = 0
+    for i, (name, dtype, shape) in enumerate(zip(names, dtype_names, shapes, strict=True)):
+        if name not in expected:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} is not a parameter of the served model",
+                           f"{field}.names[{i}]")
+        if name in seen:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} is named twice", f"{field}.names[{i}]")
+        seen.add(name)
+        if tuple(shape) != expected[name]:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} has shape {tuple(shape)}, expected "
+                           f"{expected[name]}", f"{field}.shapes[{i}]")
+        if dtype not in FLOAT_DTYPES:
+            raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {dtype!r}, expected one of "
+                           f"{', '.join(FLOAT_DTYPES)}", f"{field}.dtype_names[{i}]")
+        size += getattr(torch, dtype).itemsize * math.prod(shape)
+    return size
 
 
 def read_safetensors_file(path: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from modeling.multimodal import on_model
 from proto.rollout import Sample
 from services.common.models import serve_hf
-from services.rollout_server.generator import GeneratorInfo, SamplingOptions, eos_ids
+from services.rollout_server.generator import GeneratorInfo, SamplingOptions, TransferUnavailable, eos_ids
 
 
 class HFGenerator:
@@ -75,6 +76,10 @@ class HFGenerator:
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
+
+    def weight_transfer(self) -> NoReturn:
+        raise TransferUnavailable("the hf backend has no weight-transfer engine (the engines are vLLM's): push "
+                                  "weights over POST /v1/weights, or serve with --backend vllm --weight-transfer")
 
 
 class _SampledLogprobs:

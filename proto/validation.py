@@ -94,6 +94,6 @@ def distribution_values(item: ScoreItem, vocab_size: int, candidate_scoring: str
     """Values an item costs beyond one per position, as a teacher's max_distribution_values counts them: R x vocab
     for a distribution, R x k for candidates (R x vocab where the backend picks them from a full distribution)."""
     per_position = vocab_size if item.distribution else 0
-    if item.candidates is not None:
+    if item.candidates is not None and len(item.candidates):  # no rows: refused by candidates_problem, not here
         per_position += vocab_size if candidate_scoring == "full-distribution" else len(item.candidates[0])
     return item.response_length * per_position

@@ -263,6 +263,7 @@ INVALID = [
     ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 5]]}]}, 422, "items[0].candidates[0]"),
     ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[5, 512]]}]}, 422, "items[0].candidates[0][1]"),
     ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [[]]}]}, 422, "items[0].candidates"),
+    ({"items": [{**item([1, 2, 3, 4], 2), "candidates": []}]}, 422, "items[0].candidates"),
     ({"items": [{**item([1, 2, 3, 4], 2), "candidates": [list(range(21))]}]}, 422, "items[0].candidates"),
 ]
 

@@ -571,7 +571,7 @@ class TeacherRouter:
 
 
 def _candidate_k(item: ScoreItem) -> int:
-    return 0 if item.candidates is None else item.candidates_array.shape[1]
+    return item.candidates_array.shape[1] if item.candidates is not None and len(item.candidates) else 0
 
 
 def _to_cache(span: ScoredSpan) -> np.ndarray:

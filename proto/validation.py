@@ -47,16 +47,16 @@ def score_item_problem(item: ScoreItem, teacher: ItemBounds, where: str = "item"
         return ApiError(422, "invalid_token", f"{where}: the response holds an image placeholder (token {image}); "
                         "images belong in the prompt", where)
     if item.candidates is not None and (problem := candidates_problem(item.candidates, n - item.response_start,
-                                                                      teacher, f"{where}.candidates", item)):
+                                                                      teacher, f"{where}.candidates")):
         return problem
     return vocab_problem(item.ids_array, teacher.vocab_size, f"{where}.input_ids")
 
 
 def candidates_problem(rows: Sequence[Sequence[int]], positions: int, teacher: ItemBounds,
-                       field: str, item: ScoreItem | None = None) -> ApiError | None:
+                       field: str) -> ApiError | None:
     """Candidates are R rows (one per response position) or 1 shared row, of k distinct in-vocabulary ids each,
     1 <= k <= max_top_k: the tail bucket is the mass outside a row, so a repeated id would be counted twice.
-    `item`: the rows' item, whose int32 array of them is then read (built once) instead of built here."""
+    `rows`: lists, or the (R, k) array a trainer's item keeps (ScoreItem.of_arrays)."""
     if len(rows) not in (1, positions):
         return ApiError(422, "invalid_field", f"{field} has {len(rows)} rows; give one per scored position "
                         f"({positions}) or one shared row", field)
@@ -68,7 +68,7 @@ def candidates_problem(rows: Sequence[Sequence[int]], positions: int, teacher: I
         j, row = next((j, row) for j, row in enumerate(rows) if len(row) != k)
         return ApiError(422, "invalid_field", f"{field}[{j}] has {len(row)} ids; every row needs {k}",
                         f"{field}[{j}]")
-    ids = np.asarray(rows, dtype=np.int64) if item is None else item.candidates_array
+    ids = np.asarray(rows, dtype=np.int64)
     if (bad := np.argwhere(ids >= teacher.vocab_size)).size:
         r, c = bad[0].tolist()
         return ApiError(422, "invalid_token", f"{field}[{r}][{c}] = {ids[r, c]} is outside [0, "

@@ -24,15 +24,20 @@ def check_tensors(tensors: dict, expected: dict[str, tuple[int, ...]]) -> None:
     if not tensors:
         raise ApiError(422, "invalid_weights", "the payload holds no tensors", "body")
     for name, value in tensors.items():
-        if name not in expected:
-            raise ApiError(422, "invalid_weights", f"tensor {name!r} is not a parameter of the served model", name)
-        if tuple(value.shape) != expected[name]:
-            raise ApiError(422, "invalid_weights",
-                           f"tensor {name!r} has shape {tuple(value.shape)}, expected {expected[name]}", name)
+        _check_name_and_shape(name, tuple(value.shape), expected, name, name)
         if not value.dtype.is_floating_point:
             raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {value.dtype}, expected a float", name)
         if not bool(value.isfinite().all()):  # a diverged trainer must not take sampling down with it
             raise ApiError(422, "invalid_weights", f"tensor {name!r} holds NaN or inf", name)
+
+
+def _check_name_and_shape(name: str, shape: tuple[int, ...], expected: dict[str, tuple[int, ...]], name_field: str,
+                          shape_field: str) -> None:
+    if name not in expected:
+        raise ApiError(422, "invalid_weights", f"tensor {name!r} is not a parameter of the served model", name_field)
+    if shape != expected[name]:
+        raise ApiError(422, "invalid_weights", f"tensor {name!r} has shape {shape}, expected {expected[name]}",
+                       shape_field)
 
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -47,15 +52,10 @@ def check_declared(names: list[str], dtype_names: list[str], shapes: list[list[i
     seen: set[str] = set()
     size = 0
     for i, (name, dtype, shape) in enumerate(zip(names, dtype_names, shapes, strict=True)):
-        if name not in expected:
-            raise ApiError(422, "invalid_weights", f"tensor {name!r} is not a parameter of the served model",
-                           f"{field}.names[{i}]")
         if name in seen:
             raise ApiError(422, "invalid_weights", f"tensor {name!r} is named twice", f"{field}.names[{i}]")
         seen.add(name)
-        if tuple(shape) != expected[name]:
-            raise ApiError(422, "invalid_weights", f"tensor {name!r} has shape {tuple(shape)}, expected "
-                           f"{expected[name]}", f"{field}.shapes[{i}]")
+        _check_name_and_shape(name, tuple(shape), expected, f"{field}.names[{i}]", f"{field}.shapes[{i}]")
         if dtype not in FLOAT_DTYPES:
             raise ApiError(422, "invalid_weights", f"tensor {name!r} has dtype {dtype!r}, expected one of "
                            f"{', '.join(FLOAT_DTYPES)}", f"{field}.dtype_names[{i}]")

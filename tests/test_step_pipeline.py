@@ -197,7 +197,9 @@ async def test_timed_records_each_part_also_when_it_raises():
 def test_teacher_wait_is_scoring_beyond_what_runs_beside_it():
     times = {"score": 3.0, "verify": 1.0, "old_logprobs": 2.5}
     assert teacher_wait(times, old_first=False) == 0.5  # beside verification and π_old
-    assert teacher_wait(times, old_first=True) == 2.0  # π_old came first: beside verification only
+    assert teacher_wait(times, old_first=True) == 3.0  # π_old came first and outlasted verification
+    late = {**times, "verify": 4.0}  # verification started with π_old and ran 1.5 s past it, beside the scoring
+    assert teacher_wait(late, old_first=True) == 1.5
     assert teacher_wait({**times, "score": 0.2}, old_first=False) == 0.0  # hidden entirely
 
 

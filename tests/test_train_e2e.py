@@ -171,6 +171,30 @@ async def _steps(trainer: Trainer, between=None, n: int = 3) -> list[dict]:
         await trainer.close()
 
 
+@pytest.mark.parametrize("signal", ["sampled", "topk"])
+def test_a_one_micro_batch_update_reuses_the_old_logprob_pass(stack, tmp_path, monkeypatch, signal):
+    """When the update is one micro-batch on the weights π_old is computed with, π_old's forward pass is the
+    update's: one student pass a step instead of two, and the same update as micro-batches computed apart."""
+    monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
+    runs = {}
+    for micro_batch in (8, 4):  # 4 prompts x 2 samples: one micro-batch, then two
+        config = load_config(write_config(stack, tmp_path / f"mb{micro_batch}", cache__url="none",
+                                          algorithm__micro_batch_size=micro_batch, algorithm__teacher_signal=signal,
+                                          algorithm__topk=4))
+        trainer, passes = Trainer(config), []
+        prefill = trainer.prefill
+        monkeypatch.setattr(trainer, "prefill", lambda chunk, prefill=prefill, passes=passes: (
+            passes.append(len(chunk)), prefill(chunk))[1])
+        rows = asyncio.run(_steps(trainer, n=2))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        runs[micro_batch] = rows, passes, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (one, one_passes, a), (two, two_passes, b) = runs[8], runs[4]
+    assert one_passes == [8, 8] and two_passes == [4, 4, 4, 4] * 2
+    assert [r["train/approx_kl"] for r in one] == [0.0, 0.0]  # π_old is the update's own pass, detached
+    assert [r["train/loss"] for r in one] == pytest.approx([r["train/loss"] for r in two], rel=1e-4, abs=1e-6)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def test_teacher_failures_fail_over_then_mask_and_the_run_continues(stack, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIOPD_ROLLOUT_ADMIN_KEY", ADMIN)
     replicas = [start_teacher(stack["code_model"], "hf", ["--domain", "code"], log_dir=tmp_path) for _ in range(2)]

@@ -2,8 +2,10 @@
 
 Step: prompts → rollouts (rollout server) → [verify ‖ teacher scores (router + cache) ‖ π_old recompute] → a collated
 Batch → the estimator's advantages → the Uni-OPD recipe → clipped PG update(s) → push weights → log. Verification,
-scoring and the π_old forward pass overlap. The math lives in pure modules; the Trainer keeps I/O, the distributed
-work and the optimizer.
+scoring and the π_old forward pass overlap (with top-k supervision the scoring follows π_old, whose candidates the
+teacher scores, and verification runs beside both). When the update is one micro-batch, π_old's forward pass is kept
+with its graph and is the update's: one student pass a step instead of two. The math lives in pure modules; the
+Trainer keeps I/O, the distributed work and the optimizer.
 
 Several processes (`accelerate launch`, DDP or FSDP2): the main process does all network work (sampling,
 verification, teacher scoring, weight pushes, logging) and broadcasts the rollouts and their scores; every process
@@ -77,6 +79,7 @@ class Trainer:
         self.eval_examples = make_examples(self.tokenizer, load_records(c.data.eval, domains)) if c.data.eval else []
         self.stream = DataStream(len(self.examples), c.seed)
         self.step = 0
+        self.kept: tuple[np.ndarray, ResponseLogprobs] | None = None  # π_old's forward pass, when it is the update's
         if resume and (progress := load_latest(c.output_dir, self.accelerator)):
             self.step = progress.step
             self.stream = DataStream(len(self.examples), c.seed, **progress.data)
@@ -179,25 +182,37 @@ class Trainer:
         return response_prefill(self.model, [r.example.prompt_ids for r in chunk], [r.response for r in chunk],
                                  [r.example.images for r in chunk], self.vision)
 
-    @torch.no_grad()
     def old_logprobs(self, rollouts: list[Rollout], rows: np.ndarray, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """π_old of the given rows in train precision, as a (len(rollouts), T) tensor that is zero elsewhere; and,
-        when k > 0, π_old's k most likely ids at each position as (len(rollouts), T, k) (zero elsewhere)."""
-        self.model.eval()
+        when k > 0, π_old's k most likely ids at each position as (len(rollouts), T, k) (zero elsewhere).
+
+        When the update will be one micro-batch of exactly these rows (`one_pass`), this forward pass is the
+        update's own: it runs with grad and is kept, and π_old is its detached value (on-policy, π_old = π_θ)."""
+        keep = self.one_pass(rows)
+        self.model.train(keep)
         width = max(len(r.response) for r in rollouts)
         out = torch.zeros((len(rollouts), width))
         top = torch.zeros((len(rollouts), width, k), dtype=torch.int64)
         mb = self.config.algorithm.micro_batch_size
         for i in range(0, len(rows), mb):
             idx = rows[i:i + mb]
-            chunk = [rollouts[j] for j in idx]
-            scored = self.prefill(chunk)
-            for row, (j, lp) in enumerate(zip(idx, scored.logprobs.cpu(), strict=True)):
-                out[j, : lp.shape[0]] = lp
-                if k:
-                    ids = scored.top_k(row, k)[0].cpu()
-                    top[j, : len(ids)] = ids
+            with torch.set_grad_enabled(keep):
+                scored = self.prefill([rollouts[j] for j in idx])
+            if keep:
+                self.kept = (idx, scored)
+            with torch.no_grad():
+                for row, (j, lp) in enumerate(zip(idx, scored.logprobs.detach().cpu(), strict=True)):
+                    out[j, : lp.shape[0]] = lp
+                    if k:
+                        ids = scored.top_k(row, k)[0].cpu()
+                        top[j, : len(ids)] = ids
         return out, top
+
+    def one_pass(self, rows: np.ndarray) -> bool:
+        """Whether the update is a single micro-batch of `rows` on the weights π_old is computed with (one update
+        per batch, the process's share within micro_batch_size): then π_old's forward pass serves the update too."""
+        a = self.config.algorithm
+        return a.updates_per_batch == 1 and len(rows) <= a.micro_batch_size
 
     def minibatches(self, size: int) -> list[np.ndarray]:
         order = self.rng("minibatch").permutation(size)
@@ -238,24 +253,25 @@ class Trainer:
         process, and each π_old row comes from the process that computes it. Returns the Batch and verifier errors."""
         mine = np.concatenate([self.share(m) for m in self.minibatches(len(rollouts))])
         k = self.config.algorithm.topk if self.estimator.teacher_signal == "topk" else 0
+        self.kept = None
+        # verification needs only the rollouts: it starts at once and runs beside π_old and the scoring
+        verify_work = asyncio.ensure_future(timed_await("verify", times, asyncio.to_thread(self.verify, rollouts))
+                                            ) if self.main else None
         old_work = timed_await("old_logprobs", times, asyncio.to_thread(self.old_logprobs, rollouts, mine, k))
-        verify_errors = 0
         if k:  # the teacher scores π_old's top-k, so π_old comes first, from every process, before the scoring
             computed = await old_work
             old, top = (self.accelerator.reduce(t.to(self.accelerator.device), "sum").cpu() for t in computed)
             for r, ids in zip(rollouts, top.numpy(), strict=True):
                 r.candidates = ids[: len(r.response)]
             if self.main:
-                verify_errors, _ = await asyncio.gather(
-                    timed_await("verify", times, asyncio.to_thread(self.verify, rollouts)),
-                    timed_await("score", times, self.score(rollouts)))
+                await timed_await("score", times, self.score(rollouts))
         elif self.main:
-            verify_work = timed_await("verify", times, asyncio.to_thread(self.verify, rollouts))
             score_work = timed_await("score", times, self.score(rollouts) if self.estimator.teacher_signal
                                      else asyncio.sleep(0))
-            verify_errors, _, (old, _) = await asyncio.gather(verify_work, score_work, old_work)
+            _, (old, _) = await asyncio.gather(score_work, old_work)
         else:
             old, _ = await old_work
+        verify_errors = await verify_work if verify_work is not None else 0
         outcomes = self.broadcast([(r.correct, r.teacher, r.teacher_dist, r.teacher_candidates, r.teacher_tail)
                                    for r in rollouts])
         for r, outcome in zip(rollouts, outcomes, strict=True):
@@ -291,7 +307,9 @@ class Trainer:
             total = 0.0
             for i in range(0, len(own), a.micro_batch_size):
                 idx = own[i:i + a.micro_batch_size]
-                student = self.prefill([rollouts[j] for j in idx])
+                kept, self.kept = self.kept, None
+                student = kept[1] if kept is not None and np.array_equal(kept[0], idx) else self.prefill(
+                    [rollouts[j] for j in idx])
                 rows = inputs.take(idx, student.logprobs, num_samples=len(own))  # DDP's mean: the minibatch loss
                 loss, s = self.estimator.loss(student, rows, self.loss_spec)
                 self.accelerator.backward(loss)

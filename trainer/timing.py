@@ -21,9 +21,11 @@ def timed(name: str, times: dict[str, float]) -> Iterator[None]:
 
 
 def teacher_wait(times: dict[str, float], old_first: bool) -> float:
-    """Seconds a step waited on its teachers alone: scoring runs beside verification, and beside π_old's pass unless
-    π_old had to come first (top-k supervision scores π_old's candidates), so only its excess over them is exposed."""
-    beside = times["verify"] if old_first else max(times["verify"], times["old_logprobs"])
+    """Seconds a step waited on its teachers alone. Verification and π_old start together and scoring runs beside
+    both, unless π_old had to come first (top-k supervision scores π_old's candidates): then scoring runs beside what
+    is left of verification. Only scoring's excess over what runs beside it is exposed."""
+    beside = max(0.0, times["verify"] - times["old_logprobs"]) if old_first else max(times["verify"],
+                                                                                     times["old_logprobs"])
     return max(0.0, times["score"] - beside)
 
 

@@ -30,7 +30,7 @@ from trainer.config import set_dotted
 from uniopd import expert_models
 from uniopd.experiment_plan import METHODS, SETTINGS, Plan, balanced_dir, is_done, read_timings, run_dir, student_of
 from uniopd.experiment_report import collect
-from uniopd.launch import RedisServer, ServerProcess, die_with_parent, start_rollout, start_teacher
+from uniopd.launch import RedisServer, ServerProcess, die_with_parent, start_rollout, start_teacher, wait_ready
 from uniopd.synthetic.datasets import VERIFIER_OF, write_datasets
 
 log = logging.getLogger("uniopd.experiment")
@@ -102,19 +102,19 @@ class Experiment:
             keys.write_text(key + "\n")
             keys.chmod(0o600)
             os.environ[ADMIN_ENV] = key
-            self.teacher_urls = {}
-            for name in p.teachers:
-                domains = p.domains_of(name)
-                server = stack.enter_context(start_teacher(
-                    self.models[name], self.teacher_backend,
-                    [*(a for d in domains for a in ("--domain", d)), "--threads", str(TEACHER_THREADS)], self.logs))
-                self.teacher_urls[name] = server.url
+            # every server loads at once (each waits on its own imports and model load), then all are waited for
+            teachers = {name: stack.enter_context(start_teacher(
+                self.models[name], self.teacher_backend,
+                [*(a for d in p.domains_of(name) for a in ("--domain", d)), "--threads", str(TEACHER_THREADS)],
+                self.logs, wait=False)) for name in p.teachers}
+            rollouts = {student: stack.enter_context(start_rollout(
+                self.models[student], self.rollout_backend, ["--admin-keys", str(keys)], self.logs, wait=False))
+                for student in p.students}
+            for server in [*teachers.values(), *rollouts.values()]:
+                wait_ready(server)
+            self.teacher_urls = {name: server.url for name, server in teachers.items()}
+            self.rollout_urls = {student: server.url for student, server in rollouts.items()}
             self.teacher_accuracy()
-            self.rollout_urls = {}
-            for student in p.students:
-                rollout = stack.enter_context(start_rollout(self.models[student], self.rollout_backend,
-                                                            ["--admin-keys", str(keys)], self.logs))
-                self.rollout_urls[student] = rollout.url
             self.offline_balance()
             for setting, method in p.runs:
                 for seed in p.seeds:

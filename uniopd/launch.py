@@ -49,6 +49,7 @@ class ServerProcess:
     proc: subprocess.Popen
     url: str
     log_path: Path
+    what: str = "server"  # in error messages
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -70,34 +71,48 @@ class ServerProcess:
 
 
 def start_teacher(model_dir: str | Path, backend: str = "hf", args: list[str] | None = None,
-                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
-    """`uniopd teacher serve` on a free loopback port; returns once /readyz answers 200."""
-    return start_server("teacher", model_dir, backend, args, log_dir, timeout, env)
+                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None,
+                  wait: bool = True) -> ServerProcess:
+    """`uniopd teacher serve` on a free loopback port; returns once /readyz answers 200 (at once with wait=False:
+    then `wait_ready` it, after starting the others, so that they load side by side)."""
+    return start_server("teacher", model_dir, backend, args, log_dir, timeout, env, wait)
 
 
 def start_rollout(model_dir: str | Path, backend: str = "hf", args: list[str] | None = None,
-                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
-    """`uniopd rollout serve` on a free loopback port; returns once /readyz answers 200."""
-    return start_server("rollout", model_dir, backend, args, log_dir, timeout, env)
+                  log_dir: str | Path | None = None, timeout: float = 180.0, env: dict | None = None,
+                  wait: bool = True) -> ServerProcess:
+    """`uniopd rollout serve` on a free loopback port; returns as start_teacher does."""
+    return start_server("rollout", model_dir, backend, args, log_dir, timeout, env, wait)
 
 
 def start_server(kind: str, model_dir: str | Path, backend: str, args: list[str] | None, log_dir: str | Path | None,
-                 timeout: float, env: dict | None) -> ServerProcess:
+                 timeout: float, env: dict | None, wait: bool = True) -> ServerProcess:
     port = free_port()
     log_path = Path(log_dir or "/tmp") / f"uniopd-{kind}-{backend}-{port}.log"
     cmd = [sys.executable, "-m", "uniopd", kind, "serve", "--model", str(model_dir), "--backend", backend,
            "--host", "127.0.0.1", "--port", str(port), *(args or [])]
-    return spawn_server(cmd, port, log_path, f"{kind} server", timeout=timeout, env=env)
+    server = spawn(cmd, port, log_path, f"{kind} server", env)
+    return wait_ready(server, timeout=timeout) if wait else server
 
 
 def spawn_server(cmd: list[str], port: int, log_path: Path, what: str, ready_path: str = "/readyz",
                  timeout: float = 180.0, env: dict | None = None) -> ServerProcess:
     """`cmd`, a server that listens on loopback `port`, its output in `log_path`; returns once `ready_path` answers
     200, and fails fast when the process exits or says its model failed to load."""
+    return wait_ready(spawn(cmd, port, log_path, what, env), ready_path, timeout)
+
+
+def spawn(cmd: list[str], port: int, log_path: Path, what: str, env: dict | None = None) -> ServerProcess:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 preexec_fn=die_with_parent())
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, what)
+
+
+def wait_ready(server: ServerProcess, ready_path: str = "/readyz", timeout: float = 180.0) -> ServerProcess:
+    """Returns the server once `ready_path` answers 200; stops it and raises when its process exits, its model
+    fails to load, or the timeout passes."""
+    what, proc = server.what, server.proc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

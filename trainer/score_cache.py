@@ -155,8 +155,7 @@ class ScoreCache:
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._should_try():
             try:
-                prefix = self._prefix
-                raw = await self._redis.mget([prefix + k for k in keys])
+                raw = await self._redis.mget([self._redis_key(k) for k in keys])
             except _FAILURES as exc:
                 self._failed("MGET", exc)
             else:

@@ -41,12 +41,13 @@ class Chars:
 class Scripted:
     """A sampler that returns fixed (text, finished) responses per prompt, in order."""
 
-    def __init__(self, responses: list[list[tuple[str, bool]]], vision: object = None) -> None:
-        self.responses, self.vision = responses, vision
+    def __init__(self, responses: list[list[tuple[str, bool]]], vision: object = None,
+                 temperature: float = 1.0) -> None:
+        self.responses, self.vision, self.temperature = responses, vision, temperature
         self.images: list = []
 
     def generate(self, prompts, options, images=None) -> list[list[Sample]]:
-        assert (options.temperature, options.top_p, options.top_k) == (1.0, 1.0, 0)  # the held-out protocol
+        assert (options.temperature, options.top_p, options.top_k) == (self.temperature, 1.0, 0)  # held-out protocol
         assert (images is not None) == (self.vision is not None)  # a text model gets no images argument
         self.images += images or []
         out = []
@@ -73,6 +74,13 @@ def test_a_round_keeps_only_verified_correct_finished_responses():
                                      (CODE.prompt(), CODE.solution("def"), ())]
 
 
+def test_a_round_samples_at_the_recipes_temperature():
+    right = MATH.solution("steps")
+    samples = sample_and_verify(Scripted([[(right, True)]], temperature=0.6), Chars(), [MATH], 1, seed=0,
+                                temperature=0.6)
+    assert keep_correct(samples) == [(MATH.prompt(), right, ())]
+
+
 def test_a_visual_round_samples_and_keeps_the_picture_with_the_prompt():
     right = VISUAL.solution("count")
     wrong = VISUAL.solution("count", slip=1, rng=random.Random(0))
@@ -94,6 +102,14 @@ def test_sharpening_prompts_are_distinct_fresh_each_round_and_never_held_out(dom
         keys = {identity(record_as_written(t)) for t in tasks}
         assert len(keys) == 100 and not keys & held_out
     assert first != second
+
+
+def test_level_weights_set_the_share_of_each_level_among_the_prompts():
+    levels = [t.record()["level"] for t in fresh_tasks(RFTRecipe("math", 1, 400, 4, level_weights=(0, 1, 0, 3)),
+                                                       random.Random(0))]
+    assert set(levels) == {2, 4} and 0.65 < levels.count(4) / len(levels) < 0.85
+    with pytest.raises(ValueError, match="level_weights: math has 4 levels, got 2"):
+        fresh_tasks(RFTRecipe("math", 1, 4, 4, level_weights=(1, 1)), random.Random(0))
 
 
 def record_as_written(task) -> dict:

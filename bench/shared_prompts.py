@@ -29,25 +29,30 @@ from uniopd.tiny_models import build_tiny_model
 MODELS = {"tiny": (128, 4), "wide": (512, 8)}  # hidden, layers
 
 
-def make_requests(passes: int, samples: int, prompt: int, response: int, seed: int = 0) -> list[list[ScoreItem]]:
+def make_requests(passes: int, samples: int, prompt: int, response: int, seed: int = 0, rows: int = 64,
+                  vocab: int = 512) -> list[list[ScoreItem]]:
+    """`passes` requests of `rows` random sequences, every `samples` of them sharing a prompt of `prompt` tokens."""
     rng = np.random.default_rng(seed)
     requests = []
     for _ in range(passes):
-        heads = [rng.integers(0, 512, prompt).tolist() for _ in range(64 // samples)]
-        requests.append([ScoreItem(input_ids=h + rng.integers(0, 512, response).tolist(), response_start=prompt)
+        heads = [rng.integers(0, vocab, prompt).tolist() for _ in range(rows // samples)]
+        requests.append([ScoreItem(input_ids=h + rng.integers(0, vocab, response).tolist(), response_start=prompt)
                          for h in heads for _ in range(samples)])
     return requests
 
 
-def rate(scorer: HFScorer | VLLMScorer, passes: int, samples: int, prompt: int, repeats: int) -> list[float]:
-    scorer.score(make_requests(1, samples, prompt, 64, seed=0)[0])  # warm-up
+def rate(scorer: HFScorer | VLLMScorer, passes: int, samples: int, prompt: int, repeats: int, response: int = 64,
+         rows: int = 64, vocab: int = 512) -> list[float]:
+    """Scored tokens/s of each repeat: fresh sequences each time, after one warm-up request (the scorer returns host
+    arrays, so a GPU has finished when it returns)."""
+    scorer.score(make_requests(1, samples, prompt, response, 0, rows, vocab)[0])
     rates = []
     for seed in range(1, repeats + 1):
-        requests = make_requests(passes, samples, prompt, 64, seed)
+        requests = make_requests(passes, samples, prompt, response, seed, rows, vocab)
         start = time.perf_counter()
         for r in requests:
             scorer.score(r)
-        rates.append(passes * 64 * 64 / (time.perf_counter() - start))
+        rates.append(passes * rows * response / (time.perf_counter() - start))
     return rates
 
 

@@ -4,6 +4,7 @@ reference, and the CLI run in-process."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from uniopd.launch import RedisServer, free_port, start_teacher  # noqa: F401 (R
 from uniopd.tiny_models import build_tiny_model, build_tiny_vlm
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# where the transformers scorer runs in the log-prob kernel tests: UNIOPD_TEST_DEVICE=cuda checks them on a GPU
+TEST_DEVICE = os.environ.get("UNIOPD_TEST_DEVICE", "cpu")
 BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))]
 
 

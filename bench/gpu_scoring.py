@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from peer_scoring import Uniopd, bench_server
-from shared_prompts import make_requests, rate
+from shared_prompts import fmt, make_requests, rate
 
 from proto.schemas import ScoreItem
 from services.teacher_server.backends.hf import HFScorer
@@ -74,10 +74,6 @@ def max_difference(scorer: HFScorer, items: list[ScoreItem]) -> float:
     scorer.share_prompts = False
     whole = scorer.score(items)
     return max(float(abs(a.logprobs - b.logprobs).max()) for a, b in zip(shared, whole, strict=True))
-
-
-def fmt(rates: list[float]) -> str:
-    return f"{statistics.mean(rates):,.0f} ± {statistics.stdev(rates) if len(rates) > 1 else 0:,.0f}"
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ FLOAT32 = np.dtype("<f4")
 FLOATS = {"float32": FLOAT32, "float16": np.dtype("<f2")}  # a response's float arrays, as the request asks
 
 
-@dataclass
+@dataclass(slots=True)
 class ScoredSpan:
     """Teacher scores of one item's response span; top_k arrays have shape (len(logprobs), k), the distribution
     (len(logprobs), vocab), candidate log-probs (len(logprobs), candidates k) and their tails (len(logprobs),), or

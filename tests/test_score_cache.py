@@ -29,6 +29,20 @@ def test_key_depends_on_fingerprint_tokens_and_options():
     assert len(base) == 64 and int(base, 16) >= 0
 
 
+def test_batch_keys_are_each_items_key():
+    """`keys` (the router's all-hit path) gives every item the key `key` gives it alone: mixed teachers, images on
+    some items only, a distribution item and a candidate item in one batch."""
+    items = [item([1, 2, 3, 4], 2), item([1, 2, 3, 4], 2), item([5, 6, 7], 1),
+             ScoreItem(input_ids=[1, 2, 3], response_start=1, distribution=True),
+             ScoreItem(input_ids=[1, 2, 3], response_start=1, candidates=[[4, 5]])]
+    digests = ["a" * 64, "b" * 64, "a" * 64, "a" * 64, "b" * 64]
+    images = [(), (b"png-1",), (b"png-1", b"png-2"), (), ()]
+    want = [ScoreCache.key(d, it, im) for d, it, im in zip(digests, items, images, strict=True)]
+    assert ScoreCache.keys(digests, items, images) == want
+    assert len(set(want)) == len(want)
+    assert ScoreCache.keys(digests, items) == [ScoreCache.key(d, it) for d, it in zip(digests, items, strict=True)]
+
+
 def test_key_layout_is_the_documented_one():
     """Entries written by earlier versions (and other teams' trainers) keep matching: sha256 over the schema tag, the
     digest, top_k and response_start as int32, and the ids as int32, little-endian."""

@@ -107,21 +107,30 @@ class ScoreCache:
         """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE), for items with images
         the images' content hashes in placeholder order, whether the item asks for its distribution, and its
         candidates (shape and ids), as hex."""
-        h = _teacher_hash(fingerprint_digest).copy()
-        h.update(_TWO_INT32.pack(item.top_k, item.response_start))
-        h.update(item.ids_array)  # int32 little-endian
-        for image in images:  # text items hash exactly as before images existed
-            h.update(b"\0image:" + hashlib.sha256(image).digest())
-        if item.distribution:  # and items without a distribution as before distributions existed
-            h.update(b"\0distribution")
-        if item.candidates is not None:
-            rows = item.candidates_array
-            h.update(b"\0candidates" + _TWO_INT32.pack(*rows.shape))
-            h.update(rows)
-        return h.hexdigest()
+        return ScoreCache.keys([fingerprint_digest], [item], [images])[0]
 
-    def _redis_key(self, key: str) -> str:
-        return self._prefix + key
+    @staticmethod
+    def keys(digests: Sequence[str], items: Sequence[ScoreItem],
+             images: Sequence[Sequence[bytes]] | None = None) -> list[str]:
+        """`key` of each (digest, item, images), in one loop: on the all-hit path of a step the per-call overhead
+        was a fifth of the keys' cost."""
+        pack, out = _TWO_INT32.pack, []
+        teachers = {d: _teacher_hash(d) for d in set(digests)}
+        for i, (digest, item) in enumerate(zip(digests, items, strict=True)):
+            h = teachers[digest].copy()
+            h.update(pack(item.top_k, item.response_start))
+            h.update(item.ids_array)  # int32 little-endian
+            if images is not None:
+                for image in images[i]:  # text items hash exactly as before images existed
+                    h.update(b"\0image:" + hashlib.sha256(image).digest())
+            if item.distribution:  # and items without a distribution as before distributions existed
+                h.update(b"\0distribution")
+            if item.candidates is not None:
+                rows = item.candidates_array
+                h.update(b"\0candidates" + pack(*rows.shape))
+                h.update(rows)
+            out.append(h.hexdigest())
+        return out
 
     def _should_try(self) -> bool:
         """During an outage, contact Redis at most once per reconnect interval so a dead Redis costs no time."""
@@ -143,24 +152,24 @@ class ScoreCache:
             log.warning("score cache back after %.1fs outage", time.monotonic() - self._down_since)
             self._down_since = None
 
-    @staticmethod
-    def _decode(raw: bytes | None, length: int | None) -> np.ndarray | None:
-        """A value of the wrong size (corrupt, or from a different layout) is a miss, never an error."""
-        if raw is None or len(raw) % FLOAT32.itemsize or (length is not None and len(raw) != length * FLOAT32.itemsize):
-            return None
-        return np.frombuffer(raw, dtype=FLOAT32)
-
     async def get_many(self, keys: list[str], lengths: list[int] | None = None) -> list[np.ndarray | None]:
-        """One MGET; with `lengths` (expected float32 counts) a value of another size is a miss; arrays read-only."""
+        """One MGET; with `lengths` (expected float32 counts) a value of another size is a miss; arrays read-only.
+        A value of the wrong size (corrupt, or from a different layout) is a miss, never an error."""
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._should_try():
+            prefix = self._prefix
             try:
-                raw = await self._redis.mget([self._redis_key(k) for k in keys])
+                raw = await self._redis.mget([prefix + k for k in keys])
             except _FAILURES as exc:
                 self._failed("MGET", exc)
             else:
                 self._succeeded()
-                out = [self._decode(r, n) for r, n in zip(raw, lengths or [None] * len(raw), strict=True)]
+                size, frombuffer = FLOAT32.itemsize, np.frombuffer
+                if lengths is None:
+                    out = [None if r is None or len(r) % size else frombuffer(r, FLOAT32) for r in raw]
+                else:
+                    out = [frombuffer(r, FLOAT32) if r is not None and len(r) == n * size else None
+                           for r, n in zip(raw, lengths, strict=True)]
         found = sum(v is not None for v in out)
         self.hits += found
         self.misses += len(keys) - found
@@ -172,7 +181,7 @@ class ScoreCache:
             return
         pipe = self._redis.pipeline(transaction=False)
         for key, value in entries.items():
-            pipe.set(self._redis_key(key), np.asarray(value, dtype=FLOAT32).tobytes(), ex=self.ttl_s)
+            pipe.set(self._prefix + key, np.asarray(value, dtype=FLOAT32).tobytes(), ex=self.ttl_s)
         try:
             await pipe.execute()
         except _FAILURES as exc:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -370,17 +370,16 @@ class TeacherRouter:
     async def score_spans(self, requests: list[tuple[str, ScoreItem]],
                           images: Sequence[Sequence[bytes]] | None = None) -> list[ScoredSpan | None]:
         """As `score`, with each item's full distribution too where the item asks for one."""
-        self._validate(requests)
-        images = images or [()] * len(requests)
+        digests, sizes = self._checked(requests)
         results: list[ScoredSpan | None] = [None] * len(requests)
-        keys = [ScoreCache.key(self._pools[d].digest, item, shown)
-                for (d, item), shown in zip(requests, images, strict=True)]
+        keys = ScoreCache.keys(digests, [item for _, item in requests], images)
+        images = images or [()] * len(requests)
         if self.cache is not None and requests:
-            results = [None if v is None else _from_cache(v, item)
-                       for v, (_, item) in zip(await self.cache.get_many(keys, self._cached_sizes(requests)),
-                                               requests, strict=True)]
-        for (domain, _), hit in zip(requests, results, strict=True):
-            self._domain_stats[domain].cached += hit is not None
+            # get_many checked each value's size, so an item with neither candidates nor a distribution holds its span
+            results = [None if v is None else ScoredSpan(v) if item.candidates is None and not item.distribution
+                       else _from_cache(v, item)
+                       for v, (_, item) in zip(await self.cache.get_many(keys, sizes), requests, strict=True)]
+        self._count(requests, results, "cached")
         chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None], images)
         spans = await asyncio.gather(*(self._score_chunk(self._pools[d], *_with_images(requests, images, idx))
                                        for d, idx in chunks))
@@ -393,23 +392,21 @@ class TeacherRouter:
             for i, span in zip(idx, chunk_spans, strict=True):
                 results[i] = span
                 fresh[keys[i]] = _to_cache(span)
-        for (domain, _), r in zip(requests, results, strict=True):
-            self._domain_stats[domain].scored += r is not None
+        self._count(requests, results, "scored")
         if self.cache is not None and fresh:
             await self.cache.set_many(fresh)
         return results
 
-    def _cached_sizes(self, requests: list[tuple[str, ScoreItem]]) -> list[int]:
-        """Float32 values a cached entry must hold: the span, R x vocab more for a distribution item, and R x (k + 1)
-        more for a candidate item (the candidates' log-probs and the tail)."""
-        sizes = []
-        for domain, item in requests:
-            vocab = self._pools[domain].info.vocab_size if item.distribution else 0
-            k = _candidate_k(item)
-            sizes.append(item.response_length * (1 + vocab + (k + 1 if k else 0)))
-        return sizes
+    def _count(self, requests: list[tuple[str, ScoreItem]], results: list[ScoredSpan | None], stat: str) -> None:
+        """Add each domain's number of results that are not None to its `stat` counter."""
+        for domain, n in Counter(d for (d, _), r in zip(requests, results, strict=True) if r is not None).items():
+            setattr(self._domain_stats[domain], stat, getattr(self._domain_stats[domain], stat) + n)
 
-    def _validate(self, requests: list[tuple[str, ScoreItem]]) -> None:
+    def _checked(self, requests: list[tuple[str, ScoreItem]]) -> tuple[list[str], list[int]]:
+        """Each request's teacher fingerprint digest (the cache key's first part) and the float32 values its cached
+        entry must hold: the span, R x vocab more for a distribution item, and R x (k + 1) more for a candidate item
+        (the candidates' log-probs and the tail). One pass, which also refuses what the router cannot answer."""
+        digests, sizes = [], []
         for domain, item in requests:
             pool = self._pools.get(domain)
             if pool is None:
@@ -419,6 +416,12 @@ class TeacherRouter:
             if item.top_k or item.ranks:
                 raise ValueError("the router returns response log-probs (and distributions, candidates) only; top_k "
                                  "must be 0 and ranks false")
+            extra = pool.info.vocab_size if item.distribution else 0
+            if item.candidates is not None and (k := _candidate_k(item)):
+                extra += k + 1
+            digests.append(pool.digest)
+            sizes.append(item.response_length * (1 + extra))
+        return digests, sizes
 
     def _chunks(self, requests: list[tuple[str, ScoreItem]], misses: list[int],
                 images: Sequence[Sequence[bytes]]) -> list[tuple[str, list[int]]]:
@@ -586,9 +589,9 @@ def _to_cache(span: ScoredSpan) -> np.ndarray:
 
 
 def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
+    """A cached value (`_to_cache`'s layout, its size already checked) back into the span of an item with candidates
+    or a distribution."""
     n = item.response_length
-    if len(value) == n:  # log-probs alone: the common case, kept cheap
-        return ScoredSpan(value)
     span, rest = ScoredSpan(value[:n]), value[n:]
     if k := _candidate_k(item):
         span.candidate_logprobs, span.tail_logprobs = rest[-n * (k + 1):-n].reshape(n, k), rest[-n:]

@@ -100,6 +100,10 @@ _TUNING = tuple(("multi-teacher", m) for m in ("opd", "opd-clip5", "opd-clip20",
 # what the teacher sends back: the sampled token's log-prob, the student's top-k and a tail, or the whole distribution
 _SIGNALS = tuple(("multi-teacher", m) for m in ("opd", "opd-topk8", "opd-topk32", "opd-full"))
 _CROSS_MODAL = tuple(("cross-modal", m) for m in ("opd", "uniopd", "uniopd-mm", "grpo"))
+# strong-to-weak, where Uni-OPD trailed OPD in the full plan: which of its parts does it (the margin shift or the
+# mask, offline or online balancing)
+_STRONG = tuple(("strong-to-weak", m) for m in ("opd", "uniopd", "uniopd-no-calib", "uniopd-mask", "uniopd-no-offline",
+                                                "uniopd-no-online"))
 # 16 prompts x 4 rollouts a step: with 8 x 4 the held-out curves were mostly sampling noise over 40 steps (measured,
 # seed 100, not reported); teachers at one thread each keep a 64-rollout step near 2 s on 2 cores
 _BATCH = {"prompts_per_step": 16, "samples_per_prompt": 4}
@@ -116,6 +120,7 @@ PLANS: dict[str, Plan] = {
                  eval_every=20, balance_samples=4, **_BATCH),
     "tuning": Plan(_TUNING, seeds=(100, 101), steps=60, eval_every=20, **_BATCH),
     "signals": Plan(_SIGNALS, seeds=(0, 1, 2), steps=60, eval_every=20, **_BATCH),
+    "strong-to-weak": Plan(_STRONG, seeds=(0, 1, 2), steps=60, eval_every=20, **_BATCH),
     "smoke": Plan((*_ALL, ("multi-teacher", "opd-topk8"), ("single-teacher-math", "opd"), ("strong-to-weak", "opd"),
                    *_CROSS_MODAL), seeds=(0,),
                   steps=2,

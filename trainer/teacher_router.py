@@ -379,7 +379,8 @@ class TeacherRouter:
             results = [None if v is None else ScoredSpan(v) if item.candidates is None and not item.distribution
                        else _from_cache(v, item)
                        for v, (_, item) in zip(await self.cache.get_many(keys, sizes), requests, strict=True)]
-        self._count(requests, results, "cached")
+        for domain, n in self._answered(requests, results).items():
+            self._domain_stats[domain].cached += n
         chunks = self._chunks(requests, [i for i, r in enumerate(results) if r is None], images)
         spans = await asyncio.gather(*(self._score_chunk(self._pools[d], *_with_images(requests, images, idx))
                                        for d, idx in chunks))
@@ -392,15 +393,16 @@ class TeacherRouter:
             for i, span in zip(idx, chunk_spans, strict=True):
                 results[i] = span
                 fresh[keys[i]] = _to_cache(span)
-        self._count(requests, results, "scored")
+        for domain, n in self._answered(requests, results).items():
+            self._domain_stats[domain].scored += n
         if self.cache is not None and fresh:
             await self.cache.set_many(fresh)
         return results
 
-    def _count(self, requests: list[tuple[str, ScoreItem]], results: list[ScoredSpan | None], stat: str) -> None:
-        """Add each domain's number of results that are not None to its `stat` counter."""
-        for domain, n in Counter(d for (d, _), r in zip(requests, results, strict=True) if r is not None).items():
-            setattr(self._domain_stats[domain], stat, getattr(self._domain_stats[domain], stat) + n)
+    @staticmethod
+    def _answered(requests: list[tuple[str, ScoreItem]], results: list[ScoredSpan | None]) -> Counter[str]:
+        """Per domain, how many requests have a result."""
+        return Counter(d for (d, _), r in zip(requests, results, strict=True) if r is not None)
 
     def _checked(self, requests: list[tuple[str, ScoreItem]]) -> tuple[list[str], list[int]]:
         """Each request's teacher fingerprint digest (the cache key's first part) and the float32 values its cached
@@ -589,8 +591,8 @@ def _to_cache(span: ScoredSpan) -> np.ndarray:
 
 
 def _from_cache(value: np.ndarray, item: ScoreItem) -> ScoredSpan:
-    """A cached value (`_to_cache`'s layout, its size already checked) back into the span of an item with candidates
-    or a distribution."""
+    """A cached value (`_to_cache`'s layout, its size already checked) back into its span; the router wraps a plain
+    span (no candidates, no distribution) itself, without the slicing."""
     n = item.response_length
     span, rest = ScoredSpan(value[:n]), value[n:]
     if k := _candidate_k(item):

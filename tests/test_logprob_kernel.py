@@ -165,13 +165,34 @@ def test_shared_prompt_groups_only_pair_identical_prompts_of_two_tokens_or_more(
     assert shared_prompt_groups(items) == [[0, 2], [1, 5]]  # [7] is one token: nothing to cache
 
 
-def test_vllm_waves_put_one_sample_of_each_prompt_first_and_whole_block_prompts_in_the_first_wave():
-    from services.teacher_server.backends.vllm import _waves
+@pytest.mark.e2e  # a real vLLM engine in this process
+def test_vllm_samples_of_one_prompt_read_its_blocks_in_the_same_engine_call_and_score_as_each_sequence_alone(
+        tiny_model):
+    """One engine call: a 70-token prompt's later samples start from the two 32-token blocks its first sample
+    computed; a 64-token prompt, whose two cached blocks would end exactly at its responses, is computed by each of
+    its samples. Scored again, the same sequences find blocks reaching into their responses, and are scored again
+    without the cache: every score is that of the sequence whole."""
+    from services.teacher_server.backends.vllm import VLLMScorer
 
-    def item(prompt_len, token):
-        return ScoreItem(input_ids=[*range(prompt_len), token], response_start=prompt_len)
+    scorer, alone = VLLMScorer(tiny_model, "float32"), HFScorer(tiny_model, "float32", share_prompts=False)
+    rng = np.random.default_rng(5)
+    items = []
+    for prompt_len, samples in ((64, 3), (70, 3), (96, 1)):
+        head = rng.integers(0, 512, prompt_len).tolist()
+        items += [ScoreItem(input_ids=head + rng.integers(0, 512, int(rng.integers(30, 60))).tolist(),
+                            response_start=prompt_len) for _ in range(samples)]
+    calls: list[list[int]] = []
+    generate = scorer.llm.generate
 
-    items = [item(5, 1), item(5, 2), item(4, 3), item(4, 4), item(6, 5), item(5, 6)]
-    # block 4: the 4-token prompt fills a whole block, so its samples cannot start from the cache
-    assert _waves(items, 4) == [[0, 2, 3, 4], [1, 5]]
-    assert _waves([items[0], items[4]], 4) == [[0, 1]]  # nothing shared: one wave
+    def recording(prompts, params, **kw):
+        outs = generate(prompts, params, **kw)
+        calls.append([out.num_cached_tokens for out in outs])
+        return outs
+
+    scorer.llm.generate = recording
+    want = alone.score(items)
+    for _ in range(2):
+        for got, ref in zip(scorer.score(items), want, strict=True):
+            np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+    assert calls[0] == [0, 0, 0, 0, 64, 64, 0]
+    assert calls[1][3:6] == [96] * 3 and calls[2] == [0] * 3  # the 70-token prompt's, scored again whole

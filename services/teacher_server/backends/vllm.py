@@ -51,18 +51,12 @@ class VLLMScorer:
             return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
                                   else it.top_k, detokenize=False, skip_reading_prefix_cache=not reuse)
 
-        # Text items may start from cached prompt blocks (a prompt that earlier items of this call, or earlier calls,
-        # computed): vLLM then computes log-probs only after the cached blocks, so an item whose cached blocks
-        # reach into its response (the same sequence scored again) is scored again without the cache; so is a
-        # prompt of whole blocks, which would hit exactly up to its response: it never reads the cache. Sequences
-        # scheduled in one engine step do not see each other's blocks, so one item of each shared prompt goes first.
+        # Text items may start from cached prompt blocks (a prompt that an item scheduled before them, in this call or
+        # an earlier one, computed): vLLM then computes log-probs only after the cached blocks, so an item whose
+        # cached blocks reach into its response (the same sequence scored again) is scored again without the cache;
+        # so is a prompt of whole blocks, which would hit exactly up to its response: it never reads the cache.
         reuse = self.share_prompts and not images
-        outputs: list = [None] * len(items)
-        for wave in _waves(items, self.block) if reuse else [list(range(len(items)))]:
-            for i, out in zip(wave, self.llm.generate([prompts[i] for i in wave],
-                                                      [params(items[i], reuse) for i in wave], use_tqdm=False),
-                              strict=True):
-                outputs[i] = out
+        outputs = self.llm.generate(prompts, [params(it, reuse) for it in items], use_tqdm=False)
         redo = [i for i, (it, out) in enumerate(zip(items, outputs, strict=True))
                 if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - it.response_length]
         if redo:
@@ -78,21 +72,6 @@ def _can_read_cache(item: ScoreItem, block: int) -> bool:
     """A prompt of whole `block`-token blocks would find them cached exactly up to its response, whose first log-prob
     vLLM then cannot give: such an item never reads the prefix cache."""
     return item.response_start % block != 0
-
-
-def _waves(items: Sequence[ScoreItem], block: int) -> list[list[int]]:
-    """The first item of each prompt (and every item whose prompt fills whole `block`-token blocks, which cannot use
-    the cache), then the rest: the second wave finds the first one's prompt blocks in the prefix cache."""
-    first: dict[tuple[int, ...], int] = {}
-    now, later = [], []
-    for i, it in enumerate(items):
-        key = it.prompt_key
-        if _can_read_cache(it, block) and key in first:
-            later.append(i)
-        else:
-            first.setdefault(key, i)
-            now.append(i)
-    return [now, later] if later else [now]
 
 
 def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:

@@ -165,13 +165,30 @@ def test_shared_prompt_groups_only_pair_identical_prompts_of_two_tokens_or_more(
     assert shared_prompt_groups(items) == [[0, 2], [1, 5]]  # [7] is one token: nothing to cache
 
 
+def test_vllm_prompt_ends_pick_shared_whole_block_prompts_of_plain_items_in_groups_of_at_most_the_id_limit(
+        monkeypatch):
+    from services.teacher_server.backends import vllm
+
+    def item(prompt_len, token, **options):
+        return ScoreItem(input_ids=[*range(prompt_len), token], response_start=prompt_len, **options)
+
+    items = [item(8, 1), item(5, 2), item(8, 3), item(4, 4), item(4, 5), item(8, 6, top_k=2), item(12, 7),
+             item(8, 8), item(8, 9)]
+    # block 4: the 8-token prompt fills two blocks (its top-k item must be scored whole); the 4-token one fills one,
+    # which leaves nothing to share; the 5-token one reads the cache without help; the 12-token one has one sample
+    assert vllm._prompt_ends(items, 4) == {0: (0, 2, 7, 8), 2: (0, 2, 7, 8), 7: (0, 2, 7, 8), 8: (0, 2, 7, 8)}
+    monkeypatch.setattr(vllm, "MAX_FIRST_TOKENS", 3)
+    assert vllm._prompt_ends(items, 4) == {0: (0, 2, 7), 2: (0, 2, 7), 7: (0, 2, 7), 8: (8,)}
+
+
 @pytest.mark.e2e  # a real vLLM engine in this process
 def test_vllm_samples_of_one_prompt_read_its_blocks_in_the_same_engine_call_and_score_as_each_sequence_alone(
         tiny_model):
     """One engine call: a 70-token prompt's later samples start from the two 32-token blocks its first sample
-    computed; a 64-token prompt, whose two cached blocks would end exactly at its responses, is computed by each of
-    its samples. Scored again, the same sequences find blocks reaching into their responses, and are scored again
-    without the cache: every score is that of the sequence whole."""
+    computed. A 64-token prompt's two blocks end exactly at its responses, so a request for the prompt alone goes
+    first (it computes them, and gives the next-token log-probs of the samples' first tokens) and its samples then
+    start from both blocks. Scored again, the same sequences find blocks reaching into their responses, and are
+    scored again without the cache: every score is that of the sequence whole."""
     from services.teacher_server.backends.vllm import VLLMScorer
 
     scorer, alone = VLLMScorer(tiny_model, "float32"), HFScorer(tiny_model, "float32", share_prompts=False)
@@ -194,5 +211,6 @@ def test_vllm_samples_of_one_prompt_read_its_blocks_in_the_same_engine_call_and_
     for _ in range(2):
         for got, ref in zip(scorer.score(items), want, strict=True):
             np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
-    assert calls[0] == [0, 0, 0, 0, 64, 64, 0]
-    assert calls[1][3:6] == [96] * 3 and calls[2] == [0] * 3  # the 70-token prompt's, scored again whole
+    assert calls[0] == [0, 64, 64, 64, 0, 64, 64, 0]  # the 64-token prompt alone, then the items
+    # again: the prompt alone reads its first block; a sample whose blocks reach into its response is scored again
+    assert calls[1] == [32, 64, 96, 96, 96, 96, 96, 0] and calls[2] == [0] * 5

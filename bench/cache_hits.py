@@ -29,18 +29,21 @@ DIGEST = "0" * 64
 
 
 def make_arrays(items: int, samples: int, prompt: int, response: int,
-                topk: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Rollouts as the trainer holds them: int32 prompt + response ids, and top-k candidates under the topk signal."""
+                 topk: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Rollouts as the trainer holds them: one int32 prompt array shared by its samples, each sample's int32
+    response, and its top-k candidates under the topk signal."""
     rng = np.random.default_rng(0)
     heads = [rng.integers(0, 512, prompt, dtype=np.int32) for _ in range(items // samples)]
-    return [(np.concatenate((h, rng.integers(0, 512, response, dtype=np.int32))),
+    for head in heads:
+        head.flags.writeable = False  # as trainer/data.py's Example.prompt_array
+    return [(h, rng.integers(0, 512, response, dtype=np.int32),
              rng.integers(0, 512, (response, topk), dtype=np.int32) if topk else None)
             for h in heads for _ in range(samples)]
 
 
-def make_items(arrays: list[tuple[np.ndarray, np.ndarray | None]], prompt: int) -> list[ScoreItem]:
+def make_items(arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> list[ScoreItem]:
     """As the trainer builds them (trainer/loop.py score)."""
-    return [ScoreItem.of_arrays(ids, prompt, candidates=candidates) for ids, candidates in arrays]
+    return [ScoreItem.of_arrays(head, response, candidates=candidates) for head, response, candidates in arrays]
 
 
 def timed_ms(fn, repeats: int) -> tuple[float, float]:
@@ -96,7 +99,7 @@ def main() -> None:
     arrays = make_arrays(args.items, args.samples, args.prompt, args.response, args.topk)
 
     def build() -> list[ScoreItem]:
-        return make_items(arrays, args.prompt)
+        return make_items(arrays)
 
     items = build()
     redis = RedisServer().start()

@@ -20,7 +20,8 @@ SCORING_MODE = "prefill-raw-logprobs"
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 INT32 = np.dtype("<i4")
-_PACKED = ("ids_array", "candidates_array")  # cached_property names: a copy rebuilds them
+# cached_property names: a copy rebuilds them
+_PACKED = ("ids_array", "prompt_array", "response_array", "candidates_array")
 
 
 class ScoreItem(BaseModel):
@@ -61,7 +62,7 @@ class ScoreItem(BaseModel):
     @property
     def prompt_key(self) -> bytes:
         """The prompt's tokens, hashable: items with equal keys are samples of one prompt."""
-        return self.ids_array[:self.response_start].tobytes()
+        return self.prompt_array.tobytes()
 
     @cached_property
     def ids_array(self) -> np.ndarray:
@@ -69,23 +70,39 @@ class ScoreItem(BaseModel):
         return np.asarray(self.input_ids, dtype=INT32)
 
     @cached_property
+    def prompt_array(self) -> np.ndarray:
+        """The prompt's int32 ids. The items `of_arrays` makes from one prompt array share that array, so the cache
+        key hashes the prompt once for all its samples."""
+        return self.ids_array[:self.response_start]
+
+    @cached_property
+    def response_array(self) -> np.ndarray:
+        """The response's int32 ids."""
+        return self.ids_array[self.response_start:]
+
+    @cached_property
     def candidates_array(self) -> np.ndarray | None:
         """`candidates` as an int32 [rows, k] array, built once (None without candidates)."""
         return None if self.candidates is None else np.asarray(self.candidates, dtype=INT32)
 
     @classmethod
-    def of_arrays(cls, ids: np.ndarray, response_start: int, *, distribution: bool = False,
+    def of_arrays(cls, prompt: np.ndarray, response: np.ndarray, *, distribution: bool = False,
                   candidates: np.ndarray | None = None) -> ScoreItem:
-        """An item from int32 token arrays its maker produced itself (the trainer's rollouts), without pydantic's
+        """An item from token arrays its maker produced itself (the trainer's rollouts), without pydantic's
         per-token validation (scorability is still `proto.validation.score_item_problem`'s to say), keeping the
-        arrays: the key, the wire and the checks never go list -> array again. `candidates` stays the (R, k) array,
-        which reads row by row as the lists do and serializes as lists: R x k Python lists per item made the cyclic
-        garbage collector the cost of a step's top-k items."""
+        arrays: the key, the wire and the checks never go list -> array again. A read-only int32 `prompt` is kept
+        as it is, not copied: a prompt's samples made from one such array share it (see `prompt_array`), and it
+        cannot change under them. `candidates` stays the
+        (R, k) array, which reads row by row as the lists do and serializes as lists: R x k Python lists per item
+        made the cyclic garbage collector the cost of a step's top-k items."""
         rows = None if candidates is None else np.ascontiguousarray(candidates, dtype=INT32)
+        ids = np.concatenate((prompt, response), dtype=INT32)
+        if prompt.dtype != INT32 or prompt.flags.writeable or not prompt.flags.c_contiguous:
+            prompt = ids[:len(prompt)]
         # every field given: pydantic would inspect image_indices' default factory on each call (~90 us)
-        item = cls.model_construct(input_ids=ids.tolist(), response_start=response_start, top_k=0,
+        item = cls.model_construct(input_ids=ids.tolist(), response_start=len(prompt), top_k=0,
                                    distribution=distribution, ranks=False, image_indices=[], candidates=rows)
-        item.__dict__["ids_array"] = np.ascontiguousarray(ids, dtype=INT32)
+        item.__dict__.update(ids_array=ids, prompt_array=prompt, response_array=ids[len(prompt):])
         return item
 
     @field_serializer("candidates")

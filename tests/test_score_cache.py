@@ -43,6 +43,27 @@ def test_batch_keys_are_each_items_key():
     assert ScoreCache.keys(digests, items) == [ScoreCache.key(d, it) for d, it in zip(digests, items, strict=True)]
 
 
+def test_samples_sharing_a_prompt_array_key_as_if_hashed_alone():
+    """`keys` hashes a prompt array once for the samples that follow it: each key is still the one `key` gives the
+    item alone, also when the shared prompt comes back after another, under another teacher, or beside an item whose
+    prompt is equal but another array."""
+    prompt, other = np.array([7, 8, 9], "<i4"), np.array([7, 8], "<i4")
+    prompt.flags.writeable = other.flags.writeable = False  # shared only read-only, so it cannot change under them
+    responses = [np.array(r, "<i4") for r in ([1, 2], [1, 3], [4], [1, 2])]
+    items = [ScoreItem.of_arrays(prompt, responses[0]), ScoreItem.of_arrays(prompt, responses[1]),
+             ScoreItem.of_arrays(other, responses[2]), ScoreItem.of_arrays(prompt, responses[3]),
+             ScoreItem.of_arrays(prompt.copy(), responses[0]), ScoreItem.of_arrays(prompt, responses[0]),
+             item([7, 8, 9, 1, 2], 3, top_k=2)]
+    digests = ["a" * 64] * 5 + ["b" * 64, "a" * 64]
+    assert items[0].prompt_array is items[1].prompt_array is prompt
+    writable = prompt.copy()
+    assert ScoreItem.of_arrays(writable, responses[0]).prompt_array is not writable
+    keys = ScoreCache.keys(digests, items)
+    assert keys == [ScoreCache.key(d, it) for d, it in zip(digests, items, strict=True)]
+    assert keys[0] == keys[3] == keys[4] == ScoreCache.key("a" * 64, item([7, 8, 9, 1, 2], 3))
+    assert len({keys[0], keys[1], keys[2], keys[5], keys[6]}) == 5
+
+
 def test_key_layout_is_the_documented_one():
     """Entries written by earlier versions (and other teams' trainers) keep matching: sha256 over the schema tag, the
     digest, top_k and response_start as int32, and the ids as int32, little-endian."""
@@ -148,7 +169,7 @@ def test_items_built_from_arrays_key_encode_and_check_as_validated_ones():
 
     rng = np.random.default_rng(0)
     ids, cands = rng.integers(0, 500, 12).astype("<i4"), rng.integers(0, 500, (8, 3)).astype(np.int64)
-    fast = ScoreItem.of_arrays(ids, 4, candidates=cands)
+    fast = ScoreItem.of_arrays(ids[:4], ids[4:], candidates=cands)
     slow = ScoreItem(input_ids=ids.tolist(), response_start=4, candidates=cands.tolist())
     assert fast.model_dump() == slow.model_dump() and fast.prompt_key == slow.prompt_key == ids[:4].tobytes()
     assert ScoreCache.key("a" * 64, fast) == ScoreCache.key("a" * 64, slow)

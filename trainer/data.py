@@ -29,8 +29,11 @@ class Example:
 
     @cached_property
     def prompt_array(self) -> np.ndarray:
-        """`prompt_ids` as int32, built once for all the prompt's samples of every step."""
-        return np.asarray(self.prompt_ids, dtype=np.int32)
+        """`prompt_ids` as int32, built once for all the prompt's samples of every step; read-only, so the score
+        items of its samples share it (`ScoreItem.of_arrays`)."""
+        ids = np.asarray(self.prompt_ids, dtype=np.int32)
+        ids.flags.writeable = False
+        return ids
 
 
 def load_records(paths: list[Path], domains: set[str] | None = None) -> list[dict]:

@@ -165,7 +165,7 @@ class Trainer:
         """Teacher log-probs of each response. A sequence its teacher would refuse (too long, a token it does not
         have) stays unscored, so it is masked alone instead of failing its whole request."""
         signals = {d: self.config.signal_of(pool) for d, pool in self.config.teachers.items()}
-        items = [ScoreItem.of_arrays(np.concatenate((r.example.prompt_array, r.response)), len(r.example.prompt_ids),
+        items = [ScoreItem.of_arrays(r.example.prompt_array, r.response,
                                      distribution=signals[r.example.domain] == "full",
                                      candidates=r.candidates if signals[r.example.domain] == "topk" else None)
                  for r in rollouts]

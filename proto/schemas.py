@@ -90,14 +90,14 @@ class ScoreItem(BaseModel):
                   candidates: np.ndarray | None = None) -> ScoreItem:
         """An item from token arrays its maker produced itself (the trainer's rollouts), without pydantic's
         per-token validation (scorability is still `proto.validation.score_item_problem`'s to say), keeping the
-        arrays: the key, the wire and the checks never go list -> array again. A read-only int32 `prompt` is kept
-        as it is, not copied: a prompt's samples made from one such array share it (see `prompt_array`), and it
-        cannot change under them. `candidates` stays the
-        (R, k) array, which reads row by row as the lists do and serializes as lists: R x k Python lists per item
-        made the cyclic garbage collector the cost of a step's top-k items."""
+        arrays: the key, the wire and the checks never go list -> array again. A read-only int32 `prompt` that owns
+        its memory is kept as it is, not copied: a prompt's samples made from one such array share it (see
+        `prompt_array`), and nothing can change it under them. `candidates` stays the (R, k) array, which reads row
+        by row as the lists do and serializes as lists: R x k Python lists per item made the cyclic garbage collector
+        the cost of a step's top-k items."""
         rows = None if candidates is None else np.ascontiguousarray(candidates, dtype=INT32)
         ids = np.concatenate((prompt, response), dtype=INT32)
-        if prompt.dtype != INT32 or prompt.flags.writeable or not prompt.flags.c_contiguous:
+        if prompt.dtype != INT32 or prompt.flags.writeable or not prompt.flags.owndata:
             prompt = ids[:len(prompt)]
         # every field given: pydantic would inspect image_indices' default factory on each call (~90 us)
         item = cls.model_construct(input_ids=ids.tolist(), response_start=len(prompt), top_k=0,

@@ -56,8 +56,10 @@ def test_samples_sharing_a_prompt_array_key_as_if_hashed_alone():
              item([7, 8, 9, 1, 2], 3, top_k=2)]
     digests = ["a" * 64] * 5 + ["b" * 64, "a" * 64]
     assert items[0].prompt_array is items[1].prompt_array is prompt
-    writable = prompt.copy()
-    assert ScoreItem.of_arrays(writable, responses[0]).prompt_array is not writable
+    writable, view = prompt.copy(), prompt.copy()[:]
+    view.flags.writeable = False  # its base still is
+    for unshared in (writable, view):
+        assert ScoreItem.of_arrays(unshared, responses[0]).prompt_array is not unshared
     keys = ScoreCache.keys(digests, items)
     assert keys == [ScoreCache.key(d, it) for d, it in zip(digests, items, strict=True)]
     assert keys[0] == keys[3] == keys[4] == ScoreCache.key("a" * 64, item([7, 8, 9, 1, 2], 3))

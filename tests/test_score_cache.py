@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from proto.schemas import ScoreItem
+from trainer.data import Example
 from trainer.score_cache import ScoreCache
 
 
@@ -60,6 +61,8 @@ def test_samples_sharing_a_prompt_array_key_as_if_hashed_alone():
     view.flags.writeable = False  # its base still is
     for unshared in (writable, view):
         assert ScoreItem.of_arrays(unshared, responses[0]).prompt_array is not unshared
+    example = Example(record={}, domain="math", prompt_ids=[7, 8, 9])  # what the trainer's items are made from
+    assert ScoreItem.of_arrays(example.prompt_array, responses[0]).prompt_array is example.prompt_array
     keys = ScoreCache.keys(digests, items)
     assert keys == [ScoreCache.key(d, it) for d, it in zip(digests, items, strict=True)]
     assert keys[0] == keys[3] == keys[4] == ScoreCache.key("a" * 64, item([7, 8, 9, 1, 2], 3))

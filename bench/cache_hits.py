@@ -29,7 +29,7 @@ DIGEST = "0" * 64
 
 
 def make_arrays(items: int, samples: int, prompt: int, response: int,
-                 topk: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+                topk: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Rollouts as the trainer holds them: one int32 prompt array shared by its samples, each sample's int32
     response, and its top-k candidates under the topk signal."""
     rng = np.random.default_rng(0)

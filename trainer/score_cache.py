@@ -117,15 +117,16 @@ class ScoreCache:
         at once."""
         pack, out = _TWO_INT32.pack, []
         teachers = {d: _teacher_hash(d) for d in set(digests)}
-        shared = (None, 0, "", None)  # the last prompt array, top_k, digest, and the hash state after them
+        # the samples of a prompt come together: the hash state after the last prompt, and what it was made of
+        after_prompt, last_prompt, last_top_k, last_digest = None, None, 0, ""
         for i, (digest, item) in enumerate(zip(digests, items, strict=True)):
-            prompt = item.prompt_array  # the samples of a prompt come together and hash their shared prompt once
-            if prompt is not shared[0] or item.top_k != shared[1] or digest != shared[2]:
-                h = teachers[digest].copy()
-                h.update(pack(item.top_k, item.response_start))
-                h.update(prompt)  # int32 little-endian, as the response
-                shared = (prompt, item.top_k, digest, h)
-            h = shared[3].copy()
+            prompt = item.prompt_array
+            if prompt is not last_prompt or item.top_k != last_top_k or digest != last_digest:
+                after_prompt = teachers[digest].copy()
+                after_prompt.update(pack(item.top_k, item.response_start))
+                after_prompt.update(prompt)  # int32 little-endian, as the response
+                last_prompt, last_top_k, last_digest = prompt, item.top_k, digest
+            h = after_prompt.copy()
             h.update(item.response_array)
             if images is not None:
                 for image in images[i]:  # text items hash exactly as before images existed

@@ -46,5 +46,17 @@ def make_fingerprint(model: str, revision: str, tokenizer: str, dtype: str, back
               "scoring_mode": SCORING_MODE}
     if processor:  # text teachers keep the digests (and cached scores) they had before images existed
         fields["processor"] = processor
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    return Fingerprint(**fields, digest=digest)
+    return Fingerprint(**fields, digest=_digest(fields))
+
+
+def _digest(fields: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def digest_covers_fields(fp: Fingerprint) -> bool:
+    """Whether a reported fingerprint's digest is the one its fields give: a trainer keys its cache on the digest,
+    so a digest that does not cover the dtype, backend or scoring mode it reports must not be trusted."""
+    fields = fp.model_dump(exclude={"digest"})
+    if not fields["processor"]:
+        del fields["processor"]
+    return fp.digest == _digest(fields)

@@ -90,8 +90,8 @@ async def test_round_trip_raw_float32_with_ttl(redis_server):
     for key, value in zip(["k1", "k2"], [got[0], got[2]], strict=True):
         assert value.dtype == np.float32 and np.array_equal(value, values[key])
     with redis_server.client() as c:
-        assert c.get(f"{cache.namespace}:k1") == values["k1"].astype("<f4").tobytes()  # raw bytes, no pickle/JSON
-        assert 3590 < c.ttl(f"{cache.namespace}:k1") <= 3600
+        assert c.get(f"{cache.prefix}k1") == values["k1"].astype("<f4").tobytes()  # raw bytes, no pickle/JSON
+        assert 3590 < c.ttl(f"{cache.prefix}k1") <= 3600
     assert (cache.hits, cache.misses, cache.errors) == (2, 1, 0)
     await cache.aclose()
 
@@ -100,8 +100,8 @@ async def test_round_trip_raw_float32_with_ttl(redis_server):
 async def test_corrupt_or_wrong_length_value_is_a_miss(redis_server):
     cache = ScoreCache(redis_server.url)
     with redis_server.client() as c:
-        c.set(f"{cache.namespace}:odd", b"\x00" * 5)
-        c.set(f"{cache.namespace}:short", np.zeros(2, dtype="<f4").tobytes())
+        c.set(f"{cache.prefix}odd", b"\x00" * 5)
+        c.set(f"{cache.prefix}short", np.zeros(2, dtype="<f4").tobytes())
     assert await cache.get_many(["odd", "short"], lengths=[1, 3]) == [None, None]
     unchecked = await cache.get_many(["short"])
     assert unchecked[0] is not None and len(unchecked[0]) == 2

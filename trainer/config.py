@@ -17,6 +17,7 @@ from trainer.config_fields import ConfigError, Digest, Strict, check_urls, valid
 from trainer.estimators import ESTIMATORS
 from trainer.recipe import RecipeSpec
 from trainer.registry import resolve_teachers
+from trainer.score_cache import NAMESPACE_PATTERN
 
 PosInt = Annotated[int, Field(ge=1)]
 Prob = Annotated[float, Field(ge=0, le=1)]
@@ -87,8 +88,16 @@ class RolloutConfig(Strict):
 
 class CacheConfig(Strict):
     url: str | None = Field(default="redis://127.0.0.1:6379/0",
-                            description="Redis URL, memory:// for an in-process cache, or none to disable.")
+                            description="Redis URL, memory:// for an in-process cache, or none to disable. On a "
+                                        "Redis shared between teams, log in as the team's ACL user: "
+                                        "redis://USER@host:6379/0")
     ttl_s: PosInt = 7 * 86400
+    namespace: str | None = Field(
+        default=None, pattern=f"^{NAMESPACE_PATTERN.pattern}$",
+        description="The trust domain whose entries this run reads and writes: only runs that name the same "
+                    "namespace share scores. Default: the URL's Redis user, else 'default'")
+    password_env: str | None = Field(default=None, description="Environment variable holding the Redis user's "
+                                                               "password (keeps it out of the config and the URL)")
 
     @field_validator("url", mode="before")
     @classmethod

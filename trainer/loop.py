@@ -120,7 +120,9 @@ class Trainer:
                                     f", the student's is {student_fp[:16]}: it does not serve this student")
         pools = {d: [Endpoint(u, c.env_secret(p.api_key_env)) for u in p.urls] for d, p in c.teachers.items()}
         t = c.teacher_client
-        self.router = TeacherRouter(pools, ScoreCache(c.cache.url, c.cache.ttl_s), timeout_s=t.timeout_s,
+        cache = ScoreCache(c.cache.url, c.cache.ttl_s, c.cache.namespace, password=c.env_secret(c.cache.password_env))
+        log.info("score cache: namespace %r (shared with every run that names it)", cache.namespace)
+        self.router = TeacherRouter(pools, cache, timeout_s=t.timeout_s,
                                     retries=t.retries, backoff_s=t.backoff_s,
                                     max_items_per_request=t.max_items_per_request,
                                     breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s,

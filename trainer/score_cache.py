@@ -1,8 +1,11 @@
 """Redis cache of teacher scores, keyed on the teacher fingerprint so a swapped teacher never serves stale scores.
 
-Values are raw little-endian float32 bytes (never pickle: a cache shared between teams must not execute what it
-reads). The cache is an optimisation only: when Redis is down every lookup is a miss and every store is dropped, so a
-training step never fails or stalls on it; redis-py reconnects on the next command once Redis is back.
+Entries live under one namespace per trust domain (`uniopd:score:v2:<namespace>:`): a run reads and writes only its
+own, and a shared Redis confines each team's user to its namespace with an ACL, so no team can write the scores
+another team reads (docs: README "Score cache"). Values are raw little-endian float32 bytes (never pickle: a cache
+shared between teams must not execute what it reads). The cache is an optimisation only: when Redis is down every
+lookup is a miss and every store is dropped, so a training step never fails or stalls on it; redis-py reconnects on
+the next command once Redis is back.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from proto.codec import FLOAT32
 from proto.schemas import ScoreItem
@@ -34,6 +39,27 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 MEMORY_URL = "memory://"
+# v2: entries sit under a trust domain's namespace; v1 entries (one namespace for everyone) are never read again
+KEY_PREFIX = "uniopd:score:v2"
+DEFAULT_NAMESPACE = "default"
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def default_namespace(url: str | None) -> str:
+    """The Redis user a URL logs in as (`redis://alpha:PASSWORD@host/0` -> `alpha`), else `default`: with one ACL
+    user per team, each team's runs land in their own namespace without saying so."""
+    if url is None or url == MEMORY_URL:
+        return DEFAULT_NAMESPACE
+    user = unquote(urlsplit(url).username or "")
+    if user and user != "default" and not NAMESPACE_PATTERN.fullmatch(user):
+        raise ValueError(f"Redis user {user!r} cannot name a cache namespace: set cache.namespace")
+    return user or DEFAULT_NAMESPACE
+
+
+def key_part(fingerprint_digest: str, float_dtype: str = "float32") -> str:
+    """A teacher's part of its cache keys: its fingerprint digest, and the wire's float type where that rounds the
+    values (float16 answers are cached as they arrived, so they must never be served to a float32 run)."""
+    return fingerprint_digest if float_dtype == "float32" else f"{fingerprint_digest}/{float_dtype}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,14 +113,21 @@ class ScoreCache:
     """Teacher response-span log-probs in Redis; `url=None` disables it (all misses, stores dropped);
     `url="memory://"` keeps them in this process (no Redis needed, nothing shared)."""
 
-    def __init__(self, url: str | None, ttl_s: int = 7 * 86400, namespace: str = "uniopd:score:v1", *,
-                 timeout_s: float = 1.0, reconnect_interval_s: float = 2.0) -> None:
+    def __init__(self, url: str | None, ttl_s: int = 7 * 86400, namespace: str | None = None, *,
+                 password: str | None = None, timeout_s: float = 1.0, reconnect_interval_s: float = 2.0) -> None:
+        """`namespace`: the trust domain whose entries this cache reads and writes (default: the URL's Redis user);
+        `password`: the Redis user's password when it is not in the URL (kept out of config files)."""
+        namespace = default_namespace(url) if namespace is None else namespace
+        if not NAMESPACE_PATTERN.fullmatch(namespace):
+            raise ValueError(f"cache namespace {namespace!r}: 1-64 letters, digits, '_', '.' or '-', starting with "
+                             "a letter or digit")
         self.ttl_s = ttl_s
         self.namespace = namespace
-        self._prefix = f"{namespace}:"
+        self.prefix = f"{KEY_PREFIX}:{namespace}:"
         # One immediate retry: the first command after a Redis restart fails on the stale pooled connection.
         self._redis = None if url is None else InProcessStore() if url == MEMORY_URL else Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
+            **({"password": password} if password else {}))
         self._reconnect_interval_s = reconnect_interval_s
         self._down_since: float | None = None
         self._last_try = 0.0
@@ -104,25 +137,25 @@ class ScoreCache:
 
     @staticmethod
     def key(fingerprint_digest: str, item: ScoreItem, images: Sequence[bytes] = ()) -> str:
-        """sha256 over the key schema, teacher digest, scoring options, token ids (int32 LE), for items with images
-        the images' content hashes in placeholder order, whether the item asks for its distribution, and its
-        candidates (shape and ids), as hex."""
+        """sha256 over the key schema, teacher part (`key_part`: digest, wire float type), scoring options, token
+        ids (int32 LE), for items with images the images' content hashes in placeholder order, whether the item
+        asks for its distribution, and its candidates (shape and ids), as hex."""
         return ScoreCache.keys([fingerprint_digest], [item], [images])[0]
 
     @staticmethod
-    def keys(digests: Sequence[str], items: Sequence[ScoreItem],
+    def keys(teachers: Sequence[str], items: Sequence[ScoreItem],
              images: Sequence[Sequence[bytes]] | None = None) -> list[str]:
-        """`key` of each (digest, item, images), in one loop: on the all-hit path of a step the per-call overhead
-        was a fifth of the keys' cost. Hashing the ids as prompt then response gives the same key as hashing them
-        at once."""
+        """`key` of each (teacher's `key_part`, item, images), in one loop: on the all-hit path of a step the
+        per-call overhead was a fifth of the keys' cost. Hashing the ids as prompt then response gives the same key
+        as hashing them at once."""
         pack, out = _TWO_INT32.pack, []
-        teachers = {d: _teacher_hash(d) for d in set(digests)}
+        hashes = {t: _teacher_hash(t) for t in set(teachers)}
         # the samples of a prompt come together: the hash state after the last prompt, and what it was made of
         after_prompt, last_prompt, last_top_k, last_digest = None, None, 0, ""
-        for i, (digest, item) in enumerate(zip(digests, items, strict=True)):
+        for i, (digest, item) in enumerate(zip(teachers, items, strict=True)):
             prompt = item.prompt_array
             if prompt is not last_prompt or item.top_k != last_top_k or digest != last_digest:
-                after_prompt = teachers[digest].copy()
+                after_prompt = hashes[digest].copy()
                 after_prompt.update(pack(item.top_k, item.response_start))
                 after_prompt.update(prompt)  # int32 little-endian, as the response
                 last_prompt, last_top_k, last_digest = prompt, item.top_k, digest
@@ -153,7 +186,12 @@ class ScoreCache:
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = self._last_try
-            log.warning("score cache unavailable (%s failed: %r); scoring without cache until Redis is back", op, exc)
+            if isinstance(exc, NoPermissionError):  # not an outage: this run's Redis user may not use its namespace
+                log.error("score cache: %s refused (%s): the Redis user may not use namespace %r; check "
+                          "cache.namespace and the Redis ACL. Scoring without cache", op, exc, self.namespace)
+            else:
+                log.warning("score cache unavailable (%s failed: %r); scoring without cache until Redis is back",
+                            op, exc)
 
     def _succeeded(self) -> None:
         if self._down_since is not None:
@@ -165,7 +203,7 @@ class ScoreCache:
         A value of the wrong size (corrupt, or from a different layout) is a miss, never an error."""
         out: list[np.ndarray | None] = [None] * len(keys)
         if keys and self._should_try():
-            prefix = self._prefix
+            prefix = self.prefix
             try:
                 raw = await self._redis.mget([prefix + k for k in keys])
             except _FAILURES as exc:
@@ -189,7 +227,7 @@ class ScoreCache:
             return
         pipe = self._redis.pipeline(transaction=False)
         for key, value in entries.items():
-            pipe.set(self._prefix + key, np.asarray(value, dtype=FLOAT32).tobytes(), ex=self.ttl_s)
+            pipe.set(self.prefix + key, np.asarray(value, dtype=FLOAT32).tobytes(), ex=self.ttl_s)
         try:
             await pipe.execute()
         except _FAILURES as exc:

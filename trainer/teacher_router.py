@@ -21,9 +21,10 @@ import numpy as np
 from proto.client import TeacherClient, share_images
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
+from proto.fingerprint import digest_covers_fields
 from proto.schemas import ScoreItem, TeacherInfo
 from proto.validation import distribution_values
-from trainer.score_cache import ScoreCache
+from trainer.score_cache import ScoreCache, key_part
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,13 @@ class TeacherRouter:
 
     @staticmethod
     def _check_pool(pool: _Pool, infos: dict[str, TeacherInfo]) -> TeacherInfo:
+        for url, info in infos.items():
+            fp = info.fingerprint
+            if not digest_covers_fields(fp) or (fp.dtype, fp.backend) != (info.dtype, info.backend):
+                raise FingerprintMismatch(f"domain {pool.domain!r}: teacher {url} reports fingerprint digest "
+                                          f"{fp.digest[:12]}, which is not the digest of the fields it reports "
+                                          f"(dtype {fp.dtype!r} / {info.dtype!r}, backend {fp.backend!r} / "
+                                          f"{info.backend!r}): its scores cannot be keyed safely")
         digests = {url: info.fingerprint.digest for url, info in infos.items()}
         if len(set(digests.values())) > 1:
             listing = ", ".join(f"{url} -> {d[:12]}" for url, d in digests.items())
@@ -405,9 +413,11 @@ class TeacherRouter:
         return Counter(d for (d, _), r in zip(requests, results, strict=True) if r is not None)
 
     def _checked(self, requests: list[tuple[str, ScoreItem]]) -> tuple[list[str], list[int]]:
-        """Each request's teacher fingerprint digest (the cache key's first part) and the float32 values its cached
-        entry must hold: the span, R x vocab more for a distribution item, and R x (k + 1) more for a candidate item
-        (the candidates' log-probs and the tail). One pass, which also refuses what the router cannot answer."""
+        """Each request's teacher part of its cache key (fingerprint digest, wire float type) and the float32 values
+        its cached entry must hold: the span, R x vocab more for a distribution item, and R x (k + 1) more for a
+        candidate item (the candidates' log-probs and the tail). One pass, which also refuses what the router cannot
+        answer."""
+        parts = {d: key_part(p.digest, self._float_dtype) for d, p in self._pools.items() if p.digest is not None}
         digests, sizes = [], []
         for domain, item in requests:
             pool = self._pools.get(domain)
@@ -421,7 +431,7 @@ class TeacherRouter:
             extra = pool.info.vocab_size if item.distribution else 0
             if item.candidates is not None and (k := _candidate_k(item)):
                 extra += k + 1
-            digests.append(pool.digest)
+            digests.append(parts[domain])
             sizes.append(item.response_length * (1 + extra))
         return digests, sizes
 

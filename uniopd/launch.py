@@ -144,17 +144,21 @@ class RedisServer:
     """A throwaway redis-server process without persistence (the demo's cache when none is configured; tests'
     Redis, restartable on the same port to simulate an outage)."""
 
-    def __init__(self) -> None:
+    def __init__(self, aclfile: str | Path | None = None, admin: tuple[str, str] | None = None) -> None:
+        """`aclfile`: Redis users (e.g. deploy/redis/users.acl); `admin`: the (user, password) this object's own
+        client logs in as when the file turns the default user off."""
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
+        self._aclfile, self._admin = aclfile, admin
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+        user, password = self._admin or (None, None)
+        return redis.Redis(port=self.port, socket_timeout=2, username=user, password=password)
 
     def start(self) -> RedisServer:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--daemonize", "no"]
+               "--daemonize", "no", *(["--aclfile", str(Path(self._aclfile).resolve())] if self._aclfile else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=die_with_parent())
         deadline = time.monotonic() + 10

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from proto.body_budget import BodyBudget, check_json, unpack_msgpack
 from proto.errors import ApiError, field_path
 from proto.schemas import API_VERSION, INT32, JSON, MSGPACK, MSGPACK_ALIASES, Fingerprint, ScoreItem, ScoreRequest
 
@@ -106,21 +107,24 @@ def _unpack_rows(raw: bytes, k: object, where: str) -> list[list[int]]:
     return np.asarray(ids, dtype=np.int64).reshape(-1, k).tolist()
 
 
-def decode_score_request(body: bytes, content_type: str | None, max_items: int | None = None) -> ScoreRequest:
-    """`max_items`: refuse a JSON body with more items before parsing it (parsing 10^6 tiny items takes seconds of
-    the event loop; counting their keys takes milliseconds, and can only over-count)."""
+def decode_score_request(body: bytes, content_type: str | None, budget: BodyBudget | None = None) -> ScoreRequest:
+    """`budget`: refuse (413) a body that could hold more than it, before parsing it (parsing 10^6 tiny items takes
+    seconds; measuring the body takes milliseconds, proto/body_budget.py)."""
     kind = media_type(content_type)
     try:
         if kind == JSON:
-            if max_items is not None and (keys := body.count(b'"input_ids"')) > max_items:
-                raise ApiError(413, "batch_too_large", f"{keys} items; limit is {max_items}", "items")
+            if budget is not None:
+                check_json(body, budget)
             return ScoreRequest.model_validate_json(body)
         if kind not in MSGPACK_ALIASES:
             raise ApiError(415, "unsupported_media_type", f"Content-Type must be {JSON} or {MSGPACK}, got {kind!r}")
-        try:
-            obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types for corrupt input
-            raise ApiError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
+        if budget is not None:
+            obj = unpack_msgpack(body, budget)
+        else:
+            try:
+                obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+                raise ApiError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
         items = obj.get("items") if isinstance(obj, dict) else None
         if isinstance(items, list):
             for i, item in enumerate(items):

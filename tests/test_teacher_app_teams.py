@@ -210,7 +210,7 @@ async def test_tokens_per_minute_answers_429_with_retry_after_on_every_scoring_r
         sglang = {"input_ids": list(range(1, 62)), "return_logprob": True, "logprob_start_len": 1,
                   "sampling_params": {"max_new_tokens": 0}}
         via_sglang = await client.post("/generate", json=sglang, headers=bearer("key-alpha"))
-        too_big = await client.post("/v1/score", json=body(101), headers=bearer("key-alpha"))
+        too_big = await client.post("/v1/score", json=body(11), headers=bearer("key-epsilon"))  # over 10 a minute
         others = [await client.post("/v1/score", json=body(60), headers=bearer("key-beta")) for _ in range(3)]
     err = refused.json()["error"]
     assert refused.status_code == 429 and err["code"] == "quota_exceeded" and err["field"] == "tokens_per_minute"

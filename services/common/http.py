@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +22,7 @@ from services.common.auth import DEFAULT_TEAM, KeyStore, KeyTable, Team
 from services.common.limits import HeaderLimits
 
 log = logging.getLogger("uniopd.http")
+T = TypeVar("T")
 
 ERRORS = {
     400: "Malformed body or unsupported operation",
@@ -44,6 +47,18 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def request_error(err: dict) -> ApiError:
+    """A validation error of a request (FastAPI's or pydantic's) as the API's: 400 for a body that is not JSON or asks
+    for what this server does not implement, else 422 naming the field."""
+    if err.get("type") == "json_invalid":
+        return ApiError(400, "malformed_body", "body is not valid JSON")
+    loc = tuple(err.get("loc", ()))
+    field = field_path(loc[1:] if loc[:1] == ("body",) else loc) or None
+    if err.get("type") in _UNSUPPORTED:  # a value or field outside what this server implements
+        return ApiError(400, "unsupported", f"{field}: {err.get('msg')}; not supported here", field)
+    return ApiError(422, "invalid_field", f"{field or 'body'}: {err.get('msg')}", field)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -51,15 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        if err.get("type") == "json_invalid":
-            return error_response(ApiError(400, "malformed_body", "body is not valid JSON"))
-        loc = tuple(err.get("loc", ()))
-        field = field_path(loc[1:] if loc[:1] == ("body",) else loc) or None
-        if err.get("type") in _UNSUPPORTED:  # a value or field outside what this server implements
-            return error_response(ApiError(400, "unsupported", f"{field}: {err.get('msg')}; not supported here",
-                                           field))
-        return error_response(ApiError(422, "invalid_field", f"{field or 'body'}: {err.get('msg')}", field))
+        return error_response(request_error(exc.errors()[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -205,6 +212,15 @@ async def _send_error(send, err: ApiError) -> None:
 
 
 BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
+# bodies from this size on are parsed on a worker thread: the event loop then serves /healthz and other teams'
+# small requests between the parser's Python steps (a JSON parse in C still holds the GIL: the body budget bounds it)
+OFF_LOOP_BYTES = 64 << 10
+
+
+async def read_parsed(request: Request, parse: Callable[[bytes], T]) -> T:
+    """The request's body through `parse` (which checks its budget before parsing it), off the event loop when large."""
+    body = await request.body()
+    return parse(body) if len(body) < OFF_LOOP_BYTES else await asyncio.to_thread(parse, body)
 
 
 def require_loaded(model, load_error: str | None):

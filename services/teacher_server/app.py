@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from fastapi import Depends, FastAPI, Request, Response
 
@@ -33,6 +33,7 @@ from services.common.http import (
     finish_app,
     install_error_handlers,
     publish_schemas,
+    read_parsed,
     require_loaded,
     team_auth,
 )
@@ -82,34 +83,46 @@ class TeacherService:
     def ready(self) -> Scorer:
         return require_loaded(self.scorer, self.load_error)
 
-    async def score(self, items: Sequence[ScoreItem], team: Team, images: Sequence[bytes] = ()) -> list[ScoredSpan]:
-        """Validate, then admit under the team's quotas (a refused request costs nothing), then queue fairly."""
+    @contextlib.contextmanager
+    def admission(self, team: Team) -> Iterator[Ticket]:
+        """The request's quota ticket from before its body is read until it ends: a request refused by its team's
+        quotas is refused before it is parsed, so it costs the other teams nothing."""
+        try:
+            ticket = self.quotas.enter(team)
+        except QuotaExceeded as exc:
+            raise _quota_error(exc) from None
+        try:
+            yield ticket
+        finally:
+            self.quotas.release(ticket, scored=ticket.scored)
+
+    async def score(self, items: Sequence[ScoreItem], ticket: Ticket, images: Sequence[bytes] = ()) -> list[ScoredSpan]:
+        """Validate, then charge the team's tokens, then queue fairly (under `admission`)."""
         info = self.ready().info()
         validate_items(items, info, self.limits, len(images))
         decoded = await asyncio.to_thread(decode_images, images, self.limits.images) if images else []
         per_item = [tuple(decoded[j] for j in it.image_indices) for it in items] if decoded else None
         if per_item:
             check_expanded(items, per_item, self.scorer.image_positions, info, self.limits)
-        ticket = self._admit(team, sum(it.response_length for it in items))
-        spans = None
+        self._charge(ticket, sum(it.response_length for it in items))
+        team = ticket.team
         try:
             spans = await self.batcher.submit(items, team.name, team.weight, per_item)
         except QueueFull as exc:
             self.quotas.reject(team, "queue_full")
             retry = max(1, round(self.limits.batch_wait_ms / 1000 + 1))
             raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(retry)}) from None
-        finally:
-            self.quotas.release(ticket, scored=spans is not None)
+        ticket.scored = True
         self.metrics.scored_tokens.inc(sum(len(s.logprobs) for s in spans))
         return spans
 
-    def _admit(self, team: Team, tokens: int) -> Ticket:
+    def _charge(self, ticket: Ticket, tokens: int) -> None:
         try:
-            return self.quotas.admit(team, tokens)
+            self.quotas.charge(ticket, tokens)
         except OverQuota as exc:
             raise ApiError(413, "request_over_quota", str(exc), "items") from None
         except QuotaExceeded as exc:
-            raise ApiError(429, "quota_exceeded", str(exc), exc.limit, {"Retry-After": str(exc.retry_after)}) from None
+            raise _quota_error(exc) from None
 
     def info(self) -> TeacherInfo:
         i = self.ready().info()
@@ -118,6 +131,10 @@ class TeacherService:
                            max_length=i.max_length, max_top_k=i.max_top_k, dtype=i.dtype, backend=i.backend,
                            domains=self.domains, fingerprint=self.fingerprint, image_token_id=i.image_token_id,
                            candidate_scoring=i.candidate_scoring, limits=self.limits.as_dict())
+
+
+def _quota_error(exc: QuotaExceeded) -> ApiError:
+    return ApiError(429, "quota_exceeded", str(exc), exc.limit, {"Retry-After": str(exc.retry_after)})
 
 
 def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
@@ -156,7 +173,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`;
     `metrics_keys`: the keys /metrics asks for (none: it is open); `model_path`: the model as the operator named it,
     which the SGLang and OpenAI info routes report."""
-    from services.teacher_server.compat import compat_router
+    from services.teacher_server.compat import COMPAT_REQUESTS, compat_router
 
     service = TeacherService(load, domains, limits or Limits())
     keys = api_keys if isinstance(api_keys, KeyStore) else KeyStore(KeyTable.plain(api_keys))
@@ -196,14 +213,15 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
             JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: BINARY_BODY}}},
     )
     async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
-        req = decode_score_request(await request.body(), request.headers.get("content-type"),
-                                   service.limits.max_batch_items)
-        spans = await service.score(req.items, team, image_bytes(req.images))
+        kind, budget = request.headers.get("content-type"), service.limits.body_budget()
+        with service.admission(team) as ticket:
+            req = await read_parsed(request, lambda body: decode_score_request(body, kind, budget))
+            spans = await service.score(req.items, ticket, image_bytes(req.images))
         binary = wants_msgpack(request.headers.get("accept"))
         body = encode_score_response(service.fingerprint, spans, binary, req.float_dtype)
         return Response(body, media_type=MSGPACK if binary else JSON)
 
     app.include_router(compat_router(service, caller, model_path))
-    publish_schemas(app, ScoreRequest, refine=_live_limits(service))
+    publish_schemas(app, ScoreRequest, *COMPAT_REQUESTS, refine=_live_limits(service))
     finish_app(app, service.metrics, service.limits.max_body_bytes, service.limits.headers)
     return app

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -52,16 +52,19 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     Tag,
+    ValidationError,
 )
 
+from proto.body_budget import check_json
 from proto.client import share_images
 from proto.codec import ScoredSpan
 from proto.errors import ApiError
-from proto.schemas import API_VERSION, ScoreItem, TokenId
+from proto.schemas import API_VERSION, JSON, ScoreItem, TokenId
 from proto.validation import candidates_problem
 from services.common.auth import Team
-from services.common.http import error_responses
+from services.common.http import error_responses, read_parsed, request_error
 from services.common.models import load_tokenizer
+from services.teacher_server.quotas import Ticket
 from services.teacher_server.scorer import ScorerInfo
 
 _PROBLEMS = (400, 401, 413, 422, 429, 503)
@@ -445,6 +448,29 @@ def _fixed_id_rows(req: VLLMGenerateRequest, max_candidates: int) -> tuple[list[
     return before + filled + [filled[-1]], pad
 
 
+COMPAT_REQUESTS = (SGLangGenerateRequest, CompletionRequest, VLLMGenerateRequest)  # their schemas, in the OpenAPI
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its own (publish_schemas adds the model's schema)."""
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _parser(model: type[BaseModel], service, field: str, rows: bool) -> Callable[[bytes], Any]:
+    """Parses a body as `model` once it is known to fit the teacher's body budget (proto/body_budget.py)."""
+    budget = service.limits.body_budget(field, rows_per_position=rows)
+
+    def parse(body: bytes) -> Any:
+        check_json(body, budget)
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise request_error(exc.errors(include_url=False)[0]) from None
+
+    return parse
+
+
 HEALTH_PROBE = ScoreItem(input_ids=[0, 0], response_start=1)  # one scored position: the smallest real pass
 
 
@@ -499,8 +525,14 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
             "parent": None, "max_model_len": info.max_length}]}
 
     @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
-                                         **error_responses(*_PROBLEMS)})
-    async def generate(req: SGLangGenerateRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
+                                         **error_responses(*_PROBLEMS)},
+                 openapi_extra=_json_body(SGLangGenerateRequest))
+    async def generate(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
+        with service.admission(team) as ticket:
+            req = await read_parsed(request, _parser(SGLangGenerateRequest, service, "input_ids", rows=False))
+            return await score_generate(req, ticket)
+
+    async def score_generate(req: SGLangGenerateRequest, ticket: Ticket) -> Any:
         seqs, batched = _lists(req.input_ids)
         n = len(seqs)
         _per_sequence(req.return_logprob, n, "return_logprob")
@@ -517,21 +549,27 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
                  for ids, s, t, c in zip(seqs, starts, tops, candidates, strict=True)]
         items = [item.model_copy(update={"image_indices": r}) if r else item for (item, _), r in zip(built, refs,
                                                                                                       strict=True)]
-        spans = await service.score(items, team, images)
+        spans = await service.score(items, ticket, images)
         rid = req.rid or uuid.uuid4().hex
         outs = [_sglang_output(item, span, begin, rid) for item, (_, begin), span in zip(items, built, spans,
                                                                                             strict=True)]
         return outs if batched else outs[0]
 
-    @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
-    async def completions(req: CompletionRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
+    @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)},
+                 openapi_extra=_json_body(CompletionRequest))
+    async def completions(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
+        with service.admission(team) as ticket:
+            req = await read_parsed(request, _parser(CompletionRequest, service, "prompt", rows=False))
+            return await score_completions(req, ticket)
+
+    async def score_completions(req: CompletionRequest, ticket: Ticket) -> Any:
         k = _check_completion(req)
         names = TokenText(tokenizer(), req.return_tokens_as_token_ids)
         seqs, _ = _lists(req.prompt)
         generate = req.max_tokens == 1
         items = [ScoreItem(input_ids=[*s, 0] if generate else s, response_start=1, top_k=max(k, 1) if generate else k,
                            ranks=req.prompt_logprobs is not None) for s in seqs]
-        spans = await service.score(items, team)
+        spans = await service.score(items, ticket)
         choices = []
         for i, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
             item = ScoreItem(input_ids=seq, response_start=1, top_k=k)
@@ -554,8 +592,14 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
                 "model": service.info().model, "choices": choices,
                 "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
 
-    @router.post("/inference/v1/generate", responses=error_responses(*_PROBLEMS))
-    async def vllm_generate(req: VLLMGenerateRequest, team: Team = Depends(caller)) -> Any:  # noqa: B008
+    @router.post("/inference/v1/generate", responses=error_responses(*_PROBLEMS),
+                 openapi_extra=_json_body(VLLMGenerateRequest))
+    async def vllm_generate(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
+        with service.admission(team) as ticket:
+            req = await read_parsed(request, _parser(VLLMGenerateRequest, service, "token_ids", rows=True))
+            return await score_vllm_generate(req, ticket)
+
+    async def score_vllm_generate(req: VLLMGenerateRequest, ticket: Ticket) -> Any:
         p, ids = req.sampling_params, req.token_ids
         if p.prompt_logprobs is None and p.prompt_logprob_token_ids is None:
             raise ApiError(400, "unsupported", "set prompt_logprob_token_ids or prompt_logprobs: this teacher only "
@@ -564,7 +608,7 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         k = p.prompt_logprobs or 0
         item = ScoreItem(input_ids=[*ids, 0], response_start=1, top_k=max(k, 1), ranks=p.prompt_logprobs is not None,
                          candidates=None if fixed is None else fixed[0])
-        (span,) = await service.score([item], team)
+        (span,) = await service.score([item], ticket)
         prompt, token, _ = _split_generated(span)
         matrix = None
         if fixed is not None:

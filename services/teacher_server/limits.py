@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from proto.body_budget import BodyBudget
 from proto.errors import ApiError
 from proto.schemas import ScoreItem
 from proto.validation import distribution_values, score_item_problem
@@ -27,6 +28,17 @@ class Limits(PublishedLimits):
     batch_wait_ms: float = 5.0
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
     headers: HeaderLimits = field(default_factory=HeaderLimits)
+
+    def body_budget(self, field: str = "items", rows_per_position: bool = True) -> BodyBudget:
+        """The most a body within these limits holds, whatever the route: the request's object and one per item (an
+        item, or its options), three arrays per item (ids, candidates, images; and one per response position where
+        candidates come as rows), a value per token id, candidate id, image and option. The item limit is what keeps
+        objects, the costly part of a parse, few (bench/body_parse.py)."""
+        items = self.max_batch_items
+        return BodyBudget(objects=items + 2,
+                          arrays=3 * items + 4 + (self.max_request_tokens if rows_per_position else 0),
+                          values=self.max_request_tokens + self.max_distribution_values + 32 * items
+                          + self.images.max_images + 64, items=items, field=field)
 
 
 # --max-batch-tokens on CPU: bench/peer_scoring.py (wide model, concurrency 8, 2 cores) measured the same tokens/s

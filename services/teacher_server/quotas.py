@@ -1,8 +1,11 @@
 """Per-team quotas: response tokens per minute (a token bucket) and requests in flight, with usage counters.
 
-The service admits a request after validating it and before queueing it, so a refused request costs its team nothing
-and never reaches the batcher. The ticket is released when the request ends; the tokens of a request that got no
-scores (a full queue, a failed scorer, a client that went away) are given back. Pure accounting: the clock is injected
+Admission has two steps, so that a refused request costs the other teams nothing. Before its body is read or parsed
+a request `enter`s: it takes one of the team's `max_concurrent` slots (parsing counts as in flight) and is refused
+while the team's bucket is empty or still short of what its last refused request asked for (a team that was told to
+wait cannot make the server parse body after body meanwhile). Once parsed and validated it is `charge`d its tokens,
+before it is queued. The ticket is released when the request ends; the tokens of a request that got no scores (a full
+queue, a failed scorer, a client that went away) are given back. Pure accounting: the clock is injected
 and Prometheus sits behind the `QuotaStats` hook. State is kept by team name, so a reload of the keys file that keeps
 a team keeps its usage, and changed limits apply to the next request.
 """
@@ -45,6 +48,7 @@ class _State:
     capacity: int | None = None  # tokens_per_minute the bucket was last filled at
     level: float = 0.0  # tokens that may be requested now
     stamp: float = 0.0  # when `level` was last brought up to date
+    owed: int = 0  # tokens of the last refused request: none of the team's bodies is parsed until the bucket has them
     in_flight: int = 0
     requests: int = 0
     scored_tokens: int = 0
@@ -53,10 +57,11 @@ class _State:
 
 @dataclass
 class Ticket:
-    team: str
-    tokens: int
+    team: Team
     state: _State
+    tokens: int = 0
     open: bool = True
+    scored: bool = False  # the request got its scores (its tokens count as used)
 
 
 class Quotas:
@@ -83,28 +88,60 @@ class Quotas:
         self._refill(st, team.tokens_per_minute)
         return st
 
-    def admit(self, team: Team, tokens: int) -> Ticket:
-        """Take `tokens` from the team's bucket and a concurrency slot, or raise without taking anything."""
+    def enter(self, team: Team) -> Ticket:
+        """Take a concurrency slot before the request's body is read, or raise without taking anything: when the
+        slots are taken, or the bucket is empty or short of the tokens the team's last refused request asked for."""
         st = self._state(team)
         tpm, slots = team.tokens_per_minute, team.max_concurrent
-        if tpm is not None and tokens > tpm:
-            raise OverQuota(f"team {team.name}: request scores {tokens} tokens; tokens_per_minute is {tpm}")
         if slots is not None and st.in_flight >= slots:
             self._reject(team.name, st, "max_concurrent")
             raise QuotaExceeded("max_concurrent", 1, f"team {team.name}: {st.in_flight} requests in flight; "
                                                      f"max_concurrent is {slots}")
         if tpm is not None:
-            if tokens > st.level:
-                wait = max(1, math.ceil((tokens - st.level) * 60 / tpm))
+            need = max(1, min(st.owed, tpm))
+            if st.level < need:
                 self._reject(team.name, st, "tokens_per_minute")
+                raise QuotaExceeded("tokens_per_minute", self._wait(st, need, tpm),
+                                    f"team {team.name}: {int(st.level)} tokens left of tokens_per_minute {tpm}, "
+                                    f"{need} needed before another request is read")
+            st.owed = 0
+        st.in_flight += 1
+        return Ticket(team, st)
+
+    def charge(self, ticket: Ticket, tokens: int) -> None:
+        """Take the parsed request's `tokens` from its team's bucket, or raise (the caller releases the ticket)."""
+        team, st = ticket.team, ticket.state
+        self._refill(st, team.tokens_per_minute)
+        tpm = team.tokens_per_minute
+        if tpm is not None and tokens > tpm:
+            st.owed = tpm
+            raise OverQuota(f"team {team.name}: request scores {tokens} tokens; tokens_per_minute is {tpm}")
+        if tpm is not None:
+            if tokens > st.level:
+                st.owed = tokens
+                self._reject(team.name, st, "tokens_per_minute")
+                wait = self._wait(st, tokens, tpm)
                 raise QuotaExceeded("tokens_per_minute", wait,
                                     f"team {team.name}: request scores {tokens} tokens, {int(st.level)} left of "
                                     f"tokens_per_minute {tpm}; enough again in {wait} s")
             st.level -= tokens
-        st.in_flight += 1
+        ticket.tokens = tokens
         st.requests += 1
         self._stats.admitted(team.name)
-        return Ticket(team.name, tokens, st)
+
+    def admit(self, team: Team, tokens: int) -> Ticket:
+        """`enter` then `charge`, for a request whose size is known before it is admitted."""
+        ticket = self.enter(team)
+        try:
+            self.charge(ticket, tokens)
+        except (QuotaExceeded, OverQuota):
+            self.release(ticket, scored=False)
+            raise
+        return ticket
+
+    @staticmethod
+    def _wait(st: _State, tokens: int, tpm: int) -> int:
+        return max(1, math.ceil((tokens - st.level) * 60 / tpm))
 
     def release(self, ticket: Ticket, scored: bool) -> None:
         """The request ended: free its slot; count its tokens if it got scores, else give them back."""
@@ -115,8 +152,8 @@ class Quotas:
         st.in_flight -= 1
         if scored:
             st.scored_tokens += ticket.tokens
-            self._stats.scored(ticket.team, ticket.tokens)
-        elif st.capacity is not None:
+            self._stats.scored(ticket.team.name, ticket.tokens)
+        elif st.capacity is not None and ticket.tokens:
             self._refill(st, st.capacity)
             st.level = min(st.capacity, st.level + ticket.tokens)
 

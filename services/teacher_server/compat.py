@@ -524,15 +524,25 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
             "id": model_path, "object": "model", "created": STARTED, "owned_by": "uniopd", "root": model_path,
             "parent": None, "max_model_len": info.max_length}]}
 
-    @router.post("/generate", responses={200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]},
-                                         **error_responses(*_PROBLEMS)},
-                 openapi_extra=_json_body(SGLangGenerateRequest))
-    async def generate(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
-        with service.admission(team) as ticket:
-            req = await read_parsed(request, _parser(SGLangGenerateRequest, service, "input_ids", rows=False))
-            return await score_generate(req, ticket)
+    def scoring_route(path: str, model: type[BaseModel], field: str, rows: bool, responses: dict):
+        """Registers `handler(request model, ticket)` at `path`: the team's quotas are checked before the body is
+        read, and the body is parsed within the teacher's budget (`field` names the client's list of items; `rows`:
+        candidates may come as one row per position) and off the event loop."""
+        parse = _parser(model, service, field, rows)
 
-    async def score_generate(req: SGLangGenerateRequest, ticket: Ticket) -> Any:
+        def register(handler: Callable[[Any, Ticket], Awaitable[Any]]) -> Callable[[Any, Ticket], Awaitable[Any]]:
+            @router.post(path, name=handler.__name__, responses=responses, openapi_extra=_json_body(model))
+            async def route(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
+                with service.admission(team) as ticket:
+                    return await handler(await read_parsed(request, parse), ticket)
+
+            return handler
+
+        return register
+
+    @scoring_route("/generate", SGLangGenerateRequest, "input_ids", rows=False, responses={
+        200: {"model": SGLangGenerateResponse | list[SGLangGenerateResponse]}, **error_responses(*_PROBLEMS)})
+    async def generate(req: SGLangGenerateRequest, ticket: Ticket) -> Any:
         seqs, batched = _lists(req.input_ids)
         n = len(seqs)
         _per_sequence(req.return_logprob, n, "return_logprob")
@@ -555,14 +565,9 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
                                                                                             strict=True)]
         return outs if batched else outs[0]
 
-    @router.post("/v1/completions", responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)},
-                 openapi_extra=_json_body(CompletionRequest))
-    async def completions(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
-        with service.admission(team) as ticket:
-            req = await read_parsed(request, _parser(CompletionRequest, service, "prompt", rows=False))
-            return await score_completions(req, ticket)
-
-    async def score_completions(req: CompletionRequest, ticket: Ticket) -> Any:
+    @scoring_route("/v1/completions", CompletionRequest, "prompt", rows=False,
+                   responses={200: {"model": CompletionResponse}, **error_responses(*_PROBLEMS)})
+    async def completions(req: CompletionRequest, ticket: Ticket) -> Any:
         k = _check_completion(req)
         names = TokenText(tokenizer(), req.return_tokens_as_token_ids)
         seqs, _ = _lists(req.prompt)
@@ -592,14 +597,9 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
                 "model": service.info().model, "choices": choices,
                 "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
 
-    @router.post("/inference/v1/generate", responses=error_responses(*_PROBLEMS),
-                 openapi_extra=_json_body(VLLMGenerateRequest))
-    async def vllm_generate(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
-        with service.admission(team) as ticket:
-            req = await read_parsed(request, _parser(VLLMGenerateRequest, service, "token_ids", rows=True))
-            return await score_vllm_generate(req, ticket)
-
-    async def score_vllm_generate(req: VLLMGenerateRequest, ticket: Ticket) -> Any:
+    @scoring_route("/inference/v1/generate", VLLMGenerateRequest, "token_ids", rows=True,
+                   responses=error_responses(*_PROBLEMS))
+    async def vllm_generate(req: VLLMGenerateRequest, ticket: Ticket) -> Any:
         p, ids = req.sampling_params, req.token_ids
         if p.prompt_logprobs is None and p.prompt_logprob_token_ids is None:
             raise ApiError(400, "unsupported", "set prompt_logprob_token_ids or prompt_logprobs: this teacher only "

@@ -4,17 +4,21 @@ leave the test process and the machine as they were."""
 from __future__ import annotations
 
 import dis
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from trainer.sandbox import TRUNCATED, run_python
-from trainer.sandbox_child import NOBODY, _closed_dir, _make_audit_hook
+from trainer import sandbox_child
+from trainer.sandbox import SITE_DIRS, TRUNCATED, run_python
+from trainer.sandbox_child import ALLOW_UNCONFINED, DEVICES, LIBRARY_DIRS, LOADER_CACHE, NOBODY, _make_audit_hook
 
 IS_ROOT = os.geteuid() == 0
 
@@ -33,11 +37,6 @@ def processes_with(marker: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def kernel_allows(flag: int) -> bool:
-    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare({flag}) != 0)"
-    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
 def test_runs_code_and_captures_output():
@@ -206,29 +205,154 @@ def test_environment_secrets_are_not_visible(monkeypatch):
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not IS_ROOT, reason="privilege drop and mount/pid namespaces are for root")
+@pytest.mark.skipif(not IS_ROOT, reason="the drop to nobody is for root")
 def test_kernel_layers_when_root():
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(dir="/tmp", prefix="uniopd-host-secret-") as host_file:
-        result = run(f"""
-            import os
-            print(os.getuid(), os.getgid(), os.getpid(), os.readlink("/proc/self/ns/net"))
-            print(os.path.exists({host_file.name!r}))
-        """)
+    result = run("""
+        import os, socket
+        print(os.getuid(), os.getgid(), os.getpid(), socket.if_nameindex())
+    """)
     assert result.ok, result.stderr
-    ids, host_tmp_visible = result.stdout.splitlines()
-    uid, gid, pid, netns = ids.split()
-    # nobody must be able to read the interpreter: directly, or through the mount layer's re-binding
-    interpreter_open = all(_closed_dir(p) is None for p in sys.path if os.path.isdir(p))
-    if interpreter_open or kernel_allows(0x00020000):
-        assert (int(uid), int(gid)) == (NOBODY, NOBODY)
-    if kernel_allows(0x40000000):  # CLONE_NEWNET
-        assert netns != os.readlink("/proc/self/ns/net")
-    if kernel_allows(0x20000000):  # CLONE_NEWPID
-        assert pid == "1"
-    if kernel_allows(0x00020000):  # CLONE_NEWNS: the host's /tmp is replaced by a private tmpfs
-        assert host_tmp_visible == "False"
+    assert result.stdout == f"{NOBODY} {NOBODY} 1 [(1, 'lo')]\n"  # nobody, pid 1, a network of loopback only
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = ("/etc/passwd", str(ROOT / "README.md"), str(ROOT / "examples/opd-tiny/code_eval.jsonl"),
+           "/proc/self/environ", "/home")
+LOOK_AROUND = f"""
+import json, os, sys
+seen = {{}}
+for path in {SECRETS!r}:
+    try:
+        seen[path] = sorted(os.listdir(path)) if os.path.isdir(path) else open(path, "rb").read(64).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        seen[path] = type(exc).__name__
+interpreter = {{os.path.realpath(p) for p in [*sys.path, *{LIBRARY_DIRS!r}] if os.path.isdir(p)}}
+found = []  # everything visible, except inside the interpreter's own directories
+for directory, subdirs, files in os.walk("/"):
+    found += [os.path.join(directory, name) for name in files + subdirs]
+    subdirs[:] = [d for d in subdirs if os.path.join(directory, d) not in interpreter]
+print(json.dumps({{"seen": seen, "interpreter": sorted(interpreter), "found": sorted(found)}}))
+"""
+
+
+def in_process(code: str) -> tuple[bool, str, str]:
+    result = run_python(code)
+    return result.ok, result.stdout, result.stderr
+
+
+def elsewhere(code: str, before: str = "", prefix: tuple[str, ...] = (), env: dict | None = None):
+    """run_python(code) in another process, started by `prefix`, running `before` first: (ok, stdout, stderr)."""
+    runner = f"{before}\nimport json, sys\nfrom trainer.sandbox import run_python\nr = run_python(sys.argv[1])\n" \
+             "print(json.dumps([r.ok, r.stdout, r.stderr]))"
+    done = subprocess.run([*prefix, sys.executable, "-c", runner, code], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return tuple(json.loads(done.stdout))
+
+
+def as_user_1000(code: str) -> tuple[bool, str, str]:
+    """Not root: uid 1000 of a user namespace (mapped to this uid outside, so the interpreter stays readable)."""
+    return elsewhere(code, prefix=("unshare", "--user", "--map-user=1000", "--map-group=1000"))
+
+
+@pytest.mark.parametrize("runner", [in_process, pytest.param(as_user_1000, marks=pytest.mark.skipif(
+    not IS_ROOT or shutil.which("unshare") is None, reason="needs root and unshare(1) to play a user"))],
+    ids=["this-uid", "non-root"])
+def test_sees_only_its_scratch_dir_and_the_interpreter(runner):
+    """No dataset, checkout, /etc, /home or /proc: listing, reading and walking everything visible finds the
+    interpreter's directories (sys.path and the system libraries), the loader's cache, four devices, the scratch
+    dir, and the directories leading to them."""
+    ok, stdout, stderr = runner(LOOK_AROUND)
+    assert ok, stderr
+    view = json.loads(stdout)
+    assert view["seen"] == dict.fromkeys(SECRETS, "FileNotFoundError")
+    child_path = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys; print('\\n'.join(sys.path))"],
+                                capture_output=True, text=True, check=True).stdout.split()
+    expected = {os.path.realpath(p) for p in [*child_path, *SITE_DIRS, *LIBRARY_DIRS] if os.path.isdir(p)}
+    assert set(view["interpreter"]) == expected
+    files = [p for p in (*DEVICES, LOADER_CACHE) if os.path.exists(p)]
+    scratch = tempfile.gettempdir() + "/uniopd-sandbox-"
+    allowed = {*expected, *files, *(d for d in LIBRARY_DIRS if os.path.islink(d)), scratch}
+    allowed |= {str(parent) for p in allowed for parent in Path(p).parents}
+    leaks = [p for p in view["found"] if p not in allowed and not p.startswith(scratch)]
+    assert leaks == [] and set(files) <= set(view["found"])
+
+
+REFUSE_UNSHARE = """
+import ctypes, struct
+# a seccomp filter like a container runtime's default profile: unshare(2) fails with EPERM (272 on x86_64)
+program = [(0x20, 0, 0, 0), (0x15, 0, 1, 272), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7FFF0000)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *op) for op in program))
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # no_new_privs
+assert libc.prctl(22, 2, ctypes.byref(Program(len(program), ctypes.addressof(code))), 0, 0) == 0  # the filter
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter names unshare by its x86_64 number")
+def test_where_namespaces_are_refused_nothing_runs_unless_allowed():
+    """The fallback is explicit: by default the candidate does not run and the check says why; allowed, it runs,
+    says on stderr that it is unconfined, and sees the host's files (what the setting accepts)."""
+    probe = "import os\nprint(os.path.exists('/etc/passwd'))"
+    env = {k: v for k, v in os.environ.items() if k != ALLOW_UNCONFINED}
+    refusal = "([Errno 1] unshare: Operation not permitted)"
+    ok, stdout, stderr = elsewhere(probe, before=REFUSE_UNSHARE, env=env)
+    assert (ok, stdout) == (False, "") and f"sandbox: cannot confine the candidate {refusal}" in stderr
+    ok, stdout, stderr = elsewhere(probe, before=REFUSE_UNSHARE, env={**env, ALLOW_UNCONFINED: "1"})
+    assert (ok, stdout) == (True, "True\n") and f"sandbox: warning: unconfined {refusal}" in stderr
+
+
+WITHOUT_THE_HOOK = """
+import ctypes, importlib.util, os, subprocess, sys
+spec = importlib.util.spec_from_file_location("child", sys.argv[1])
+child = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(child)
+scratch, site = sys.argv[2], os.path.realpath(sys.argv[3])
+sys.path.append(site)
+libc = ctypes.CDLL(None, use_errno=True)
+child._isolate(libc, scratch, False)
+os.chdir(scratch)
+child._drop_privileges(libc)  # as _child_main does, but no audit hook: a candidate that got around it
+os.mkdir("d")
+attempts = {
+    "remount a bind writable": lambda: libc.mount(None, site.encode(), None, child.MS_REMOUNT | child.MS_BIND, None),
+    "unmount a bind": lambda: libc.umount2(site.encode(), child.MNT_DETACH),
+    "mount proc": lambda: libc.mount(b"proc", b"d", b"proc", 0, None),
+    "mount a tmpfs": lambda: libc.mount(b"tmpfs", b"d", b"tmpfs", 0, None),
+    "chroot": lambda: os.chroot("d"),
+    "become root": lambda: os.setuid(0),
+    "write into site-packages": lambda: open(site + "/pwned", "w"),
+    "run a shell": lambda: subprocess.run(["/bin/sh", "-c", "true"]),
+    "read /etc/passwd": lambda: open("/etc/passwd"),
+}
+for name, attempt in attempts.items():
+    try:
+        print(name, "failed" if attempt() == -1 else "succeeded")
+    except OSError:
+        print(name, "failed")
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("prefix", [(), ("unshare", "--user", "--map-user=1000", "--map-group=1000")],
+                         ids=["this-uid", "non-root"])
+def test_the_kernel_layers_hold_without_the_audit_hook(prefix):
+    """The hook is not the boundary: with it bypassed, the candidate still cannot remount, unmount or mount, leave
+    its root, regain privileges, write the interpreter's files, run a program or read the host's files."""
+    if prefix and (not IS_ROOT or shutil.which("unshare") is None):
+        pytest.skip("needs root and unshare(1) to play a user")
+    scratch = tempfile.mkdtemp(prefix="uniopd-sandbox-")
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-I", "-B", "-S", "-c", WITHOUT_THE_HOOK,
+                               sandbox_child.__file__, scratch, SITE_DIRS[0]], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        shutil.rmtree(scratch)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 9 and all(line.endswith(" failed") for line in lines), done.stdout
 
 
 def closure_functions(function) -> list:

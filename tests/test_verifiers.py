@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from trainer import verifiers
 from trainer.sandbox import run_python
-from trainer.verifiers import Verdict, verifier_kinds, verify, verify_batch
+from trainer.verifiers import Verdict, code, verifier_kinds, verify, verify_batch
 from trainer.verifiers import math as math_verifier
+from trainer.verifiers.code import Case
 from uniopd.synthetic import code_tasks
 
 SQUARE_TESTS = {"domain": "code", "prompt": "square", "tests": "assert f(2) == 4\nassert f(0) == 0"}
@@ -125,16 +132,6 @@ def test_code_that_exits_before_the_tests_is_wrong(exit_call):
 
 
 SQUARE_CASES = {"domain": "code", "prompt": "square", "entry_point": "f", "cases": [[[2], 4], [[0], 0], [[-3], 9]]}
-ALWAYS_EQUAL = "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
-MARKER_THIEF = """
-import os, sys
-def f(x):
-    return x
-for const in sys._getframe().f_code.co_consts:  # the tests' marker, when it is in this program
-    if isinstance(const, str) and const.startswith("uniopd-tests-done-") and len(const) > 18:
-        print(const, flush=True)
-        os._exit(0)
-"""
 
 
 @pytest.mark.parametrize(("completion", "correct"), [
@@ -143,11 +140,8 @@ for const in sys._getframe().f_code.co_consts:  # the tests' marker, when it is 
     ("def f(x):\n    return x + 2", False),
     ("def f(x):\n    return x * x == x * x", False),  # a bool is not a number
     ("def f(x):\n    return str(x * x)", False),
-    (ALWAYS_EQUAL + "def f(x):\n    return Yes(0)", False),  # JSON carries its real value, 0
-    ("class Yes:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Yes()", False),
     ("import os\ndef f(x):\n    return x * x\nprint('uniopd-case-results:[4, 0, 9]', flush=True)\nos._exit(0)", True),
     ("import os\ndef f(x):\n    return x\nprint('uniopd-case-results:[4, 4, 4]', flush=True)\nos._exit(0)", False),
-    (MARKER_THIEF, False),
 ])
 def test_code_cases_are_judged_outside_the_sandbox(completion, correct):
     """A fake results line must hold the right values, which only the verifier knows (the case with [4, 0, 9] has
@@ -155,10 +149,167 @@ def test_code_cases_are_judged_outside_the_sandbox(completion, correct):
     assert verify("code", completion, SQUARE_CASES) == Verdict(correct)
 
 
-def test_the_assert_form_is_fooled_where_the_cases_form_is_not():
-    """The limit the README states for assert tests: both attacks pass them; the synthetic records carry cases."""
-    assert verify("code", ALWAYS_EQUAL + "def f(x):\n    return Yes(0)", SQUARE_TESTS).correct
-    assert verify("code", MARKER_THIEF, SQUARE_TESTS).correct
+# Programs that passed assert tests run in their own process (the tests form before its asserts were judged
+# outside the sandbox); each is wrong. `f` should square: SQUARE_TESTS, FLOAT_TESTS and CHECK_TESTS say so.
+_PRINT_MARKER_AND_EXIT = """
+import os, sys
+PROGRAM = sys._getframe().f_code
+def f(x):
+    return x + 1
+def print_marker_and_exit(*_):
+    for const in PROGRAM.co_consts:  # the end-of-tests marker was a constant of the program it ended
+        if isinstance(const, str) and const.startswith("uniopd-tests-done-") and len(const) > 18:
+            print(const, flush=True)
+    os._exit(0)
+"""
+ATTACKS = {
+    "marker_from_frame_constants": """
+import os, sys
+def f(x):
+    return x
+for const in sys._getframe().f_code.co_consts:
+    if isinstance(const, str) and const.startswith("uniopd-tests-done-") and len(const) > 18:
+        print(const, flush=True)
+        os._exit(0)
+""",
+    "inspect_walk_to_the_callers_constants": """
+import dis, inspect
+def f(x):  # the expected value: the constant the calling assert loads right after this call
+    caller = inspect.currentframe().f_back
+    ops = dis.get_instructions(caller.f_code)
+    return next(op.argval for op in ops if op.offset > caller.f_lasti and op.opname == "LOAD_CONST")
+""",
+    "atexit_after_failing_asserts": _PRINT_MARKER_AND_EXIT + "import atexit\natexit.register(print_marker_and_exit)\n",
+    "excepthook_after_failing_asserts": _PRINT_MARKER_AND_EXIT + "sys.excepthook = print_marker_and_exit\n",
+    "always_equal_object": "class Yes:\n    def __eq__(self, other):\n        return True\n"
+                           "def f(x):\n    return Yes()\n",
+    "int_subclass_overriding_eq": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+                                  "    __hash__ = int.__hash__\ndef f(x):\n    return Yes(0)\n",
+    "str_subclass_overriding_eq": "class Yes(str):\n    def __eq__(self, other):\n        return True\n"
+                                  "    __hash__ = str.__hash__\ndef f(x):\n    return Yes('no')\n",
+    "patched_builtins": "import builtins\nbuiltins.abs = lambda value: 0\ndef f(x):\n    return x\n",
+    "rewritten_test_globals": """
+import sys
+def f(x):
+    return 0
+def skip(candidate):
+    pass
+def rebind_check(frame, event, arg):  # before each line: the tests' check() becomes skip() once defined
+    if frame.f_globals.get("check", skip) is not skip:
+        frame.f_globals["check"] = skip
+    return rebind_check
+sys._getframe().f_trace = rebind_check
+sys.settrace(rebind_check)
+""",
+}
+FLOAT_TESTS = {"tests": "assert abs(f(0.5) - 0.25) < 1e-9\nassert abs(f(3) - 9) <= 1e-9"}
+CHECK_TESTS = {"tests": "def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-2) == 4\n",
+               "entry_point": "f"}
+ATTACK_RECORDS = {"patched_builtins": FLOAT_TESTS, "rewritten_test_globals": CHECK_TESTS}
+
+
+def asserts_in_process(completion: str, record: dict) -> bool:
+    """The tests form as it was judged before: the asserts run after the program in its process, then a marker is
+    printed; correct iff the run exits 0 having printed the marker."""
+    marker = f"uniopd-tests-done-{secrets.token_hex(16)}"
+    tests = record["tests"] + (f"\n\ncheck({record['entry_point']})\n" if "entry_point" in record else "")
+    result = run_python(f"{code.extract_code(completion)}\n\n{tests}\n\nprint({marker!r}, flush=True)\n")
+    return result.ok and marker in result.stdout
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_cheating_programs_are_judged_incorrect(attack):
+    """Each attack passes its tests when they run in its own process, and fails them judged here, in both forms."""
+    completion, record = ATTACKS[attack], ATTACK_RECORDS.get(attack, SQUARE_TESTS)
+    assert asserts_in_process(completion, record), "the attack no longer reproduces"
+    assert verify("code", completion, record) == Verdict(False)
+    cases = [[list(case.args), case.expected] for case in code.record_cases(record)]
+    assert verify("code", completion, {"entry_point": "f", "cases": cases}) == Verdict(False)
+    assert verify("code", "def f(x):\n    return x * x", record) == Verdict(True)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "opd-tiny" / "code_eval.jsonl"
+DATASET_LOOKUP = f"""
+import json, re
+TABLE = {{}}
+try:  # the hidden tests of this prompt, read from the dataset on disk
+    for line in open({str(EXAMPLES)!r}):
+        record = json.loads(line)
+        if record["prompt"] == PROMPT:
+            TABLE = {{int(x): int(y) for x, y in re.findall(r"f\\((-?\\d+)\\) == (-?\\d+)", record["tests"])}}
+except OSError:
+    pass
+def f(x):
+    return TABLE.get(x)
+"""
+
+
+def test_a_program_that_looks_its_answers_up_on_disk_is_judged_incorrect():
+    """The dataset is world-readable where the trainer runs; the sandbox does not show it."""
+    record = json.loads(EXAMPLES.read_text().splitlines()[0])
+    completion = f"PROMPT = {record['prompt']!r}\n{DATASET_LOOKUP}"
+    unsandboxed = subprocess.run([sys.executable, "-I", "-c", f"{completion}\n{record['tests']}"])
+    assert unsandboxed.returncode == 0, "the lookup no longer finds its answers where the file is readable"
+    cases = [[list(case.args), case.expected] for case in code.record_cases(record)]
+    assert verify("code", completion, record) == Verdict(False)
+    assert verify("code", completion, {"entry_point": "f", "cases": cases}) == Verdict(False)
+
+
+@pytest.mark.parametrize(("tests", "cases"), [
+    ("assert f(2) == 4\nassert 9 == f(-3), 'message'", [Case("f", (2,), expected=4), Case("f", (-3,), expected=9)]),
+    ("METADATA = {'author': 'x'}\n'''docstring'''\nassert g(1, 'a', k=[1, (2,)]) == {'a': None}",
+     [Case("g", (1, "a"), {"k": [1, (2,)]}, {"a": None})]),
+    ("assert abs(f(0.5) - 0.25) < 1e-9\nassert abs(f(-1) - 1) <= 0",
+     [Case("f", (0.5,), expected=0.25, tolerance=1e-9), Case("f", (-1,), expected=1, tolerance=0, inclusive=True)]),
+    ("def check(candidate):\n    '''doc'''\n    assert candidate(3) == (9, -1.5)\n    assert True, 'no-op'\n",
+     [Case("sq", (3,), expected=(9, -1.5))]),
+])
+def test_assert_tests_are_parsed_into_cases(tests, cases):
+    assert code.parse_tests(tests, "sq") == cases
+
+
+@pytest.mark.parametrize(("tests", "entry_point", "why"), [
+    ("assert f(2) > 3", None, "line 1: an assert must be CALL == LITERAL"),
+    ("assert f(2) == 4\nassert len(f(3)) == 3", None, "line 2: .*'f\\(3\\)' is not a literal"),
+    ("assert f(2) == g(2)", None, "'g\\(2\\)' is not a literal"),
+    ("assert f(2) == float('inf')", None, "is not a literal"),
+    ("assert f(2) == 1e999", None, "is not a plain value"),  # inf
+    ("assert f(*[2]) == 4", None, "is not a literal"),
+    ("assert f(2)", None, "must compare a call with a literal"),
+    ("for x in range(3):\n    assert f(x) == x * x", None, "line 1: not an assert"),
+    ("import math\nassert f(2) == 4", None, "line 1: not an assert"),
+    ("expected = f(2)\nassert expected == 4", None, "line 1: not an assert"),
+    ("def check(candidate):\n    assert candidate(3) == 9", None, "needs one parameter and the record an entry_point"),
+    ("def check(candidate):\n    for x in [1]:\n        assert candidate(x) == 1", "f", "line 2: not an assert"),
+    ("def helper():\n    pass", None, "line 1: not an assert"),
+    ("x = 1", None, "tests hold no asserts"),
+    ("assert f(2) ==", None, "tests do not parse"),
+])
+def test_unsupported_tests_are_refused_with_a_reason(tests, entry_point, why):
+    """Refused, not run: a line the judge cannot evaluate would have to run in the candidate's process."""
+    record = {"tests": tests} | ({"entry_point": entry_point} if entry_point else {})
+    verdict = verify("code", "def f(x):\n    return x * x", record)
+    assert not verdict.correct and verdict.error.startswith("UnsupportedTests: ")
+    assert re.search(why, verdict.error), verdict.error
+
+
+@pytest.mark.parametrize(("tests", "completion", "correct"), [
+    ("assert f(2) == (2, 4)", "def f(x):\n    return (x, x * x)", True),
+    ("assert f(2) == (2, 4)", "def f(x):\n    return [x, x * x]", False),  # a list is not a tuple
+    ("assert f(1) == 1", "def f(x):\n    return True", False),  # a bool is not a number
+    ("assert f(1) == True", "def f(x):\n    return 1", False),
+    ("assert f(2) == 'ab'", "def f(x):\n    return 'ab'", True),
+    ("assert f(2) == b'ab'", "def f(x):\n    return 'ab'", False),
+    ("assert f(2) == {1: [None]}", "def f(x):\n    return {1: [None]}", True),
+    ("assert f(2) == {2}", "def f(x):\n    return {x}", True),
+    ("assert abs(f(0.1) - 0.3) < 1e-9", "def f(x):\n    return 3 * x", True),
+    ("assert abs(f(0.1) - 0.3) < 1e-9", "def f(x):\n    return '0.3'", False),
+    ("assert abs(f(1) - 1) < 1", "def f(x):\n    return 10 ** 400", False),
+    ("assert f(2) == 4", "def f(x):\n    return float('nan')", False),  # its repr is not a literal
+    ("assert f(x=2) == 4", "def f(x):\n    return x * x", True),
+])
+def test_results_are_compared_with_exact_types(tests, completion, correct):
+    assert verify("code", completion, {"tests": tests}) == Verdict(correct)
 
 
 def test_synthetic_code_records_judge_alike_by_cases_and_by_tests():

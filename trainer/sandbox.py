@@ -6,20 +6,25 @@ environment and a private scratch directory as cwd, feeds the candidate code on 
 
 The child side (`_child_main` in trainer/sandbox_child.py) then layers, in this order:
 
-1. Kernel namespaces, best effort (each step the kernel refuses is skipped, the later layers still apply):
+1. Kernel namespaces (root, or any user through a user namespace of its own that maps only its own ids):
    - network: a new net namespace has no interfaces except a loopback that is down, so nothing is reachable;
-   - mount (root only): /tmp, /var/tmp, /dev/shm and every directory on the way to the interpreter that
-     `nobody` cannot enter (e.g. /root when Python lives under /root/.pyenv) are covered by fresh tmpfs, with the
-     interpreter's own directories bound back in; the scratch dir becomes a small noexec tmpfs owned by `nobody`;
-   - pid (root only): the candidate is pid 1 of a new pid namespace with its own /proc, so it cannot see host
+   - mount: the child pivots into a fresh root, a read-only tmpfs that holds only what the interpreter needs, bound
+     read-only (the sys.path directories, the system library directories, the loader's cache, /dev/null, zero,
+     random, urandom), and the scratch dir as a small noexec tmpfs; the old root is detached, so the rest of the
+     host's filesystem (datasets, the checkout, /etc, /home, /tmp, /proc) is not there to be read or listed;
+   - pid: the candidate is pid 1 of a new pid namespace (no /proc is mounted), so it cannot see or signal other
      processes, and when it dies the kernel kills everything it started (even processes that left its group).
+   Where the kernel refuses the namespaces (e.g. a container's seccomp profile), the candidate does not run and the
+   check fails with "sandbox: cannot confine ...", unless UNIOPD_SANDBOX_ALLOW_UNCONFINED=1 in the parent's
+   environment: then it runs with the layers below only, says so on stderr, and can read whatever its uid can.
 2. Resource limits (setrlimit, soft = hard): CPU seconds, address space, file size, open files, no core dumps.
-3. As root: drop to nobody/nogroup (65534) with RLIMIT_NPROC and no supplementary groups; no_new_privs is set so
-   setuid binaries cannot hand privileges back. This is the layer that holds when the hook below is bypassed: no
-   writes to anything not world-writable (and the world-writable tmp dirs are private tmpfs when the mount layer
-   works), no signals to other users' processes, a bounded process count. It is skipped, with a warning on stderr,
-   if the interpreter would not be readable by nobody (imports would break), e.g. when the mount layer is
-   unavailable and Python lives under /root.
+3. As root: drop to nobody/nogroup (65534) with RLIMIT_NPROC and no supplementary groups; not root: drop every
+   capability (those the user namespace gave). no_new_privs is set so setuid binaries cannot hand privileges back.
+   With the namespaces, this is what holds when the hook below is bypassed: the binds stay read-only, the old root
+   stays out of reach. Unconfined, it bounds what the hook's bypass gives to what nobody may do: no writes to
+   anything not world-writable, no signals to other users' processes, a bounded process count. The drop to nobody is
+   skipped, with a warning on stderr, if the interpreter would not be readable by nobody (imports would break), e.g.
+   unconfined with Python under /root.
 4. An audit hook (sys.addaudithook; it cannot be removed) refusing process creation, signals, network use, most
    of ctypes, writes and directory opens outside the scratch dir, rlimit changes and gc introspection. It is
    defence in depth, not a boundary: a pure-Python hook can be bypassed by a determined candidate (ctypes, which
@@ -46,7 +51,7 @@ import time
 from dataclasses import dataclass
 
 from trainer import sandbox_child
-from trainer.sandbox_child import NOBODY
+from trainer.sandbox_child import ALLOW_UNCONFINED, NOBODY
 
 TRUNCATED = "\n[... truncated by sandbox ...]\n"
 CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
@@ -70,9 +75,10 @@ def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 512,
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="uniopd-sandbox-"))  # getcwd() in the child is real too
     try:
         if os.geteuid() == 0:
-            os.chown(scratch, NOBODY, NOBODY)  # the candidate runs as nobody when the mount layer is unavailable
+            os.chown(scratch, NOBODY, NOBODY)  # the candidate runs as nobody here when unconfined
         limits = [str(math.ceil(timeout_s) + 1), str(memory_mb << 20)]  # CPU seconds, address space bytes
-        return _run_child(code, [scratch, *limits, *SITE_DIRS], timeout_s, max_output_bytes)
+        unconfined_ok = "1" if os.environ.get(ALLOW_UNCONFINED) == "1" else "0"
+        return _run_child(code, [scratch, *limits, unconfined_ok, *SITE_DIRS], timeout_s, max_output_bytes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

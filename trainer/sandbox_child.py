@@ -16,45 +16,84 @@ import types
 from collections.abc import Callable
 
 NOBODY = 65534
+ALLOW_UNCONFINED = "UNIOPD_SANDBOX_ALLOW_UNCONFINED"  # =1: run candidates even where the kernel refuses namespaces
 FILE_SIZE_LIMIT = 16 << 20
 OPEN_FILES_LIMIT = 64
 PROCESS_LIMIT = 256  # per uid (shared by concurrent sandboxes), a backstop; only binds once we are not root
+ROOT_TMPFS = "size=1m,mode=755"  # the new root: only the directories leading to what is bound into it
 SCRATCH_TMPFS = "size=64m"
-MASK_TMPFS = "size=16m"
-TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# besides sys.path, the interpreter needs the shared libraries its extension modules load (and the loader's cache)
+LIBRARY_DIRS = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+LOADER_CACHE = "/etc/ld.so.cache"
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # glibc has no wrapper
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 4096, 16384, 1 << 18, 2
 PR_SET_NO_NEW_PRIVS = 38
+CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _child_main(scratch: str, cpu_s: str, memory_bytes: str, *site_dirs: str) -> None:
+def _child_main(scratch: str, cpu_s: str, memory_bytes: str, unconfined_ok: str, *site_dirs: str) -> None:
     """Arguments as the parent's argv gives them (no json: parsing it would double this module's import time)."""
-    sys.path.extend(d for d in site_dirs if os.path.isdir(d) and d not in sys.path)  # before the masks keep sys.path
+    import ctypes
+
+    sys.path.extend(d for d in site_dirs if os.path.isdir(d) and d not in sys.path)  # the new root binds sys.path
     code = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
-    _isolate(scratch)
+    libc = ctypes.CDLL(None, use_errno=True)
+    _isolate(libc, scratch, unconfined_ok == "1")
     os.chdir(scratch)  # after the mounts, so cwd is the tmpfs and not the directory under it
     _set_limits(int(cpu_s), int(memory_bytes))
-    _drop_privileges()
+    _drop_privileges(libc)
     _disarm_fork_exec()
     sys.addaudithook(_make_audit_hook(scratch))
     _run_candidate(code)
 
 
-def _isolate(scratch: str) -> None:
-    """Kernel isolation, best effort; see the module docstring. Only the candidate process returns from here."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
+def _isolate(libc, scratch: str, unconfined_ok: bool) -> None:
+    """Kernel isolation; see trainer/sandbox.py. Only the candidate process returns from here. Where the kernel
+    refuses the namespaces the candidate does not run, unless ALLOW_UNCONFINED says to run it without them."""
     root = os.geteuid() == 0
-    libc.unshare(CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET)  # non-root: a user ns grants this one
-    mounts = root and libc.unshare(CLONE_NEWNS) == 0 and _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    if mounts:
-        _mask_filesystem(libc, scratch)
-    if root and libc.unshare(CLONE_NEWPID) == 0:
+    refused = _unshare(libc, root)
+    if refused and not unconfined_ok:
+        sys.exit(f"sandbox: cannot confine the candidate ({refused}); {ALLOW_UNCONFINED}=1 runs it unconfined")
+    if refused:
+        print(f"sandbox: warning: unconfined ({refused}): the candidate sees the host's files and network",
+              file=sys.stderr)
+    else:
+        try:
+            _enter_new_root(libc, scratch, (NOBODY, NOBODY) if root else (os.geteuid(), os.getegid()))
+            _check(libc.unshare(CLONE_NEWPID) == 0, "unshare the pid namespace")
+        except OSError as exc:  # half-confined is worse than failing loudly, whatever ALLOW_UNCONFINED says
+            sys.exit(f"sandbox: cannot confine the candidate ({exc})")
         _become_init()
-        if mounts:
-            _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def _unshare(libc, root: bool) -> str | None:
+    """New mount and network namespaces (in a new user namespace when not root); why not, if refused."""
+    machine = os.uname().machine
+    if machine not in SYS_PIVOT_ROOT:
+        return f"no pivot_root number for {machine}"
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | (0 if root else CLONE_NEWUSER)) == 0, "unshare")
+        if not root:  # map our own ids only: the candidate stays this uid, with no capabilities outside
+            for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as file:
+                    file.write(line)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _check(ok: bool, what: str) -> None:
+    """Raise OSError with errno when a libc call failed."""
+    if not ok:
+        import ctypes
+
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> bool:
@@ -65,41 +104,51 @@ def _c_string(text: str | None) -> bytes | None:
     return None if text is None else text.encode()
 
 
-def _mask_filesystem(libc, scratch: str) -> None:
-    """Hide shared tmp dirs and unreadable homes behind tmpfs; bind the interpreter back; make scratch a tmpfs."""
-    keep = _outermost(sorted({os.path.realpath(p) for p in sys.path if os.path.isdir(p)}))
-    tmp_dirs = {os.path.realpath(d) for d in TMP_DIRS if os.path.isdir(d)}
-    masks = _outermost(sorted(tmp_dirs | {d for p in [*keep, scratch] if (d := _closed_dir(p))}))
-    handles = {p: os.open(p, os.O_PATH) for p in keep}  # still reachable through /proc/self/fd once covered
-    for mask in masks:
-        mode = "1777" if mask in tmp_dirs else "755"
-        if not _mount(libc, "tmpfs", mask, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"{MASK_TMPFS},mode={mode}"):
-            sys.exit(f"sandbox: cannot mount tmpfs on {mask}")  # half-masked is worse than failing loudly
-    for path, fd in handles.items():
-        if any(path == mask or path.startswith(mask + "/") for mask in masks):
-            os.makedirs(path, exist_ok=True)
-            if not _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC):
-                sys.exit(f"sandbox: cannot bind {path}")
-        os.close(fd)
-    os.makedirs(scratch, exist_ok=True)
-    scratch_opts = f"{SCRATCH_TMPFS},mode=700,uid={NOBODY},gid={NOBODY}"
-    if not _mount(libc, "tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, scratch_opts):
-        sys.exit("sandbox: cannot mount the scratch tmpfs")
+def _enter_new_root(libc, scratch: str, owner: tuple[int, int]) -> None:
+    """Pivot into a fresh read-only tmpfs root that holds only the interpreter (sys.path, shared libraries, the
+    loader's cache, four character devices; all bound read-only) and the scratch tmpfs; the old root is detached,
+    so nothing else of the host's filesystem can be reached, not even with the capabilities of this namespace."""
+    sys.path[:] = [os.path.realpath(p) for p in sys.path]  # bound at their real paths
+    dirs = {p for p in sys.path if os.path.isdir(p) and p != "/"}
+    dirs |= {d for d in LIBRARY_DIRS if os.path.isdir(d) and not os.path.islink(d)}
+    new = scratch  # an empty directory of ours: the new root's mount point
+    os.umask(0o022)
+    _check(_mount(libc, None, "/", None, MS_REC | MS_PRIVATE), "make the mounts private")
+    _check(_mount(libc, "tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, ROOT_TMPFS), "mount the new root")
+    for path in _outermost(sorted(dirs)):
+        os.makedirs(new + path, exist_ok=True)
+        _bind_read_only(libc, path, new + path, device=False)
+    for path in (f for f in (*DEVICES, LOADER_CACHE) if os.path.exists(f)):
+        os.makedirs(os.path.dirname(new + path), exist_ok=True)
+        os.close(os.open(new + path, os.O_CREAT | os.O_WRONLY, 0o644))
+        _bind_read_only(libc, path, new + path, device=path in DEVICES)
+    for link in (d for d in LIBRARY_DIRS if os.path.islink(d)):  # /lib -> usr/lib on merged-/usr systems
+        os.makedirs(os.path.dirname(new + link), exist_ok=True)
+        os.symlink(os.readlink(link), new + link)
+    os.makedirs(new + scratch)
+    scratch_options = f"{SCRATCH_TMPFS},mode=700,uid={owner[0]},gid={owner[1]}"
+    _check(_mount(libc, "tmpfs", new + scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, scratch_options),
+           "mount the scratch tmpfs")
+    os.chdir(new)
+    _check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b".") == 0, "pivot_root")
+    _check(libc.umount2(b".", MNT_DETACH) == 0, "detach the old root")  # the old root was stacked on top of "."
+    os.chdir("/")
+    read_only = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    _check(_mount(libc, None, "/", None, read_only), "remount the new root read-only")
+
+
+def _bind_read_only(libc, source: str, target: str, device: bool) -> None:
+    """Bind, then remount read-only: a bind ignores MS_RDONLY. nodev/noexec on the source are kept (in a user
+    namespace they are locked and a remount that drops them fails); noexec is never added (shared libraries)."""
+    kept = os.statvfs(source).f_flag & (os.ST_NODEV | os.ST_NOEXEC)  # ST_* equal MS_* for these two
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | kept | (0 if device else MS_NODEV)
+    _check(_mount(libc, source, target, None, MS_BIND), f"bind {source}")
+    _check(_mount(libc, None, target, None, flags), f"remount {source} read-only")
 
 
 def _outermost(paths: list[str]) -> list[str]:
-    """Drop paths nested in another one (a recursive bind of the outer one already brings them)."""
+    """Drop paths nested in another one (binding the outer one already brings them)."""
     return [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
-
-
-def _closed_dir(path: str) -> str | None:
-    """The outermost proper ancestor of `path` that other users cannot enter, if any."""
-    parts = os.path.abspath(path).split("/")[1:-1]
-    for depth in range(1, len(parts) + 1):
-        ancestor = "/" + "/".join(parts[:depth])
-        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-            return ancestor
-    return None
 
 
 def _become_init() -> None:
@@ -140,9 +189,15 @@ def _set_limits(cpu_s: int, memory_bytes: int) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def _drop_privileges() -> None:
-    """As root, become nobody; RLIMIT_NPROC only binds non-root users, so it is set here."""
+def _drop_privileges(libc) -> None:
+    """As root, become nobody; RLIMIT_NPROC only binds non-root users, so it is set here. Otherwise drop every
+    capability: in a user namespace of its own the candidate would hold them all (to remount its binds writable)."""
     if os.geteuid() != 0:
+        import ctypes
+
+        header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+        if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # effective, permitted, inheritable: all empty
+            sys.exit("sandbox: cannot drop capabilities")
         return
     resource.setrlimit(resource.RLIMIT_NPROC, (PROCESS_LIMIT, PROCESS_LIMIT))
     if not _usable_by_nobody([p for p in sys.path if os.path.isdir(p)] + [os.getcwd()]):

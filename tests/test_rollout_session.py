@@ -5,6 +5,9 @@ transport that can 'kill' it: the next requests fail in transport, then a fresh 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import time
 
 import httpx
 import pytest
@@ -22,15 +25,18 @@ REQUEST = GenerateRequest(prompts=[[5, 6, 7], [8, 9]], n=2, max_tokens=6, seed=1
 
 
 class KillableTransport(httpx.AsyncBaseTransport):
-    """Routes to `app`; while `down` > 0 each request fails the way a killed server's does."""
+    """Routes to `app`; while `down` > 0 each request fails the way a killed server's does, and until the monotonic
+    time `down_until` each is refused the way a restarting one's is."""
 
     def __init__(self, app) -> None:
-        self.app, self.down = app, 0
+        self.app, self.down, self.down_until = app, 0, 0.0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             self.down -= 1
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        if time.monotonic() < self.down_until:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         return await transport(self.app).handle_async_request(request)
 
 
@@ -45,8 +51,9 @@ async def rollout_apps(tiny_model, count: int):
         yield apps
 
 
-def session_over(route: httpx.AsyncBaseTransport, retries: int = 3) -> RolloutSession:
-    return RolloutSession(RolloutClient(BASE_URL, admin_key=ADMIN, transport=route), BASE_URL, retries, backoff_s=0)
+def session_over(route: httpx.AsyncBaseTransport, retries: int = 3, **retry) -> RolloutSession:
+    return RolloutSession(RolloutClient(BASE_URL, admin_key=ADMIN, transport=route), BASE_URL, retries,
+                          **{"backoff_s": 0, **retry})
 
 
 async def test_a_restarted_server_gets_the_weights_again_before_its_samples_count(tiny_model):
@@ -72,10 +79,41 @@ async def test_a_server_that_stays_down_ends_the_run_with_a_message_that_says_so
         route = KillableTransport(app)
         route.down = 10
         session = session_over(route, retries=2)
-        with pytest.raises(RolloutUnavailable, match=r"generate failed 3 times .*RemoteProtocolError.*--resume"):
+        with pytest.raises(RolloutUnavailable, match=r"generate failed 3 times over \d+\.\d s \(retry budget 0 s; "
+                                                     r"last: RemoteProtocolError.*--resume"):
             await session.generate(REQUEST)
         await session.aclose()
     assert session.call_retries == 2
+
+
+async def test_a_server_down_longer_than_its_retries_is_waited_for_within_the_retry_budget(tiny_model, caplog):
+    """One retry alone gives up within milliseconds; the budget keeps retrying until the server is back."""
+    async with rollout_apps(tiny_model, 1) as (app,):
+        route = KillableTransport(app)
+        session = session_over(route, retries=1, backoff_s=0.01, backoff_cap_s=0.05, retry_budget_s=30)
+        route.down_until = time.monotonic() + 0.3
+        with caplog.at_level(logging.WARNING, logger="uniopd.train"):
+            out = await session.generate(REQUEST)
+        await session.aclose()
+    assert out.weight_version == 0 and session.call_retries >= 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == session.call_retries  # one line a retry: which attempt failed, for how long, the wait
+    assert all(re.search(rf"generate failed \(attempt {i}, failing for \d+\.\d s\): ConnectError: .*; retrying in "
+                         r"\d+\.\d s", line) for i, line in enumerate(lines, 1)), lines
+
+
+async def test_a_server_down_past_the_budget_ends_the_run_naming_the_attempts_and_the_time(tiny_model):
+    async with rollout_apps(tiny_model, 1) as (app,):
+        route = KillableTransport(app)
+        route.down_until = time.monotonic() + 3600
+        session = session_over(route, retries=1, backoff_s=0.01, backoff_cap_s=0.05, retry_budget_s=0.3)
+        with pytest.raises(RolloutUnavailable) as err:
+            await session.info()
+        await session.aclose()
+    said = re.search(r"info failed (\d+) times over (\d+\.\d) s \(retry budget 0\.3 s; last: ConnectError",
+                     str(err.value))
+    assert said, err.value
+    assert int(said[1]) == session.call_retries + 1 > 2 and float(said[2]) >= 0.3
 
 
 async def test_a_rejected_request_is_not_retried(tiny_model):

@@ -15,6 +15,7 @@ import pytest
 
 from proto.client import TeacherClient
 from proto.fingerprint import tokenizer_fingerprint
+from trainer.retry import backoff_delay
 from trainer.score_cache import ScoreCache
 from trainer.teacher_router import (
     CircuitBreaker,
@@ -23,7 +24,6 @@ from trainer.teacher_router import (
     TeacherRouter,
     TeacherUnavailable,
     TokenizerMismatch,
-    backoff_delay,
 )
 from uniopd.launch import ServerProcess, free_port, spawn_server, start_teacher
 from uniopd.tiny_models import build_tiny_model

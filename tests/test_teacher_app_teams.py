@@ -42,7 +42,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def teams_app(scorer: ScorerDouble, keys: KeyStore, limits: Limits | None = None) -> FastAPI:
-    return create_app(lambda: scorer, domains=["math"], limits=limits or Limits(batch_wait_ms=1), api_keys=keys)
+    return create_app(lambda: scorer, domains=["math"], limits=limits or Limits(batch_wait_ms=1), api_keys=keys,
+                      open_metrics=True)
 
 
 def store(tmp_path: Path, text: str, monkeypatch, env: str = "", **kw) -> KeyStore:
@@ -81,8 +82,26 @@ async def test_probes_need_no_key_and_everything_else_does(guarded):
     async with running(guarded) as client:
         for path in ("/v1/info", "/v1/usage"):
             assert (await client.get(path)).status_code == 401
-        for path in ("/healthz", "/readyz", "/metrics"):
+        for path in ("/healthz", "/readyz"):
             assert (await client.get(path)).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["teacher", "rollout"])
+async def test_metrics_are_closed_by_default_once_there_are_api_keys(tiny_model, kind):
+    """A server with keys (a team file or plain keys) and no --metrics-keys: /metrics names every team, so it answers
+    403 to everyone, an API key included, unless started with --open-metrics; without keys it stays open."""
+    def make(keys, **kw):
+        return (create_app(lambda: ScorerDouble(), api_keys=keys, **kw) if kind == "teacher"
+                else create_rollout_app(lambda: GeneratorDouble(), tiny_model, api_keys=keys, **kw))
+
+    for keys, opened, want in (([FILE_KEY], False, 403), ([FILE_KEY], True, 200), ([], False, 200)):
+        async with running(make(keys, open_metrics=opened)) as client:
+            for headers in ({}, bearer(FILE_KEY)):
+                resp = await client.get("/metrics", headers=headers)
+                assert resp.status_code == want, (keys, opened, headers)
+            if want == 403:
+                assert resp.json()["error"]["code"] == "metrics_closed"
+                assert "--metrics-keys" in resp.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("kind", ["teacher", "rollout"])

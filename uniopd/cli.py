@@ -26,6 +26,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -50,11 +57,18 @@ def _add_server_args(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> N
                    "CPU engine computes on torch's threads; default: one per core); servers sharing a small CPU "
                    "machine should split its cores rather than each take all")
     p.add_argument("--metrics-keys", type=Path, help="bearer keys, one per line, that GET /metrics asks for (also: "
-                   "$UNIOPD_METRICS_KEYS); without them /metrics is open, and it names every team and its usage")
+                   "$UNIOPD_METRICS_KEYS); without them /metrics is closed (403) on a server with API keys, since "
+                   "it names every team and its usage, and open on one without")
+    p.add_argument("--open-metrics", action="store_true", help="serve /metrics to anyone even with API keys and no "
+                   "--metrics-keys (e.g. a scraper on a private network)")
     p.add_argument("--max-header-bytes", type=_positive, default=HeaderLimits.max_header_bytes,
                    help="bytes of a request's header block; the HTTP parser refuses more with 400")
     p.add_argument("--max-headers", type=_positive, default=HeaderLimits.max_headers,
                    help="header fields of a request; more get 431")
+    p.add_argument("--header-timeout-s", type=_positive_float, default=HeaderLimits.header_timeout_s,
+                   help="seconds a request's header block may take to arrive; then the connection is closed")
+    p.add_argument("--body-timeout-s", type=_positive_float, default=HeaderLimits.body_timeout_s,
+                   help="seconds a request's body may take to arrive once the route reads it; then 408")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -123,6 +137,11 @@ def _add_rollout_serve(sub) -> None:
                    help="prompts x n x max_tokens of one request: the work one caller can ask for at once")
     p.add_argument("--max-prompt-tokens", type=_positive, default=d.max_prompt_tokens,
                    help="tokens of all prompts of one request together")
+    p.add_argument("--max-prompt-chars", type=_positive, default=d.max_prompt_chars,
+                   help="characters of all chat messages of one request together, checked before any is tokenized")
+    p.add_argument("--max-batch-memory-mb", type=_positive, default=d.max_batch_memory_mb,
+                   help="what one wave of sampled rows may hold (KV cache, activations, logits; estimated): a "
+                        "request is sampled in waves under it. On a GPU raise it towards the free device memory")
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
     p.add_argument("--max-weights-bytes", type=_positive, default=d.max_weights_bytes)
     _add_image_args(p, d.images)
@@ -164,16 +183,19 @@ def _keys(args: argparse.Namespace, parser: argparse.ArgumentParser, option: str
 def _header_limits(args: argparse.Namespace):
     from services.common.limits import HeaderLimits
 
-    return HeaderLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers)
+    return HeaderLimits(max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+                        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s)
 
 
 def _run(app, args: argparse.Namespace) -> None:
     """h11, not httptools: httptools buffers a header block of any size (measured: a 1 MiB header and 100k header
-    fields were both accepted), h11 stops at --max-header-bytes."""
+    fields were both accepted), h11 stops at --max-header-bytes; with a deadline on each header block."""
     import uvicorn
 
+    from services.common.serving import protocol_for
+
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                http="h11", h11_max_incomplete_event_size=args.max_header_bytes)
+                http=protocol_for(_header_limits(args)), h11_max_incomplete_event_size=args.max_header_bytes)
 
 
 def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -198,7 +220,7 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     logging.getLogger("uniopd.teacher").info("auth: %s", f"{len(keys.table.teams)} team(s), {len(keys.table)} API "
                                              f"key(s)" if keys.table else "disabled")
     _run(create_app(load, domains=args.domain, limits=limits, api_keys=keys, metrics_keys=metrics_keys,
-                    model_path=str(args.model)), args)
+                    model_path=str(args.model), open_metrics=args.open_metrics), args)
 
 
 def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -223,6 +245,7 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                            max_prompts=args.max_prompts, max_n=args.max_n,
                            max_pending_requests=args.max_pending_requests,
                            max_request_tokens=args.max_request_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                           max_prompt_chars=args.max_prompt_chars, max_batch_memory_mb=args.max_batch_memory_mb,
                            images=_image_limits(args), headers=_header_limits(args))
 
     def load():
@@ -234,7 +257,7 @@ def _serve_rollout(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                                              f"{len(admin)} admin key(s)" if admin else "disabled",
                                              args.weight_transfer or "off")
     _run(create_app(load, args.model, limits, api_keys=keys, admin_keys=admin, weights_root=args.weights_root,
-                    metrics_keys=metrics_keys), args)
+                    metrics_keys=metrics_keys, open_metrics=args.open_metrics), args)
 
 
 def _models_tiny(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ ERRORS = {
     400: "Malformed body or unsupported operation",
     401: "Missing or invalid API key",
     403: "The operation is disabled on this server",
+    408: "The request body did not arrive within the server's --body-timeout-s",
     409: "Conflicts with the server's state",
     413: "Body, batch or request token count over the limit",
     415: "Unsupported Content-Type",
@@ -152,12 +153,14 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 before reading a declared-too-large body, and as soon as a chunked body crosses the limit.
+    """413 before reading a declared-too-large body, and as soon as a chunked body crosses the limit; 408 when the
+    body has not all arrived `timeout_s` after the route began reading it (a client sending a byte now and then).
 
     `overrides` maps a path to its own limit (e.g. a weight upload may be far larger than a scoring request)."""
 
-    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
-        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None,
+                 timeout_s: float = HeaderLimits.body_timeout_s) -> None:
+        self.app, self.max_bytes, self.overrides, self.timeout_s = app, max_bytes, overrides or {}, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -168,14 +171,23 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await _send_error(send, ApiError(413, "body_too_large", f"body exceeds {limit} bytes"))
             return
-        seen = 0
+        seen, deadline, complete = 0, None, False
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, complete
+            if complete:  # after the body: waiting for a disconnect, with no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise ApiError(408, "body_timeout", f"the body did not arrive within {self.timeout_s:g} s (the "
+                               "server's --body-timeout-s)", headers={"Connection": "close"}) from None
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+            complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, counted, send)
@@ -233,9 +245,14 @@ def require_loaded(model, load_error: str | None):
 
 
 def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics,
-               metrics_keys: Sequence[str] = ()) -> None:
-    """/healthz (process up), /readyz (model loaded): unauthenticated, for orchestrators. /metrics (Prometheus) too,
-    unless `metrics_keys` are given (it names every team and its usage; a scraper then sends one as a bearer)."""
+               metrics_keys: Sequence[str] = (), closed: bool = False) -> None:
+    """/healthz (process up), /readyz (model loaded): unauthenticated, for orchestrators. /metrics (Prometheus): with
+    `metrics_keys` a scraper sends one as a bearer; without them it is open, unless `closed` (a server with API keys:
+    /metrics names every team and its usage), where it answers 403 until metrics keys are given."""
+    if metrics_keys:
+        guard = bearer_auth(metrics_keys, scheme_name="MetricsBearer", description="metrics key (--metrics-keys)")
+    else:
+        guard = [Depends(_metrics_closed)] if closed else []
 
     @app.get("/healthz", responses=error_responses(400))
     async def healthz() -> dict[str, str]:
@@ -247,10 +264,14 @@ def add_probes(app: FastAPI, ready: Callable[[], object], metrics: HttpMetrics,
         return {"status": "ready"}
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
-             dependencies=bearer_auth(metrics_keys, scheme_name="MetricsBearer",
-                                      description="metrics key (--metrics-keys)"))
+             dependencies=guard)
     async def render_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _metrics_closed() -> None:
+    raise ApiError(403, "metrics_closed", "this server has API keys, and /metrics names every team and its usage: "
+                   "start it with --metrics-keys (a scraper then sends one) or --open-metrics")
 
 
 def publish_schemas(app: FastAPI, *models, refine: Callable[[dict], bool] | None = None) -> None:
@@ -278,6 +299,7 @@ def publish_schemas(app: FastAPI, *models, refine: Callable[[dict], bool] | None
 def finish_app(app: FastAPI, metrics: HttpMetrics, max_body_bytes: int, headers: HeaderLimits,
                overrides: dict[str, int] | None = None) -> None:
     """Add the middlewares once all routes exist (metrics outermost, so it sees every 413 and 431)."""
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, overrides=overrides,
+                       timeout_s=headers.body_timeout_s)
     app.add_middleware(HeaderLimitMiddleware, limits=headers)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes={r.path for r in app.routes})

@@ -19,7 +19,12 @@ class PublishedLimits:
 @dataclass(frozen=True)
 class HeaderLimits(PublishedLimits):
     """What a request's header block may hold, checked before any route runs: the bytes by the HTTP parser (h11,
-    which buffers at most this much before it refuses with 400), the count by HeaderLimitMiddleware (431)."""
+    which buffers at most this much before it refuses with 400), the count by HeaderLimitMiddleware (431). And how
+    long a request may take to arrive: its header block from when the connection is ready for it (else the
+    connection is closed: `serving.TimedH11Protocol`), its body from when the route starts reading it (else 408), so
+    a client that sends slowly holds a connection for a bounded time."""
 
     max_header_bytes: int = 64 << 10
     max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from proto.rollout import Sample
 from services.common.models import ModelInfo
+from services.rollout_server.waves import DEFAULT_BATCH_MEMORY_MB, MIB, RowCost
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,13 @@ class SamplingOptions:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    batch_bytes: int = DEFAULT_BATCH_MEMORY_MB * MIB  # what one wave of rows may hold (--max-batch-memory-mb)
 
 
 @dataclass(frozen=True)
 class GeneratorInfo(ModelInfo):
     eos_token_ids: tuple[int, ...] = ()
+    row_cost: RowCost | None = None  # what one sampled row holds; None: the generator samples a request in one batch
 
 
 class TransferUnavailable(Exception):
@@ -65,7 +68,8 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[list[int]], options: SamplingOptions,
                  images: list[tuple] | None = None) -> list[list[Sample]]:
-        """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token.
+        """`options.n` samples per prompt, each with the sampler's raw log-prob of every generated token; a generator
+        whose info gives a `row_cost` samples them in waves (waves.py) under `options.batch_bytes`.
 
         `images[i]`: prompt i's decoded images, one per placeholder, in order (a multimodal generator only).
         """

@@ -89,8 +89,8 @@ class TeacherService:
         quotas is refused before it is parsed, so it costs the other teams nothing."""
         try:
             ticket = self.quotas.enter(team)
-        except QuotaExceeded as exc:
-            raise _quota_error(exc) from None
+        except QuotaExceeded as exc:  # its body is left unread: closing the connection spares reading it at all
+            raise _quota_error(exc, {"Connection": "close"}) from None
         try:
             yield ticket
         finally:
@@ -133,8 +133,9 @@ class TeacherService:
                            candidate_scoring=i.candidate_scoring, limits=self.limits.as_dict())
 
 
-def _quota_error(exc: QuotaExceeded) -> ApiError:
-    return ApiError(429, "quota_exceeded", str(exc), exc.limit, {"Retry-After": str(exc.retry_after)})
+def _quota_error(exc: QuotaExceeded, headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(429, "quota_exceeded", str(exc), exc.limit,
+                    {"Retry-After": str(exc.retry_after), **(headers or {})})
 
 
 def _live_limits(service: TeacherService) -> Callable[[dict], bool]:
@@ -169,10 +170,10 @@ def _reload_on_sighup(keys: KeyStore):
 
 def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: Limits | None = None,
                api_keys: Sequence[str] | KeyStore = (), metrics_keys: Sequence[str] = (),
-               model_path: str = "model") -> FastAPI:
+               model_path: str = "model", open_metrics: bool = False) -> FastAPI:
     """`api_keys`: a KeyStore (teams, quotas, reloads) or a fixed list of keys of the team `default`;
-    `metrics_keys`: the keys /metrics asks for (none: it is open); `model_path`: the model as the operator named it,
-    which the SGLang and OpenAI info routes report."""
+    `metrics_keys`: the keys /metrics asks for (none: it is closed where there are API keys, unless `open_metrics`);
+    `model_path`: the model as the operator named it, which the SGLang and OpenAI info routes report."""
     from services.teacher_server.compat import COMPAT_REQUESTS, compat_router
 
     service = TeacherService(load, domains, limits or Limits())
@@ -192,7 +193,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     install_error_handlers(app)
     caller = team_auth(keys)  # routes take `team: Team = Depends(caller)`: the caller's team, or 401
 
-    add_probes(app, service.ready, service.metrics, metrics_keys)
+    add_probes(app, service.ready, service.metrics, metrics_keys, closed=bool(keys.table) and not open_metrics)
 
     @app.get("/v1/info", dependencies=[Depends(caller)], responses=error_responses(400, 401, 503))
     async def info() -> TeacherInfo:

@@ -113,8 +113,8 @@ class Quotas:
         team, st = ticket.team, ticket.state
         self._refill(st, team.tokens_per_minute)
         tpm = team.tokens_per_minute
-        if tpm is not None and tokens > tpm:
-            st.owed = tpm
+        if tpm is not None and tokens > tpm:  # never passes: the team's minute is spent on it, so its next body
+            st.level, st.owed = 0.0, tpm      # is read once the bucket is full again
             raise OverQuota(f"team {team.name}: request scores {tokens} tokens; tokens_per_minute is {tpm}")
         if tpm is not None:
             if tokens > st.level:

@@ -3,12 +3,14 @@ safetensors payload or through vLLM's weight-transfer engine (--weight-transfer)
 
 from __future__ import annotations
 
+from copy import copy
 from pathlib import Path
 
 import numpy as np
 
 from modeling.multimodal import Vision, is_multimodal
 from proto.rollout import Sample
+from services.common.image_refs import expanded_lengths
 from services.common.models import describe, make_vllm_engine, tokens_prompt
 from services.rollout_server.generator import (
     GeneratorInfo,
@@ -17,6 +19,11 @@ from services.rollout_server.generator import (
     WeightTransfer,
     eos_ids,
 )
+from services.rollout_server.waves import RowCost, plan_waves, wave_rows
+
+# What a sequence costs the host while vLLM holds it (request, output and per-token log-prob objects; measured on the
+# tiny model: ~23 KB a row and ~460 bytes a generated token). The KV cache is the engine's own, allocated at start.
+ROW_COST = RowCost(per_position=512, per_row=24 << 10)
 
 
 class VLLMGenerator:
@@ -26,7 +33,7 @@ class VLLMGenerator:
                                                    weight_transfer=weight_transfer)
         self._transfer = VLLMTransfer(self, weight_transfer) if weight_transfer else None
         self._info = GeneratorInfo(**vars(describe(model_dir, "vllm", dtype, vocab, length)),
-                                   eos_token_ids=eos_ids(model_dir))
+                                   eos_token_ids=eos_ids(model_dir), row_cost=ROW_COST)
         self.vision = Vision(model_dir) if is_multimodal(model_dir) else None
         # a multimodal student never samples image tokens: they mean nothing without pixels
         self._suppress = {t: -100.0 for t in self.vision.image_token_ids} if self.vision else None
@@ -39,15 +46,25 @@ class VLLMGenerator:
 
     def generate(self, prompts: list[list[int]], options: SamplingOptions,
                  images: list[tuple] | None = None) -> list[list[Sample]]:
+        """Submitted in waves under `options.batch_bytes`, so that 262k sequences' request and output state is never
+        held at once; every sample is a request of its own with the seed vLLM gives sample j of a seeded request
+        (seed + j), so the samples are those of one call with n, however the waves split a prompt's samples."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=options.n, temperature=options.temperature, top_p=options.top_p,
-                                top_k=options.top_k, max_tokens=options.max_tokens,
+        params = SamplingParams(n=1, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                max_tokens=options.max_tokens,
                                 stop_token_ids=list(set(options.stop_token_ids) | set(self._info.eos_token_ids)),
-                                seed=options.seed, logprobs=0, detokenize=False, logit_bias=self._suppress)
-        requests = [tokens_prompt(p, images[i] if images else ()) for i, p in enumerate(prompts)]
-        outs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outs]
+                                logprobs=0, detokenize=False, logit_bias=self._suppress)
+        lengths = list(map(len, prompts)) if images is None else \
+            expanded_lengths(list(map(len, prompts)), images, self.image_positions, self._info.max_length, "prompts")
+        out: list[list[Sample]] = [[] for _ in prompts]
+        for wave in plan_waves(lengths, options.n, options.max_tokens, ROW_COST, options.batch_bytes):
+            rows = list(wave_rows(wave))
+            requests = [tokens_prompt(prompts[i], images[i] if images else ()) for i, _ in rows]
+            outs = self.llm.generate(requests, [_seeded(params, options.seed, j) for _, j in rows], use_tqdm=False)
+            for (i, _), row in zip(rows, outs, strict=True):
+                out[i].append(_sample(row.outputs[0]))  # waves are in row order: sample j lands at index j
+        return out
 
     def load_weights(self, tensors: dict) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
@@ -116,6 +133,15 @@ def _finalize_reload(worker) -> None:
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
     finalize_layerwise_reload(worker.get_model(), worker.model_config)
+
+
+def _seeded(params, seed: int | None, sample: int):
+    """vLLM's parallel sampling gives sample j of a request seeded s the seed s + j (its ParentRequest)."""
+    if seed is None:
+        return params
+    row = copy(params)
+    row.seed = seed + sample
+    return row
 
 
 def _sample(c) -> Sample:

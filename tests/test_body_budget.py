@@ -123,6 +123,13 @@ async def test_a_team_told_to_wait_gets_its_next_requests_refused_before_they_ar
     that is not JSON gets the 429, not the parser's 400, and another team is served."""
     scorer = ScorerDouble()
     keys = store(tmp_path, QUOTA_TEAMS, monkeypatch)
+    waits, sleep = [], asyncio.sleep
+
+    async def recorded(seconds: float, *args):
+        waits.append(seconds)
+        await sleep(seconds, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
     async with running(teams_app(scorer, keys)) as client:
         assert (await client.post("/v1/score", json=body(60), headers=bearer("key-alpha"))).status_code == 200
         refused = await client.post("/v1/score", json=body(60), headers=bearer("key-alpha"))
@@ -137,6 +144,7 @@ async def test_a_team_told_to_wait_gets_its_next_requests_refused_before_they_ar
         assert resp.headers["connection"] == "close"  # the unread body is not drained either
     assert other.status_code == 200
     assert usage["rejected"]["tokens_per_minute"] == 3 and usage["in_flight"] == 0
+    assert waits.count(Limits().refusal_delay_s) == 2  # the unread refusals were answered after the refusal delay
 
 
 async def test_parsing_counts_against_max_concurrent(tmp_path, monkeypatch):

@@ -110,6 +110,9 @@ def _add_teacher_serve(sub) -> None:
                    help="how long the batcher waits for more requests after the first")
     p.add_argument("--max-queue-items", type=_positive, default=d.max_queue_items,
                    help="items queued or in flight before requests get 429")
+    p.add_argument("--refusal-delay-s", type=_nonnegative_float, default=d.refusal_delay_s,
+                   help="a request its team's quotas refuse before reading it is answered after this many seconds "
+                        "(at most its Retry-After), so a client retrying at once cannot flood the server with them")
     p.add_argument("--max-batch-items", type=_positive, default=d.max_batch_items, help="items per request")
     p.add_argument("--max-request-tokens", type=_positive, default=d.max_request_tokens)
     p.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes)
@@ -212,6 +215,7 @@ def _serve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     limits = Limits(max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch_items,
                     max_request_tokens=args.max_request_tokens, max_queue_items=args.max_queue_items,
                     max_batch_tokens=batch_tokens, batch_wait_ms=args.batch_wait_ms,
+                    refusal_delay_s=args.refusal_delay_s,
                     images=_image_limits(args), headers=_header_limits(args))
 
     def load():

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request, Response
 
@@ -83,13 +83,15 @@ class TeacherService:
     def ready(self) -> Scorer:
         return require_loaded(self.scorer, self.load_error)
 
-    @contextlib.contextmanager
-    def admission(self, team: Team) -> Iterator[Ticket]:
-        """The request's quota ticket from before its body is read until it ends: a request refused by its team's
-        quotas is refused before it is parsed, so it costs the other teams nothing."""
+    @contextlib.asynccontextmanager
+    async def admission(self, team: Team) -> AsyncIterator[Ticket]:
+        """The request's quota ticket from before its body is read until it ends. A request its team's quotas refuse
+        is refused unread, and answered after `refusal_delay_s` (at most its Retry-After): even an unread refusal
+        costs the server its HTTP parsing and auth, and a client that retried at once made ~1,000 of them a second."""
         try:
             ticket = self.quotas.enter(team)
         except QuotaExceeded as exc:  # its body is left unread: closing the connection spares reading it at all
+            await asyncio.sleep(min(exc.retry_after, self.limits.refusal_delay_s))
             raise _quota_error(exc, {"Connection": "close"}) from None
         try:
             yield ticket
@@ -215,7 +217,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     )
     async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
         kind, budget = request.headers.get("content-type"), service.limits.body_budget()
-        with service.admission(team) as ticket:
+        async with service.admission(team) as ticket:
             req = await read_parsed(request, lambda body: decode_score_request(body, kind, budget))
             spans = await service.score(req.items, ticket, image_bytes(req.images))
         binary = wants_msgpack(request.headers.get("accept"))

@@ -533,7 +533,7 @@ def compat_router(service, caller: Callable[..., Awaitable[Team]], model_path: s
         def register(handler: Callable[[Any, Ticket], Awaitable[Any]]) -> Callable[[Any, Ticket], Awaitable[Any]]:
             @router.post(path, name=handler.__name__, responses=responses, openapi_extra=_json_body(model))
             async def route(request: Request, team: Team = Depends(caller)) -> Any:  # noqa: B008
-                with service.admission(team) as ticket:
+                async with service.admission(team) as ticket:
                     return await handler(await read_parsed(request, parse), ticket)
 
             return handler

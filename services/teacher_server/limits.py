@@ -26,6 +26,7 @@ class Limits(PublishedLimits):
     # item (R x vocab where the backend picks candidates from a full distribution); 16 MiB of float32
     max_distribution_values: int = 1 << 22
     batch_wait_ms: float = 5.0
+    refusal_delay_s: float = 1.0  # a request a team's quotas refuse unread is answered after this (or its Retry-After)
     images: ImageLimits = field(default_factory=lambda: ImageLimits(max_images=256))  # a few groups' worth
     headers: HeaderLimits = field(default_factory=HeaderLimits)
 

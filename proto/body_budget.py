@@ -6,9 +6,9 @@ literal `,` (escapes exist only inside strings), so counting those bytes bounds 
 would build, whatever the keys are spelled like. The counts can only over-count (the same bytes inside strings). On
 routes whose bodies carry free text (`BodyBudget.text`) a body over budget is counted again with its strings removed,
 but only when it has few enough strings to be within budget at all: a regex pass over millions of tiny strings costs
-seconds, more than the parse it would spare. msgpack: containers declare their
-lengths, so the item count is read from the array header before anything is unpacked, and the unpacker stops as soon
-as the lists or maps it has built pass the budget.
+seconds, more than the parse it would spare. msgpack: containers declare their lengths, so the item count is read
+from the array header before anything is unpacked, and the unpacker stops as soon as the lists or maps it has built
+pass the budget.
 """
 
 from __future__ import annotations
@@ -50,21 +50,21 @@ def json_counts(body: bytes) -> tuple[int, int, int]:
 
 def check_json(body: bytes, budget: BodyBudget) -> None:
     """413 naming `budget.field` when the body could hold more than the budget; costs milliseconds per MB."""
-    counts = json_counts(body)
-    if _within(counts, budget):
-        return
+    over = _over(json_counts(body), budget)
     # each string is a key or a value: a body with more than two per value is over budget whatever they hold
-    if budget.text and body.count(b'"') <= 4 * (budget.values + budget.objects):
-        counts = json_counts(_STRING.sub(b'""', body))
+    if over and budget.text and body.count(b'"') <= 4 * (budget.values + budget.objects):
+        over = _over(json_counts(_STRING.sub(b'""', body)), budget)
+    if over:
+        raise budget.refuse(*over)
+
+
+def _over(counts: tuple[int, int, int], budget: BodyBudget) -> tuple[str, int, int] | None:
+    """The first of (objects, arrays, values) over its bound, with its count and bound; None when all are within."""
     for what, count, limit in zip(("objects", "arrays", "values"), counts,
                                   (budget.objects, budget.arrays, budget.values), strict=True):
         if count > limit:
-            raise budget.refuse(what, count, limit)
-
-
-def _within(counts: tuple[int, int, int], budget: BodyBudget) -> bool:
-    objects, arrays, values = counts
-    return objects <= budget.objects and arrays <= budget.arrays and values <= budget.values
+            return what, count, limit
+    return None
 
 
 def declared_items(body: bytes, key: str = "items") -> int | None:

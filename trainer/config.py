@@ -17,6 +17,7 @@ from trainer.config_fields import ConfigError, Digest, Strict, check_urls, valid
 from trainer.estimators import ESTIMATORS
 from trainer.recipe import RecipeSpec
 from trainer.registry import resolve_teachers
+from trainer.retry import check_retry_waits
 from trainer.score_cache import NAMESPACE_PATTERN
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -69,13 +70,6 @@ class TeacherPoolConfig(Strict):
 RETRY_BUDGET_S = 60.0
 
 
-def check_retry_waits(retry_budget_s: float, backoff_s: float) -> None:
-    """A retry budget with no backoff would retry in a busy loop for the whole budget."""
-    if retry_budget_s > 0 and backoff_s <= 0:
-        raise ValueError(f"retry_budget_s is {retry_budget_s:g} s but backoff_s is 0: its retries would never wait "
-                         "(give backoff_s > 0, or retry_budget_s: 0 for `retries` alone)")
-
-
 class RolloutConfig(Strict):
     url: str
     api_key_env: str | None = None
@@ -86,7 +80,7 @@ class RolloutConfig(Strict):
     timeout_s: Annotated[float, Field(gt=0)] = Field(default=600.0, description="Per call (a generation can be long).")
     retries: Annotated[int, Field(ge=0)] = Field(
         default=6, description="Retries at least of a call that failed in transport or with a 5xx (full-jitter "
-                               "backoff doubling from backoff_s, capped at 30 s), then more within retry_budget_s.")
+                               "backoff doubling from backoff_s, capped at 10 s), then more within retry_budget_s.")
     backoff_s: Annotated[float, Field(ge=0)] = 1.0
     retry_budget_s: Annotated[float, Field(ge=0)] = Field(
         default=RETRY_BUDGET_S, description="After its retries, a failing call is retried until it has failed this "

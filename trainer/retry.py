@@ -11,6 +11,13 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, u: float) -> float:
     return u * min(cap_s, base_s * 2.0**attempt)
 
 
+def check_retry_waits(retry_budget_s: float, backoff_s: float) -> None:
+    """A retry budget with no backoff would retry in a busy loop for the whole budget."""
+    if retry_budget_s > 0 and backoff_s <= 0:
+        raise ValueError(f"retry_budget_s is {retry_budget_s:g} s but backoff_s is 0: its retries would never wait "
+                         "(give backoff_s > 0, or retry_budget_s: 0 for `retries` alone)")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When a failed call is tried again: `retries` times at least, and after those for as long as the calls have
@@ -26,8 +33,7 @@ class RetryPolicy:
     budget_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.budget_s > 0 and self.backoff_s <= 0:
-            raise ValueError(f"a retry budget ({self.budget_s} s) needs backoff_s > 0, or its retries never wait")
+        check_retry_waits(self.budget_s, self.backoff_s)
 
     def wait(self, retry: int, failing_s: float, u: float) -> float | None:
         """Seconds to wait before retry `retry` (1, 2, ...) of calls that have failed for `failing_s` seconds, or

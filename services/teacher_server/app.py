@@ -196,6 +196,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
     caller = team_auth(keys)  # routes take `team: Team = Depends(caller)`: the caller's team, or 401
 
     add_probes(app, service.ready, service.metrics, metrics_keys, closed=bool(keys.table) and not open_metrics)
+    budget = service.limits.body_budget()
 
     @app.get("/v1/info", dependencies=[Depends(caller)], responses=error_responses(400, 401, 503))
     async def info() -> TeacherInfo:
@@ -216,7 +217,7 @@ def create_app(load: Callable[[], Scorer], domains: Sequence[str] = (), limits: 
             JSON: {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}, MSGPACK: BINARY_BODY}}},
     )
     async def score(request: Request, team: Team = Depends(caller)) -> Response:  # noqa: B008
-        kind, budget = request.headers.get("content-type"), service.limits.body_budget()
+        kind = request.headers.get("content-type")
         async with service.admission(team) as ticket:
             req = await read_parsed(request, lambda body: decode_score_request(body, kind, budget))
             spans = await service.score(req.items, ticket, image_bytes(req.images))
